@@ -1,0 +1,425 @@
+//! The agent's handle on the eBPF datapath: the embedded object, loading with pinned maps,
+//! typed map access and attachment.
+//!
+//! State lives in bpffs, not in this process: maps are pinned under the agent's `--bpf-dir`
+//! and reused on the next [`Datapath::load`], and attachments are pinned TCX links, so the
+//! datapath keeps forwarding while the agent restarts, and a restarted agent atomically swaps
+//! in its programs. [`remove_pins`] is the teardown.
+//!
+//! ```text
+//! <bpf_dir>/CONFIG, DROP_COUNTERS, DROP_EVENTS      pinned maps (dataplane_common::map_names)
+//! <bpf_dir>/links/from_container@<ifname>           pinned TCX links ('.' in ifname -> ':')
+//! ```
+
+mod bpffs;
+mod compat;
+mod error;
+mod events;
+mod sys;
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+    sys::SyscallError,
+};
+pub use bpffs::{is_bpffs, mount_bpffs, remove_pins};
+pub use compat::PinReport;
+pub use dataplane_common::{
+    CONFIG_F_READY, Config, DropEvent, DropReason, Hook, map_names, program_names,
+};
+use dataplane_common::{CONFIG_KEY, DROP_COUNTER_EVENTS_LOST};
+pub use error::DatapathError;
+pub use events::DropEvents;
+use tracing::{debug, info, warn};
+
+/// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP`).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
+
+/// Default pin directory when the agent is given no `--bpf-dir`.
+pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/netagent";
+
+/// Subdirectory of the pin directory holding pinned links.
+const LINKS_DIR: &str = "links";
+
+/// Node-wide datapath settings chosen by the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// MAC the containers see as their router (ARP replies, routed frames). Must be a unicast
+    /// address; a locally administered one (first octet with bit 1 set) avoids clashes.
+    pub router_mac: [u8; 6],
+}
+
+impl DatapathConfig {
+    fn to_abi(self) -> Result<Config, DatapathError> {
+        if self.router_mac == [0; 6] {
+            return Err(DatapathError::InvalidConfig(
+                "router MAC is all zeros".into(),
+            ));
+        }
+        if self.router_mac[0] & 1 != 0 {
+            return Err(DatapathError::InvalidConfig(format!(
+                "router MAC {:02x?} is a multicast address",
+                self.router_mac
+            )));
+        }
+        Ok(Config {
+            router_mac: self.router_mac,
+            _pad: [0; 2],
+            flags: CONFIG_F_READY,
+        })
+    }
+}
+
+/// The loaded datapath. Dropping it unloads the programs that are not attached through pinned
+/// links; pinned maps and links stay.
+pub struct Datapath {
+    ebpf: Ebpf,
+    bpf_dir: PathBuf,
+    pins: PinReport,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("bpf_dir", &self.bpf_dir)
+            .field("pins", &self.pins)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Loads the datapath with its maps pinned under `bpf_dir` (created if needed; must be on
+    /// bpffs, see [`mount_bpffs`]). Maps already pinned there are reused, so counters, events
+    /// and (later) endpoint state survive an agent restart; pinned maps that no longer match
+    /// this build's definitions are replaced (see [`PinReport`]). Writes `config` and loads
+    /// (verifies) every program, but attaches nothing.
+    pub fn load(bpf_dir: &Path, config: DatapathConfig) -> Result<Self, DatapathError> {
+        let abi_config = config.to_abi()?;
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        bpffs::prepare_dir(bpf_dir)?;
+        let pins = compat::check_pins(bpf_dir, EBPF_OBJECT)?;
+
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(bpf_dir)
+            .load(EBPF_OBJECT)
+            .map_err(|source| DatapathError::Load {
+                bpf_dir: bpf_dir.to_path_buf(),
+                source: Box::new(source),
+            })?;
+        let mut datapath = Self {
+            ebpf,
+            bpf_dir: bpf_dir.to_path_buf(),
+            pins,
+        };
+        datapath.write_config(abi_config)?;
+
+        for &name in program_names::ALL {
+            datapath
+                .classifier_mut(name)?
+                .load()
+                .map_err(|e| DatapathError::program(name, e))?;
+            debug!(program = name, "program loaded");
+        }
+
+        info!(
+            bpf_dir = %bpf_dir.display(),
+            reused = ?datapath.pins.reused,
+            replaced = ?datapath.pins.replaced,
+            created = ?datapath.pins.created,
+            "datapath loaded"
+        );
+        Ok(datapath)
+    }
+
+    /// The pin directory.
+    pub fn bpf_dir(&self) -> &Path {
+        &self.bpf_dir
+    }
+
+    /// Which maps were reused, replaced or created by [`Datapath::load`].
+    pub fn pin_report(&self) -> &PinReport {
+        &self.pins
+    }
+
+    /// Replaces the node-wide config; attached programs see it on their next packet.
+    pub fn set_config(&mut self, config: DatapathConfig) -> Result<(), DatapathError> {
+        self.write_config(config.to_abi()?)
+    }
+
+    /// The config as the programs see it.
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        let name = map_names::CONFIG;
+        let map: Array<&MapData, Config> =
+            Array::try_from(self.map(name)?).map_err(|e| DatapathError::map(name, e))?;
+        map.get(&CONFIG_KEY, 0)
+            .map_err(|e| DatapathError::map(name, e))
+    }
+
+    fn write_config(&mut self, config: Config) -> Result<(), DatapathError> {
+        let name = map_names::CONFIG;
+        let mut map: Array<&mut MapData, Config> =
+            Array::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
+        map.set(CONFIG_KEY, config, 0)
+            .map_err(|e| DatapathError::map(name, e))
+    }
+
+    fn counters(&self) -> Result<PerCpuArray<&MapData, u64>, DatapathError> {
+        let name = map_names::DROP_COUNTERS;
+        PerCpuArray::try_from(self.map(name)?).map_err(|e| DatapathError::map(name, e))
+    }
+
+    fn counter_sum(map: &PerCpuArray<&MapData, u64>, index: u32) -> Result<u64, DatapathError> {
+        let values = map
+            .get(&index, 0)
+            .map_err(|e| DatapathError::map(map_names::DROP_COUNTERS, e))?;
+        // Wrapping: per-CPU u64 counters wrap independently; a sum that wraps is still the
+        // right value modulo 2^64, which is what rate computations need.
+        Ok(values.iter().fold(0u64, |acc, v| acc.wrapping_add(*v)))
+    }
+
+    /// Dropped packets per reason, summed over CPUs, for every reason this build knows, in
+    /// code order (zeros included, so the list's shape is stable for metrics).
+    pub fn drop_counters(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+        let map = self.counters()?;
+        DropReason::ALL
+            .iter()
+            .map(|reason| Ok((reason.name(), Self::counter_sum(&map, reason.code())?)))
+            .collect()
+    }
+
+    /// Dropped packets for one reason, summed over CPUs.
+    pub fn drop_counter(&self, reason: DropReason) -> Result<u64, DatapathError> {
+        Self::counter_sum(&self.counters()?, reason.code())
+    }
+
+    /// Drop events that were not reported because the ring buffer was full.
+    pub fn drop_events_lost(&self) -> Result<u64, DatapathError> {
+        Self::counter_sum(&self.counters()?, DROP_COUNTER_EVENTS_LOST)
+    }
+
+    /// Takes the consumer side of the drop event ring buffer. Can be called once per load;
+    /// later calls fail with [`DatapathError::Missing`].
+    pub fn take_drop_events(&mut self) -> Result<DropEvents, DatapathError> {
+        let name = map_names::DROP_EVENTS;
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })?;
+        let ring = RingBuf::try_from(map).map_err(|e| DatapathError::map(name, e))?;
+        Ok(DropEvents::new(ring))
+    }
+
+    /// The loaded `from_container` program (for `BPF_PROG_TEST_RUN` in tests and benches).
+    pub fn from_container(&self) -> Result<&SchedClassifier, DatapathError> {
+        self.classifier(program_names::FROM_CONTAINER)
+    }
+
+    /// Attaches `from_container` at TCX ingress of `ifname` (the host side of a container
+    /// veth) through a link pinned under `<bpf_dir>/links/`, so it stays attached when the
+    /// agent exits. If a pinned link for this interface exists (agent restart), the program
+    /// behind it is swapped atomically: no packet sees the interface without a program. A
+    /// pinned link whose interface is gone (veth deleted and recreated) is replaced.
+    pub fn attach_from_container(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        self.attach_tcx(program_names::FROM_CONTAINER, ifname, TcAttachType::Ingress)
+    }
+
+    /// Detaches `from_container` from `ifname` (synchronously: no packet sees the program
+    /// after this returns) and removes the pinned link. Returns whether a link was pinned.
+    /// Not needed when the veth is deleted (the kernel detaches then), but the pin would
+    /// linger until [`remove_pins`] or the next attach on that name.
+    pub fn detach_from_container(&self, ifname: &str) -> Result<bool, DatapathError> {
+        self.unpin_link(program_names::FROM_CONTAINER, ifname)
+    }
+
+    /// Raw access to the loaded object, for tests and benchmarks that need maps or programs
+    /// this crate has no typed accessor for yet. Agent code should add an accessor instead.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {
+        self.ebpf
+            .map(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })
+    }
+
+    fn classifier(&self, name: &'static str) -> Result<&SchedClassifier, DatapathError> {
+        let program = self.ebpf.program(name).ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?;
+        program
+            .try_into()
+            .map_err(|e| DatapathError::program(name, e))
+    }
+
+    fn classifier_mut(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut SchedClassifier, DatapathError> {
+        let program = self.ebpf.program_mut(name).ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?;
+        program
+            .try_into()
+            .map_err(|e| DatapathError::program(name, e))
+    }
+
+    fn link_pin_path(&self, program: &'static str, ifname: &str) -> Result<PathBuf, DatapathError> {
+        // Linux interface names: 1..=15 bytes, no '/', ':' or whitespace, not "." or "..".
+        // bpffs forbids '.' in names, and ':' cannot occur in an ifname, so '.' -> ':' is a
+        // collision-free encoding ("eth0.100" -> "eth0:100").
+        let valid = !ifname.is_empty()
+            && ifname.len() < 16
+            && ifname != "."
+            && ifname != ".."
+            && !ifname
+                .bytes()
+                .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
+        if !valid {
+            return Err(DatapathError::Attach {
+                op: "attaching",
+                program,
+                ifname: ifname.to_owned(),
+                source: Box::new(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "invalid interface name",
+                )),
+            });
+        }
+        let pin_name = format!("{program}@{}", ifname.replace('.', ":"));
+        Ok(self.bpf_dir.join(LINKS_DIR).join(pin_name))
+    }
+
+    fn attach_tcx(
+        &mut self,
+        program: &'static str,
+        ifname: &str,
+        attach_type: TcAttachType,
+    ) -> Result<(), DatapathError> {
+        let pin_path = self.link_pin_path(program, ifname)?;
+        let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+            op: "attaching",
+            program,
+            ifname: ifname.to_owned(),
+            source,
+        };
+        let links_dir = self.bpf_dir.join(LINKS_DIR);
+        std::fs::create_dir_all(&links_dir)
+            .map_err(|e| DatapathError::io("creating", &links_dir, e))?;
+
+        let prog = self.classifier_mut(program)?;
+
+        // Restart path: swap our program into the existing link.
+        match PinnedLink::from_pin(&pin_path) {
+            Ok(pinned) => {
+                let replaced: Result<_, Box<dyn std::error::Error + Send + Sync>> =
+                    SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .map_err(Into::into)
+                        .and_then(|link| prog.attach_to_link(link).map_err(Into::into));
+                match replaced {
+                    Ok(id) => {
+                        // The pin keeps the link; dropping our handle only closes the fd.
+                        drop(prog.take_link(id));
+                        info!(program, ifname, "replaced program on pinned TCX link");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        // Typically ENOLINK: the interface the link was on is gone.
+                        warn!(program, ifname, error = %e, "pinned link unusable; re-attaching");
+                        std::fs::remove_file(&pin_path)
+                            .map_err(|e| DatapathError::io("removing stale link", &pin_path, e))?;
+                    }
+                }
+            }
+            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(attach_err(Box::new(e))),
+        }
+
+        let id = prog
+            .attach_with_options(
+                ifname,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| attach_err(Box::new(e)))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
+        // If pinning fails the link is dropped here and thereby detached: no unpinned leftovers.
+        fd_link
+            .pin(&pin_path)
+            .map_err(|e| attach_err(Box::new(e)))?;
+        info!(program, ifname, pin = %pin_path.display(), "attached at TCX");
+        Ok(())
+    }
+
+    fn unpin_link(&self, program: &'static str, ifname: &str) -> Result<bool, DatapathError> {
+        let pin_path = self.link_pin_path(program, ifname)?;
+        match sys::detach_and_unpin_link(&pin_path) {
+            Ok(true) => {
+                info!(program, ifname, "detached");
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) => Err(DatapathError::Attach {
+                op: "detaching",
+                program,
+                ifname: ifname.to_owned(),
+                source: Box::new(e),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent keeps the datapath in shared state and reads events on a tokio task.
+    #[test]
+    fn handles_can_move_between_threads() {
+        fn send<T: Send>() {}
+        fn sync<T: Sync>() {}
+        send::<Datapath>();
+        sync::<Datapath>();
+        send::<DropEvents>();
+    }
+
+    #[test]
+    fn config_validation() {
+        let ok = DatapathConfig {
+            router_mac: [0x02, 0, 0, 0, 0, 1],
+        };
+        let abi = ok.to_abi().expect("valid");
+        assert!(abi.is_ready());
+        assert_eq!(abi.router_mac, ok.router_mac);
+        assert!(DatapathConfig { router_mac: [0; 6] }.to_abi().is_err());
+        assert!(
+            DatapathConfig {
+                router_mac: [0x01, 0, 0x5e, 0, 0, 1]
+            }
+            .to_abi()
+            .is_err()
+        );
+    }
+}

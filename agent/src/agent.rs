@@ -1,0 +1,201 @@
+//! One node's agent: flags, start-up order, background tasks, shutdown.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::api::{self, ApiState};
+use crate::view::{self, ClusterView};
+use crate::{model, nodes};
+
+/// The MAC containers see as their router. Locally administered and the same on every node,
+/// so a container's neighbour entry stays valid wherever its peers live (Calico does the same).
+pub const ROUTER_MAC: [u8; 6] = [0xee, 0xee, 0xee, 0xee, 0xee, 0xee];
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "netagent",
+    version,
+    about = "Overlay network agent: one per node"
+)]
+pub struct Args {
+    /// Name of this node in the cluster.
+    #[arg(long)]
+    pub node_name: String,
+    /// Address other nodes reach this node at (tunnel endpoint, published ports).
+    #[arg(long)]
+    pub advertise_addr: Ipv4Addr,
+    /// Cluster state store: `embedded` (a file in --state-dir, one node) or
+    /// `etcd://host:port[,host:port...]`.
+    #[arg(long, default_value = "embedded")]
+    pub store: String,
+    /// Unix socket of the API (mode 0600).
+    #[arg(long, default_value = "/run/netagent/netagent.sock")]
+    pub socket: PathBuf,
+    /// Where the agent keeps its own files (embedded store, keys).
+    #[arg(long, default_value = "/var/lib/netagent")]
+    pub state_dir: PathBuf,
+    /// bpffs directory for pinned maps; they outlive the agent so forwarding survives restarts.
+    #[arg(long, default_value = "/sys/fs/bpf/netagent")]
+    pub bpf_dir: PathBuf,
+    /// Uplink interface (default: the one that holds --advertise-addr).
+    #[arg(long)]
+    pub uplink: Option<String>,
+    /// Upstream DNS resolvers for names outside the cluster (default: the node's resolv.conf).
+    #[arg(long = "dns-upstream", value_name = "IP[:PORT]", value_parser = parse_upstream)]
+    pub dns_upstreams: Vec<SocketAddr>,
+    /// Seconds without a refresh after which this node counts as down.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..=300))]
+    pub lease_ttl: u64,
+}
+
+fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    s.parse()
+        .map_err(|_| format!("invalid DNS upstream {s:?}: expected IP or IP:PORT"))
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    model::validate_name("node", &args.node_name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
+
+    let store = netagent_store::open(&args.store, &args.state_dir)
+        .await
+        .with_context(|| format!("opening store {}", args.store))?;
+    tracing::info!(node = %args.node_name, store = %store.describe(), "starting");
+
+    let datapath = netagent_datapath::Datapath::load(
+        &args.bpf_dir,
+        netagent_datapath::DatapathConfig {
+            router_mac: ROUTER_MAC,
+        },
+    )
+    .with_context(|| {
+        format!(
+            "loading the eBPF datapath (bpffs dir {})",
+            args.bpf_dir.display()
+        )
+    })?;
+    let datapath = Arc::new(Mutex::new(datapath));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut background = tokio::task::JoinSet::new();
+
+    // Registration retries until the store answers: an agent that starts while etcd is down
+    // still serves its API (which reports the outage) and joins once etcd is back.
+    {
+        let store = store.clone();
+        let name = args.node_name.clone();
+        let addr = args.advertise_addr;
+        let ttl = Duration::from_secs(args.lease_ttl);
+        background.spawn(async move {
+            loop {
+                match nodes::register(&*store, &name, addr).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot register node; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            let (ready_tx, _ready_rx) = watch::channel(false);
+            nodes::keep_alive_loop(store, name, ttl, ready_tx).await;
+        });
+    }
+
+    let (view_tx, _view_rx) = watch::channel(Arc::new(ClusterView::default()));
+    background.spawn(view::follow(store.clone(), view_tx));
+
+    let state = ApiState {
+        store: store.clone(),
+        node_name: args.node_name.clone(),
+        datapath,
+    };
+    let mut stop = shutdown_rx.clone();
+    let api = tokio::spawn({
+        let socket = args.socket.clone();
+        async move {
+            api::serve(&socket, state, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+        }
+    });
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let api_result = tokio::select! {
+        _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); None }
+        _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); None }
+        r = api => Some(r),
+    };
+    let _ = shutdown_tx.send(true);
+    background.shutdown().await;
+    // The liveness lease is left to expire rather than revoked: a quick restart (an upgrade)
+    // then never shows the node as down to the rest of the cluster. The pinned datapath stays.
+    match api_result {
+        None => Ok(()),
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(anyhow::anyhow!("API task failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn flags_and_defaults() {
+        let a = Args::try_parse_from([
+            "netagent",
+            "--node-name",
+            "n1",
+            "--advertise-addr",
+            "198.18.0.11",
+        ])
+        .unwrap();
+        assert_eq!(a.store, "embedded");
+        assert_eq!(a.lease_ttl, 5);
+        assert_eq!(a.socket, PathBuf::from("/run/netagent/netagent.sock"));
+        let a = Args::try_parse_from([
+            "netagent",
+            "--node-name",
+            "n1",
+            "--advertise-addr",
+            "198.18.0.11",
+            "--dns-upstream",
+            "192.0.2.53",
+            "--dns-upstream",
+            "192.0.2.54:5353",
+        ])
+        .unwrap();
+        assert_eq!(a.dns_upstreams[0].port(), 53);
+        assert_eq!(a.dns_upstreams[1].port(), 5353);
+        assert!(
+            Args::try_parse_from(["netagent", "--node-name", "n1", "--advertise-addr", "x"])
+                .is_err()
+        );
+        assert!(
+            Args::try_parse_from([
+                "netagent",
+                "--node-name",
+                "n1",
+                "--advertise-addr",
+                "198.18.0.11",
+                "--lease-ttl",
+                "1"
+            ])
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! HTTP/JSON API on a unix socket. `netctl` speaks only to this; validation lives behind it so
+//! every client gets the same errors.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use netagent_datapath::Datapath;
+use netagent_store::Store;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::AgentError;
+use crate::model::{Availability, NetworkCreate};
+use crate::{networks, nodes};
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub node_name: String,
+    pub datapath: Arc<Mutex<Datapath>>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/ping", get(ping))
+        .route("/v1/networks", get(network_list).post(network_create))
+        .route(
+            "/v1/networks/{name}",
+            get(network_inspect).delete(network_remove),
+        )
+        .route("/v1/nodes", get(node_list))
+        .route("/v1/nodes/{name}", get(node_inspect))
+        .route("/v1/nodes/{name}/availability", put(node_availability))
+        .fallback(|| async { AgentError::NotFound("no such API path".into()) })
+        .with_state(state)
+}
+
+/// Serves the API until `shutdown` resolves. The socket is root-only (0600): the API can
+/// reprogram the node's network.
+pub async fn serve(
+    socket: &Path,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    // A socket file left by a previous run blocks bind; only remove it if nobody answers on it.
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            anyhow::bail!(
+                "another agent is already serving {}; stop it or use --socket",
+                socket.display()
+            );
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale socket {}", socket.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", socket.display()))?;
+    tracing::info!(socket = %socket.display(), "API listening");
+    let result = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = std::fs::remove_file(socket);
+    result.context("serving API")
+}
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Conflict(_) => StatusCode::CONFLICT,
+            AgentError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let body = serde_json::json!({ "error": self.to_string() });
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<axum::Json<T>, AgentError>;
+
+/// Parses a JSON body ourselves so a malformed one gets our error shape, not axum's text.
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, AgentError> {
+    serde_json::from_slice(body)
+        .map_err(|e| AgentError::BadRequest(format!("invalid request body: {e}")))
+}
+
+async fn ping(State(st): State<ApiState>) -> ApiResult<serde_json::Value> {
+    Ok(axum::Json(serde_json::json!({
+        "node": st.node_name,
+        "store": st.store.describe(),
+        "version": env!("CARGO_PKG_VERSION"),
+    })))
+}
+
+async fn network_list(State(st): State<ApiState>) -> ApiResult<Vec<crate::model::Network>> {
+    Ok(axum::Json(networks::list(&*st.store).await?))
+}
+
+async fn network_create(
+    State(st): State<ApiState>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<crate::model::Network>), AgentError> {
+    let req: NetworkCreate = parse_body(&body)?;
+    let net = networks::create(&*st.store, &req).await?;
+    Ok((StatusCode::CREATED, axum::Json(net)))
+}
+
+async fn network_inspect(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<crate::model::Network> {
+    Ok(axum::Json(networks::get(&*st.store, &name).await?))
+}
+
+async fn network_remove(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<StatusCode, AgentError> {
+    networks::remove(&*st.store, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn node_list(State(st): State<ApiState>) -> ApiResult<Vec<nodes::NodeView>> {
+    Ok(axum::Json(nodes::list(&*st.store).await?))
+}
+
+async fn node_inspect(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<nodes::NodeView> {
+    let mut view = nodes::get(&*st.store, &name).await?;
+    if name == st.node_name {
+        view.datapath = Some(datapath_status(&st));
+    }
+    Ok(axum::Json(view))
+}
+
+fn datapath_status(st: &ApiState) -> serde_json::Value {
+    let dp = match st.datapath.lock() {
+        Ok(dp) => dp,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    match dp.drop_counters() {
+        Ok(counters) => {
+            let drops: serde_json::Map<String, serde_json::Value> = counters
+                .into_iter()
+                .map(|(name, n)| (name.to_string(), n.into()))
+                .collect();
+            serde_json::json!({ "drops": drops })
+        }
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AvailabilityRequest {
+    availability: String,
+}
+
+async fn node_availability(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<nodes::NodeView> {
+    let req: AvailabilityRequest = parse_body(&body)?;
+    let availability: Availability = req.availability.parse()?;
+    Ok(axum::Json(
+        nodes::set_availability(&*st.store, &name, availability).await?,
+    ))
+}

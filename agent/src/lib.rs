@@ -1,0 +1,13 @@
+//! netagent: the per-node agent of the overlay network.
+//!
+//! Concerns, each in its own module: `model` (cluster objects and validation), `networks` and
+//! `nodes` (those objects in the store), `view` (the watched in-memory cluster view), `api`
+//! (HTTP on a unix socket), and `agent` (wiring them together for one node).
+
+pub mod agent;
+pub mod api;
+pub mod error;
+pub mod model;
+pub mod networks;
+pub mod nodes;
+pub mod view;

@@ -1,0 +1,487 @@
+//! Cluster objects as they are stored, and the validation of what users ask for.
+//!
+//! Everything here is pure: no store, no kernel. The API turns these errors into HTTP answers.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// Key layout in the store. One prefix per object kind so each can be listed and watched.
+pub mod keys {
+    pub const ROOT: &str = "/netagent/";
+    pub const NETWORKS: &str = "/netagent/networks/";
+    pub const VNIS: &str = "/netagent/vnis/";
+    pub const NODES: &str = "/netagent/nodes/";
+    pub const ALIVE: &str = "/netagent/alive/";
+    /// Bumped by every network create/remove: the compare on it serialises network allocation
+    /// cluster-wide, so overlap checks and VNI choice never race.
+    pub const NETWORKS_GUARD: &str = "/netagent/guards/networks";
+
+    pub fn network(name: &str) -> String {
+        format!("{NETWORKS}{name}")
+    }
+    pub fn vni(vni: u32) -> String {
+        format!("{VNIS}{vni}")
+    }
+    pub fn node(name: &str) -> String {
+        format!("{NODES}{name}")
+    }
+    pub fn alive(name: &str) -> String {
+        format!("{ALIVE}{name}")
+    }
+}
+
+/// VXLAN network identifiers we hand out. Docker starts overlay VNIs at 4096; so do we, which
+/// leaves the low range for anything an operator configures by hand.
+pub const VNI_MIN: u32 = 4096;
+pub const VNI_MAX: u32 = (1 << 24) - 1;
+
+/// Bytes a VXLAN-over-IPv4 encapsulation adds (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8).
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// Bytes WireGuard over IPv4 adds (IPv4 20 + UDP 8 + WireGuard header 16 + tag 16).
+pub const WIREGUARD_OVERHEAD: u32 = 60;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ValidationError {
+    ValidationError::Invalid(msg.into())
+}
+
+/// An overlay network as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub name: String,
+    pub id: String,
+    pub driver: String,
+    pub vni: u32,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub encrypted: bool,
+    pub attachable: bool,
+    /// Explicit `--opt mtu=N`; `None` means "uplink MTU minus encapsulation", decided per node.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// RFC 3339, UTC.
+    pub created: String,
+}
+
+impl Network {
+    /// Encapsulation overhead of this network's packets on the uplink.
+    pub fn overhead(&self) -> u32 {
+        if self.encrypted {
+            VXLAN_OVERHEAD + WIREGUARD_OVERHEAD
+        } else {
+            VXLAN_OVERHEAD
+        }
+    }
+
+    /// MTU of container interfaces on this network, on a node whose uplink has `uplink_mtu`.
+    pub fn effective_mtu(&self, uplink_mtu: u32) -> u32 {
+        self.mtu
+            .unwrap_or_else(|| uplink_mtu.saturating_sub(self.overhead()))
+    }
+}
+
+/// What `network create` asks for, before validation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkCreate {
+    pub name: String,
+    #[serde(default)]
+    pub driver: Option<String>,
+    pub subnet: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// Docker-style `--opt` values: `encrypted`, `mtu=N`.
+    #[serde(default)]
+    pub options: Vec<String>,
+    #[serde(default)]
+    pub attachable: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A validated request: everything but the cluster-wide parts (id, VNI, overlap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSpec {
+    pub name: String,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub encrypted: bool,
+    pub attachable: bool,
+    pub mtu: Option<u32>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Names of networks, services, containers and nodes: what Docker accepts, kept short enough to
+/// appear in interface names and DNS labels.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), ValidationError> {
+    if name.is_empty() {
+        return Err(invalid(format!("{kind} name must not be empty")));
+    }
+    if name.len() > 63 {
+        return Err(invalid(format!(
+            "{kind} name {name:?} is longer than 63 characters"
+        )));
+    }
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !first_ok || !rest_ok {
+        return Err(invalid(format!(
+            "invalid {kind} name {name:?}: use letters, digits, '-', '_' and '.', starting with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+pub const MTU_MIN: u32 = 576;
+pub const MTU_MAX: u32 = 9000;
+
+impl NetworkCreate {
+    pub fn validate(&self) -> Result<NetworkSpec, ValidationError> {
+        validate_name("network", &self.name)?;
+        match self.driver.as_deref() {
+            None | Some("overlay") => {}
+            Some(other) => {
+                return Err(invalid(format!(
+                    "unknown driver {other:?}: only \"overlay\" is supported"
+                )));
+            }
+        }
+        let subnet = parse_subnet(&self.subnet)?;
+        let gateway = match &self.gateway {
+            Some(g) => {
+                let gw: Ipv4Addr = g
+                    .parse()
+                    .map_err(|_| invalid(format!("invalid gateway {g:?}: not an IPv4 address")))?;
+                if !subnet.contains(&gw) {
+                    return Err(invalid(format!(
+                        "gateway {gw} is not inside subnet {subnet}"
+                    )));
+                }
+                if gw == subnet.network() || gw == subnet.broadcast() {
+                    return Err(invalid(format!(
+                        "gateway {gw} is the network or broadcast address of {subnet}"
+                    )));
+                }
+                gw
+            }
+            // Docker's default: the first usable address.
+            None => first_host(subnet),
+        };
+        let mut encrypted = false;
+        let mut mtu = None;
+        for opt in &self.options {
+            match opt.split_once('=') {
+                None if opt == "encrypted" => encrypted = true,
+                Some(("encrypted", v)) => {
+                    encrypted = parse_bool(v).ok_or_else(|| {
+                        invalid(format!("invalid value {v:?} for --opt encrypted"))
+                    })?
+                }
+                Some(("mtu", v)) => {
+                    let n: u32 = v
+                        .parse()
+                        .map_err(|_| invalid(format!("invalid --opt mtu={v}: not a number")))?;
+                    if !(MTU_MIN..=MTU_MAX).contains(&n) {
+                        return Err(invalid(format!(
+                            "invalid --opt mtu={n}: must be between {MTU_MIN} and {MTU_MAX}"
+                        )));
+                    }
+                    mtu = Some(n);
+                }
+                _ => {
+                    return Err(invalid(format!(
+                        "unknown --opt {opt:?} (known: encrypted, mtu=N)"
+                    )));
+                }
+            }
+        }
+        for k in self.labels.keys() {
+            if k.is_empty() {
+                return Err(invalid("label key must not be empty"));
+            }
+        }
+        Ok(NetworkSpec {
+            name: self.name.clone(),
+            subnet,
+            gateway,
+            encrypted,
+            attachable: self.attachable,
+            mtu,
+            labels: self.labels.clone(),
+        })
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses an IPv4 subnet in CIDR form, refusing host bits and subnets too small for a gateway
+/// and one container.
+pub fn parse_subnet(s: &str) -> Result<Ipv4Net, ValidationError> {
+    let net: Ipv4Net = s.parse().map_err(|_| {
+        invalid(format!(
+            "invalid subnet {s:?}: expected IPv4 CIDR like 10.10.1.0/24"
+        ))
+    })?;
+    if net.trunc() != net {
+        return Err(invalid(format!(
+            "subnet {s} has host bits set (did you mean {}?)",
+            net.trunc()
+        )));
+    }
+    if net.prefix_len() > 29 {
+        return Err(invalid(format!(
+            "subnet {s} is too small: use a prefix of /29 or shorter"
+        )));
+    }
+    if net.prefix_len() < 8 {
+        return Err(invalid(format!(
+            "subnet {s} is too large: use a prefix of /8 or longer"
+        )));
+    }
+    Ok(net)
+}
+
+fn first_host(net: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) + 1)
+}
+
+/// The first network whose subnet overlaps `subnet`, if any.
+pub fn find_overlap<'a>(
+    subnet: Ipv4Net,
+    existing: impl IntoIterator<Item = &'a Network>,
+) -> Option<&'a Network> {
+    existing
+        .into_iter()
+        .find(|n| n.subnet.contains(&subnet.network()) || subnet.contains(&n.subnet.network()))
+}
+
+/// The lowest VNI not in `used`.
+pub fn lowest_free_vni(used: impl IntoIterator<Item = u32>) -> Option<u32> {
+    let mut used: Vec<u32> = used.into_iter().collect();
+    used.sort_unstable();
+    used.dedup();
+    let mut candidate = VNI_MIN;
+    for v in used {
+        if v < candidate {
+            continue;
+        }
+        if v > candidate {
+            break;
+        }
+        candidate += 1;
+    }
+    (candidate <= VNI_MAX).then_some(candidate)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    Active,
+    Drain,
+}
+
+impl std::str::FromStr for Availability {
+    type Err = ValidationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(Availability::Active),
+            "drain" => Ok(Availability::Drain),
+            other => Err(invalid(format!(
+                "invalid availability {other:?}: expected active or drain"
+            ))),
+        }
+    }
+}
+
+/// A node as stored: persistent, outlives its agent. Liveness is a separate, leased key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub availability: Availability,
+    /// RFC 3339, UTC: first registration.
+    pub created: String,
+}
+
+/// The leased liveness record of a running agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alive {
+    pub pid: u32,
+    pub started: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    Ready,
+    Down,
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+pub fn new_id() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..24)
+        .map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0'))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(subnet: &str) -> NetworkCreate {
+        NetworkCreate {
+            name: "services".into(),
+            subnet: subnet.into(),
+            ..Default::default()
+        }
+    }
+
+    fn net(name: &str, subnet: &str, vni: u32) -> Network {
+        Network {
+            name: name.into(),
+            id: new_id(),
+            driver: "overlay".into(),
+            vni,
+            subnet: subnet.parse().unwrap(),
+            gateway: first_host(subnet.parse().unwrap()),
+            encrypted: false,
+            attachable: false,
+            mtu: None,
+            labels: BTreeMap::new(),
+            created: now_rfc3339(),
+        }
+    }
+
+    #[test]
+    fn defaults_gateway_to_first_address() {
+        let spec = req("10.10.1.0/24").validate().unwrap();
+        assert_eq!(spec.gateway, Ipv4Addr::new(10, 10, 1, 1));
+        assert!(!spec.encrypted);
+        assert_eq!(spec.mtu, None);
+    }
+
+    #[test]
+    fn rejects_bad_subnets() {
+        let e = req("10.10.1.0/33").validate().unwrap_err().to_string();
+        assert!(e.contains("invalid subnet"), "{e}");
+        let e = req("banana").validate().unwrap_err().to_string();
+        assert!(e.contains("invalid subnet \"banana\""), "{e}");
+        let e = req("10.10.1.5/24").validate().unwrap_err().to_string();
+        assert!(e.contains("host bits") && e.contains("10.10.1.0/24"), "{e}");
+        let e = req("10.10.1.0/30").validate().unwrap_err().to_string();
+        assert!(e.contains("too small"), "{e}");
+    }
+
+    #[test]
+    fn gateway_must_be_inside_and_usable() {
+        let mut r = req("10.10.1.0/24");
+        r.gateway = Some("10.20.0.1".into());
+        let e = r.validate().unwrap_err().to_string();
+        assert_eq!(e, "gateway 10.20.0.1 is not inside subnet 10.10.1.0/24");
+        r.gateway = Some("10.10.1.255".into());
+        assert!(r.validate().unwrap_err().to_string().contains("broadcast"));
+        r.gateway = Some("10.10.1.254".into());
+        assert_eq!(r.validate().unwrap().gateway, Ipv4Addr::new(10, 10, 1, 254));
+    }
+
+    #[test]
+    fn driver_and_options() {
+        let mut r = req("10.10.1.0/24");
+        r.driver = Some("bridge".into());
+        assert!(
+            r.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("unknown driver \"bridge\"")
+        );
+        r.driver = Some("overlay".into());
+        r.options = vec!["encrypted".into(), "mtu=1400".into()];
+        let spec = r.validate().unwrap();
+        assert!(spec.encrypted);
+        assert_eq!(spec.mtu, Some(1400));
+        r.options = vec!["mtu=100".into()];
+        assert!(r.validate().unwrap_err().to_string().contains("between"));
+        r.options = vec!["colour=blue".into()];
+        assert!(
+            r.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("unknown --opt \"colour=blue\"")
+        );
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("network", "services").is_ok());
+        assert!(validate_name("network", "a.b-c_d").is_ok());
+        assert!(validate_name("network", "").is_err());
+        assert!(validate_name("network", "-x").is_err());
+        assert!(validate_name("network", "a b").is_err());
+        assert!(validate_name("network", &"x".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn overlap_both_directions() {
+        let existing = [
+            net("a", "10.10.0.0/16", 4096),
+            net("b", "10.20.1.0/24", 4097),
+        ];
+        assert_eq!(
+            find_overlap("10.10.1.0/24".parse().unwrap(), &existing).map(|n| n.name.as_str()),
+            Some("a")
+        );
+        assert_eq!(
+            find_overlap("10.20.0.0/16".parse().unwrap(), &existing).map(|n| n.name.as_str()),
+            Some("b")
+        );
+        assert!(find_overlap("10.30.0.0/16".parse().unwrap(), &existing).is_none());
+    }
+
+    #[test]
+    fn vni_allocation_fills_gaps() {
+        assert_eq!(lowest_free_vni([]), Some(VNI_MIN));
+        assert_eq!(lowest_free_vni([4096, 4097, 4099]), Some(4098));
+        assert_eq!(lowest_free_vni([4097, 4096]), Some(4098));
+        assert_eq!(lowest_free_vni([5, 4097]), Some(4096));
+    }
+
+    #[test]
+    fn effective_mtu_subtracts_overhead() {
+        let mut n = net("a", "10.10.0.0/16", 4096);
+        assert_eq!(n.effective_mtu(1500), 1450);
+        n.encrypted = true;
+        assert_eq!(n.effective_mtu(1500), 1390);
+        n.mtu = Some(1300);
+        assert_eq!(n.effective_mtu(1500), 1300);
+    }
+
+    #[test]
+    fn request_rejects_unknown_fields() {
+        let e = serde_json::from_str::<NetworkCreate>(
+            r#"{"name":"a","subnet":"10.0.0.0/24","bogus":1}"#,
+        );
+        assert!(e.is_err());
+    }
+}

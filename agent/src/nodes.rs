@@ -1,0 +1,263 @@
+//! Node objects: registration of this agent's node, its liveness lease, and the node views the
+//! API shows.
+//!
+//! A node record is persistent (name, address, availability) and outlives its agent; liveness is
+//! a separate key attached to a lease that the agent refreshes. When the agent dies the lease
+//! expires, the key vanishes, and every other agent sees the node go `down`.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use netagent_store::{Compare, LeaseId, Op, Store, StoreError};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::error::{AgentError, Result};
+use crate::model::{self, Alive, Availability, Node, NodeStatus, keys};
+
+/// What `node ls` / `node inspect` show.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub availability: Availability,
+    pub status: NodeStatus,
+    pub created: String,
+    /// Filled in only by the node's own agent (it alone can read its kernel state).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<serde_json::Value>,
+}
+
+pub async fn list(store: &dyn Store) -> Result<Vec<NodeView>> {
+    let (nodes, _) = store.list(keys::NODES).await?;
+    let (alive, _) = store.list(keys::ALIVE).await?;
+    let alive: std::collections::BTreeSet<&str> = alive
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(keys::ALIVE))
+        .collect();
+    nodes
+        .iter()
+        .map(|kv| {
+            let node: Node = serde_json::from_slice(&kv.value)?;
+            let status = if alive.contains(node.name.as_str()) {
+                NodeStatus::Ready
+            } else {
+                NodeStatus::Down
+            };
+            Ok(view(node, status))
+        })
+        .collect()
+}
+
+pub async fn get(store: &dyn Store, name: &str) -> Result<NodeView> {
+    let Some(kv) = store.get(&keys::node(name)).await? else {
+        return Err(AgentError::NotFound(format!("node {name:?} not found")));
+    };
+    let node: Node = serde_json::from_slice(&kv.value)?;
+    let status = if store.get(&keys::alive(name)).await?.is_some() {
+        NodeStatus::Ready
+    } else {
+        NodeStatus::Down
+    };
+    Ok(view(node, status))
+}
+
+fn view(node: Node, status: NodeStatus) -> NodeView {
+    NodeView {
+        name: node.name,
+        address: node.address,
+        availability: node.availability,
+        status,
+        created: node.created,
+        datapath: None,
+    }
+}
+
+pub async fn set_availability(
+    store: &dyn Store,
+    name: &str,
+    availability: Availability,
+) -> Result<NodeView> {
+    for _ in 0..16 {
+        let Some(kv) = store.get(&keys::node(name)).await? else {
+            return Err(AgentError::NotFound(format!("node {name:?} not found")));
+        };
+        let mut node: Node = serde_json::from_slice(&kv.value)?;
+        if node.availability == availability {
+            return get(store, name).await;
+        }
+        node.availability = availability;
+        let value = serde_json::to_vec(&node)
+            .map_err(|e| AgentError::Internal(format!("encoding node: {e}")))?;
+        if store
+            .compare_and_swap(&keys::node(name), kv.mod_revision, value)
+            .await?
+        {
+            tracing::info!(node = %name, ?availability, "node availability changed");
+            return get(store, name).await;
+        }
+    }
+    Err(AgentError::Unavailable(
+        "node update kept conflicting with concurrent changes; try again".into(),
+    ))
+}
+
+/// Writes (or refreshes) this node's persistent record. Keeps the availability an operator set.
+pub async fn register(store: &dyn Store, name: &str, address: Ipv4Addr) -> Result<()> {
+    loop {
+        let current = store.get(&keys::node(name)).await?;
+        let (node, expected) = match &current {
+            Some(kv) => {
+                let mut node: Node = serde_json::from_slice(&kv.value)?;
+                if node.address == address {
+                    return Ok(());
+                }
+                node.address = address;
+                (node, kv.mod_revision)
+            }
+            None => (
+                Node {
+                    name: name.to_string(),
+                    address,
+                    availability: Availability::Active,
+                    created: model::now_rfc3339(),
+                },
+                0,
+            ),
+        };
+        let value = serde_json::to_vec(&node)
+            .map_err(|e| AgentError::Internal(format!("encoding node: {e}")))?;
+        if store
+            .compare_and_swap(&keys::node(name), expected, value)
+            .await?
+        {
+            tracing::info!(node = %name, %address, "node registered");
+            return Ok(());
+        }
+    }
+}
+
+/// Keeps this node's liveness key alive for as long as the agent runs.
+///
+/// Survives store outages: while the store is unreachable it retries; if the lease expired in
+/// the meantime it takes a new one and re-creates the key. `ready` reports whether the node is
+/// currently registered as alive.
+pub async fn keep_alive_loop(
+    store: Arc<dyn Store>,
+    name: String,
+    ttl: Duration,
+    ready: watch::Sender<bool>,
+) {
+    let alive = Alive {
+        pid: std::process::id(),
+        started: model::now_rfc3339(),
+    };
+    let value = serde_json::to_vec(&alive).unwrap_or_default();
+    // Refresh three times per TTL so one lost refresh does not kill the node.
+    let period = ttl / 3;
+    let mut lease: Option<LeaseId> = None;
+    loop {
+        match lease {
+            None => match take_lease(&*store, &name, ttl, &value).await {
+                Ok(id) => {
+                    tracing::info!(node = %name, lease = id, ttl = ?ttl, "node is alive");
+                    lease = Some(id);
+                    ready.send_replace(true);
+                }
+                Err(e) => {
+                    tracing::warn!(node = %name, error = %e, "cannot register liveness; retrying");
+                    ready.send_replace(false);
+                }
+            },
+            Some(id) => match store.keep_alive(id).await {
+                Ok(()) => {}
+                Err(StoreError::LeaseNotFound(_)) => {
+                    tracing::warn!(node = %name, lease = id, "liveness lease expired; taking a new one");
+                    lease = None;
+                    ready.send_replace(false);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(node = %name, error = %e, "liveness refresh failed; retrying");
+                }
+            },
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+async fn take_lease(store: &dyn Store, name: &str, ttl: Duration, value: &[u8]) -> Result<LeaseId> {
+    let id = store.grant_lease(ttl).await?;
+    // Replaces a liveness key left by a previous run of this agent (its lease may still run).
+    let committed = store
+        .txn(
+            Vec::<Compare>::new(),
+            vec![Op::put_with_lease(keys::alive(name), value.to_vec(), id)],
+        )
+        .await?;
+    if !committed {
+        return Err(AgentError::Internal("liveness transaction refused".into()));
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use netagent_store::embedded::EmbeddedStore;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn register_keeps_availability_and_lease_drives_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        register(&*s, "n1", "198.18.0.11".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(get(&*s, "n1").await.unwrap().status, NodeStatus::Down);
+        set_availability(&*s, "n1", Availability::Drain)
+            .await
+            .unwrap();
+        register(&*s, "n1", "198.18.0.12".parse().unwrap())
+            .await
+            .unwrap();
+        let v = get(&*s, "n1").await.unwrap();
+        assert_eq!(v.availability, Availability::Drain);
+        assert_eq!(v.address.to_string(), "198.18.0.12");
+
+        let (tx, mut rx) = watch::channel(false);
+        let task = tokio::spawn(keep_alive_loop(
+            s.clone(),
+            "n1".into(),
+            Duration::from_secs(2),
+            tx,
+        ));
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| *r))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(list(&*s).await.unwrap()[0].status, NodeStatus::Ready);
+        // Kept alive well past one TTL.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(get(&*s, "n1").await.unwrap().status, NodeStatus::Ready);
+        task.abort();
+        let _ = task.await;
+        // Without refreshes the lease runs out and the node goes down.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+        loop {
+            if get(&*s, "n1").await.unwrap().status == NodeStatus::Down {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node never went down"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(matches!(
+            set_availability(&*s, "nope", Availability::Active).await,
+            Err(AgentError::NotFound(_))
+        ));
+    }
+}

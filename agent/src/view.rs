@@ -1,0 +1,162 @@
+//! The agent's in-memory view of the cluster, kept current by a store watch.
+//!
+//! Level-triggered consumers (the reconciler, DNS) read the latest snapshot from a
+//! `tokio::sync::watch` channel instead of asking the store on every decision.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use netagent_store::{KeyValue, Revision, Store, WatchEvent};
+use tokio::sync::watch;
+
+use crate::model::{Network, Node, keys};
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterView {
+    /// Store revision this view reflects.
+    pub revision: Revision,
+    pub networks: BTreeMap<String, Network>,
+    pub nodes: BTreeMap<String, Node>,
+    pub alive: BTreeSet<String>,
+}
+
+impl ClusterView {
+    fn from_list(kvs: &[KeyValue], revision: Revision) -> Self {
+        let mut view = ClusterView {
+            revision,
+            ..Default::default()
+        };
+        for kv in kvs {
+            view.put(kv);
+        }
+        view
+    }
+
+    fn put(&mut self, kv: &KeyValue) {
+        if let Some(name) = kv.key.strip_prefix(keys::NETWORKS) {
+            match serde_json::from_slice(&kv.value) {
+                Ok(n) => {
+                    self.networks.insert(name.to_string(), n);
+                }
+                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping corrupt network"),
+            }
+        } else if let Some(name) = kv.key.strip_prefix(keys::NODES) {
+            match serde_json::from_slice(&kv.value) {
+                Ok(n) => {
+                    self.nodes.insert(name.to_string(), n);
+                }
+                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping corrupt node"),
+            }
+        } else if let Some(name) = kv.key.strip_prefix(keys::ALIVE) {
+            self.alive.insert(name.to_string());
+        }
+    }
+
+    fn delete(&mut self, key: &str) {
+        if let Some(name) = key.strip_prefix(keys::NETWORKS) {
+            self.networks.remove(name);
+        } else if let Some(name) = key.strip_prefix(keys::NODES) {
+            self.nodes.remove(name);
+        } else if let Some(name) = key.strip_prefix(keys::ALIVE) {
+            self.alive.remove(name);
+        }
+    }
+
+    fn apply(&mut self, ev: &WatchEvent) {
+        match ev {
+            WatchEvent::Put(kv) => self.put(kv),
+            WatchEvent::Delete { key, .. } => self.delete(key),
+        }
+        self.revision = ev.revision();
+    }
+}
+
+/// Follows the store forever: list, then watch from the next revision; on any watch failure
+/// (compaction, store outage) start over with a fresh list, so the view never misses a change.
+pub async fn follow(store: Arc<dyn Store>, tx: watch::Sender<Arc<ClusterView>>) {
+    loop {
+        let (kvs, revision) = match store.list(keys::ROOT).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read cluster state; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut view = ClusterView::from_list(&kvs, revision);
+        tx.send_replace(Arc::new(view.clone()));
+        let mut events = match store.watch(keys::ROOT, revision + 1).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch cluster state; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(item) = events.next().await {
+            match item {
+                Ok(ev) => {
+                    tracing::debug!(key = ev.key(), revision = ev.revision(), "store event");
+                    view.apply(&ev);
+                    tx.send_replace(Arc::new(view.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "store watch ended; re-reading state");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use netagent_store::embedded::EmbeddedStore;
+
+    use super::*;
+    use crate::model::NetworkCreate;
+    use crate::networks;
+
+    #[tokio::test]
+    async fn view_follows_creates_and_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let req = NetworkCreate {
+            name: "before".into(),
+            subnet: "10.1.0.0/24".into(),
+            ..Default::default()
+        };
+        networks::create(&*s, &req).await.unwrap();
+        let (tx, mut rx) = watch::channel(Arc::new(ClusterView::default()));
+        let task = tokio::spawn(follow(s.clone(), tx));
+        let wait = |rx: &mut watch::Receiver<Arc<ClusterView>>, f: fn(&ClusterView) -> bool| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| f(v)))
+                    .await
+                    .expect("view did not converge")
+                    .map(|_| ())
+            }
+        };
+        wait(&mut rx, |v| v.networks.contains_key("before"))
+            .await
+            .unwrap();
+        let req = NetworkCreate {
+            name: "after".into(),
+            subnet: "10.2.0.0/24".into(),
+            ..Default::default()
+        };
+        networks::create(&*s, &req).await.unwrap();
+        wait(&mut rx, |v| v.networks.contains_key("after"))
+            .await
+            .unwrap();
+        networks::remove(&*s, "before").await.unwrap();
+        wait(&mut rx, |v| !v.networks.contains_key("before"))
+            .await
+            .unwrap();
+        task.abort();
+    }
+}

@@ -1,0 +1,116 @@
+//! `cargo xtask demo`: what the product does, on a fresh 3-node lab with
+//! etcd, as a list of netctl steps. New features add steps to `STEPS`.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use netlab::{Lab, LabConfig, StoreKind};
+
+use crate::{cargo, labcmd, setup};
+
+/// One netctl call on one node.
+struct Step {
+    /// What the step shows, printed before it.
+    what: &'static str,
+    node: usize,
+    args: &'static [&'static str],
+    /// Strings the output must contain. The step is retried (bounded)
+    /// until they appear: other nodes see changes through their store
+    /// watch, which takes a moment.
+    expect: &'static [&'static str],
+}
+
+const NODES: usize = 3;
+const RETRY_FOR: Duration = Duration::from_secs(10);
+
+const STEPS: &[Step] = &[
+    Step {
+        what: "create an overlay network from n1",
+        node: 1,
+        args: &[
+            "network",
+            "create",
+            "--driver",
+            "overlay",
+            "--subnet",
+            "10.10.1.0/24",
+            "services",
+        ],
+        expect: &[],
+    },
+    Step {
+        what: "n2 lists it: the cluster state is shared through etcd",
+        node: 2,
+        args: &["network", "ls"],
+        expect: &["services"],
+    },
+    Step {
+        what: "n3 inspects it",
+        node: 3,
+        args: &["network", "inspect", "services"],
+        expect: &["10.10.1.0/24"],
+    },
+    Step {
+        what: "every node has joined the cluster",
+        node: 1,
+        args: &["node", "ls"],
+        expect: &["n1", "n2", "n3"],
+    },
+];
+
+pub fn run(keep: bool) -> Result<()> {
+    setup::run()?;
+    cargo::build(&[])?;
+    println!("\n== lab: {NODES} nodes and etcd");
+    let lab = Lab::up(LabConfig {
+        nodes: NODES,
+        store: StoreKind::Etcd,
+        ..Default::default()
+    })?;
+    labcmd::print_lab(&lab);
+
+    let result = STEPS.iter().try_for_each(|step| run_step(&lab, step));
+
+    if keep {
+        let prefix = lab.detach()?;
+        println!("\nlab kept; tear down: cargo xtask lab down --prefix {prefix}");
+    } else {
+        let prefix = lab.prefix().to_owned();
+        drop(lab);
+        println!("\nlab {prefix} torn down");
+    }
+    result
+}
+
+fn run_step(lab: &Lab, step: &Step) -> Result<()> {
+    println!("\n== {}", step.what);
+    println!(
+        "$ netctl -H {} {}",
+        lab.host(step.node),
+        step.args.join(" ")
+    );
+    let deadline = Instant::now() + RETRY_FOR;
+    loop {
+        let out = lab.netctl(step.node, step.args)?;
+        let missing: Vec<&str> = step
+            .expect
+            .iter()
+            .copied()
+            .filter(|e| !out.stdout.contains(e))
+            .collect();
+        if out.success() && missing.is_empty() {
+            print!("{}", out.stdout);
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            print!("{}", out.stdout);
+            eprint!("{}", out.stderr);
+            if !out.success() {
+                bail!("step failed ({}): {}", out.status, out.stderr.trim());
+            }
+            bail!("output still lacks {missing:?} after {RETRY_FOR:?}");
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
