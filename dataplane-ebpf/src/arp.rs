@@ -3,11 +3,11 @@
 //! `from_container` addressed to the router MAC and are routed by IP, never bridged.
 
 use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
-use dataplane_common::{CONFIG_KEY, DropReason};
+use dataplane_common::DropReason;
 
 use crate::{
     eth::{ETH_HLEN, EthHdr, ensure_linear, ifindex, ptr_at},
-    maps::CONFIG,
+    maps,
     verdict::TC_ACT_REDIRECT,
 };
 
@@ -64,10 +64,7 @@ pub fn respond(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::ArpGratuitous);
     }
 
-    let router_mac = match CONFIG.get(CONFIG_KEY) {
-        Some(cfg) if cfg.is_ready() => cfg.router_mac,
-        _ => return Err(DropReason::NotReady),
-    };
+    let router_mac = maps::config()?.router_mac;
 
     let requester_mac = frame.eth.src;
     let requester_hw = arp.sha;

@@ -21,12 +21,13 @@ fn count(index: u32) {
     }
 }
 
-/// Counts and reports the drop, returns the verdict to hand back to tc.
+/// Counts and reports the drop, returns the verdict to hand back to tc. `vni` is the VNI the
+/// packet arrived with (`from_overlay`), 0 elsewhere.
 ///
 /// Not inlined: the drop path is cold and shared by every early return of a program, so one
 /// BPF-to-BPF subprogram keeps the hot path small for the verifier and the icache.
 #[inline(never)]
-pub fn drop_packet(ctx: &TcContext, reason: DropReason, hook: Hook) -> i32 {
+pub fn drop_packet(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) -> i32 {
     count(reason.code());
 
     let mut event = DropEvent {
@@ -36,6 +37,7 @@ pub fn drop_packet(ctx: &TcContext, reason: DropReason, hook: Hook) -> i32 {
         ifindex: ifindex(ctx),
         pkt_len: ctx.len(),
         hook: hook as u8,
+        vni,
         ..DropEvent::default()
     };
     // Header fields are read with bpf_skb_load_bytes, not direct access: the frame may be

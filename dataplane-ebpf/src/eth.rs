@@ -52,6 +52,21 @@ pub fn ensure_linear(ctx: &TcContext, len: usize) -> Result<(), DropReason> {
     ctx.pull_data(len as u32).map_err(|_| DropReason::Internal)
 }
 
+/// Readdresses the frame for its next hop: `dst` is the receiving endpoint's MAC, `src` the
+/// router MAC, exactly what the endpoint would see from a real router in front of it.
+#[inline(always)]
+pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), DropReason> {
+    // Callers parsed at least the Ethernet header already, so this check cannot fail; it is
+    // repeated because the verifier needs it next to the store.
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the 14 bytes are inside the linear (writable) packet data.
+    unsafe {
+        (*eth).dst = dst;
+        (*eth).src = src;
+    }
+    Ok(())
+}
+
 /// `skb->ifindex`: the device the packet is being processed on (at tc ingress, the device it
 /// arrived on). aya-ebpf 0.2.1 has no accessor for it.
 #[inline(always)]

@@ -1,27 +1,36 @@
 //! `from_container`: tc ingress (TCX) on the host side of each container veth, i.e. every frame
-//! a container sends. For now: answer ARP, pass IPv4 on to the host stack, drop the rest.
-//! The next step adds the routing decision for IPv4 (local endpoint, remote node, host).
+//! a container sends. ARP is answered (proxy ARP, see `arp`), IPv4 is routed over the overlay,
+//! everything else is dropped.
+//!
+//! IPv4 routing, in order:
+//! 1. anti-spoofing: the source must be a local endpoint attached to the veth the frame came
+//!    in on. Everything after trusts the source's network (VNI), so this is what makes
+//!    isolation hold even against a container with a hand-written route or address;
+//! 2. the destination endpoint (ENDPOINTS): same network -> deliver locally or tunnel to its
+//!    node; other network -> `policy_isolation`;
+//! 3. no endpoint: the subnet (NETWORKS) says why: own subnet -> `unknown_endpoint`, another
+//!    network's -> `policy_isolation`, none -> `no_route` (the outside world comes later).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use dataplane_common::{DropReason, Hook};
 
 use crate::{
     arp, drop,
-    eth::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, EthHdr, ensure_linear, ptr_at},
-    ipv4,
-    verdict::TC_ACT_OK,
+    eth::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, EthHdr, ensure_linear, ifindex, ptr_at},
+    forward, ipv4, maps,
 };
 
 #[classifier]
 pub fn from_container(ctx: TcContext) -> i32 {
     match try_from_container(&ctx) {
         Ok(verdict) => verdict,
-        Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromContainer),
+        Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromContainer, 0),
     }
 }
 
+/// The whole decision; also run by the `from_container_test` hook.
 #[inline(always)]
-fn try_from_container(ctx: &TcContext) -> Result<i32, DropReason> {
+pub fn try_from_container(ctx: &TcContext) -> Result<i32, DropReason> {
     ensure_linear(ctx, ETH_HLEN)?;
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: `ptr_at` checked the 14 bytes are inside the linear packet data. Copy the
@@ -29,10 +38,42 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, DropReason> {
     let ether_type = unsafe { (*eth).ether_type };
     match ether_type {
         ETH_P_ARP => arp::respond(ctx),
-        ETH_P_IP => {
-            ipv4::validate(ctx)?;
-            Ok(TC_ACT_OK)
-        }
+        ETH_P_IP => route_ipv4(ctx),
         _ => Err(DropReason::UnsupportedL3),
+    }
+}
+
+#[inline(always)]
+fn route_ipv4(ctx: &TcContext) -> Result<i32, DropReason> {
+    let addrs = ipv4::parse(ctx)?;
+
+    // 1. Anti-spoofing. A remote endpoint's address arriving on a veth is as spoofed as an
+    // unknown one; so is a local endpoint's on another container's veth.
+    let vni = match maps::endpoint(&addrs.src) {
+        Some(src) if src.is_local() && src.ifindex == ifindex(ctx) => src.vni,
+        _ => return Err(DropReason::SourceSpoofed),
+    };
+    if ipv4::is_broadcast_or_multicast(addrs.dst) {
+        return Err(DropReason::BroadcastMulticast);
+    }
+    let config = maps::config()?;
+
+    // 2. Known endpoint.
+    if let Some(dst) = maps::endpoint(&addrs.dst) {
+        if dst.vni != vni {
+            return Err(DropReason::PolicyIsolation);
+        }
+        return if dst.is_local() {
+            forward::to_local(ctx, &dst, config.router_mac)
+        } else {
+            forward::to_node(ctx, &dst, &config)
+        };
+    }
+
+    // 3. Not an endpoint: only the reason differs.
+    match maps::network_of(addrs.dst) {
+        Some(net) if net.vni == vni => Err(DropReason::UnknownEndpoint),
+        Some(_) => Err(DropReason::PolicyIsolation),
+        None => Err(DropReason::NoRoute),
     }
 }

@@ -1,8 +1,9 @@
 //! The netagent eBPF datapath (built for `bpfel-unknown-none` by `agent/datapath/build.rs`).
 //!
-//! Layout follows Cilium's split: one module per attachment point (`from_container`, later
-//! `from_overlay`, `from_uplink`, ...) and small shared modules for header parsing (`eth`,
-//! `arp`, `ipv4`), map definitions (`maps`) and drop accounting (`drop`). Each program is a thin
+//! Layout follows Cilium's split: one module per attachment point (`from_container`,
+//! `from_overlay`, later `from_uplink`, ...) and small shared modules for header parsing
+//! (`eth`, `arp`, `ipv4`), map definitions (`maps`), packet exits (`forward`, `tunnel`) and
+//! drop accounting (`drop`). `test_hooks` holds programs that exist only for tests. Each program is a thin
 //! `#[classifier]` entry point around a `try_*(ctx) -> Result<i32, DropReason>` function, so
 //! every early exit with a reason ends in the one place that counts and reports it.
 // Only the BPF target gets the freestanding setup. On the host the binary compiles as an
@@ -13,9 +14,13 @@
 mod arp;
 mod drop;
 mod eth;
+mod forward;
 mod from_container;
+mod from_overlay;
 mod ipv4;
 mod maps;
+mod test_hooks;
+mod tunnel;
 mod verdict;
 
 /// eBPF programs cannot unwind or print; the verifier rejects any path that could reach here

@@ -9,6 +9,11 @@ pub enum DatapathError {
     #[error("invalid datapath config: {0}")]
     InvalidConfig(String),
 
+    /// An endpoint or network handed to an `upsert_*`/`remove_*` call is unusable; nothing was
+    /// written. The message names the entry and what is wrong with it.
+    #[error("invalid {0}")]
+    InvalidEntry(String),
+
     /// The crate was built with `AYA_BUILD_SKIP`, so there is no eBPF object to load.
     #[error("this binary was built without the eBPF object (AYA_BUILD_SKIP was set)")]
     NoObject,

@@ -7,15 +7,22 @@
 //! in its programs. [`remove_pins`] is the teardown.
 //!
 //! ```text
-//! <bpf_dir>/CONFIG, DROP_COUNTERS, DROP_EVENTS      pinned maps (dataplane_common::map_names)
+//! <bpf_dir>/CONFIG, DROP_COUNTERS, DROP_EVENTS,     pinned maps (dataplane_common::map_names)
+//!           ENDPOINTS, NETWORKS
 //! <bpf_dir>/links/from_container@<ifname>           pinned TCX links ('.' in ifname -> ':')
+//! <bpf_dir>/links/from_overlay@<ifname>
 //! ```
+//!
+//! Routing state: [`Datapath::upsert_endpoint`] / [`Datapath::upsert_network`] and their
+//! `remove_*` and listing counterparts (see the `routing` module).
 
 mod bpffs;
 mod compat;
 mod error;
 mod events;
+mod routing;
 mod sys;
+mod test_hooks;
 
 use std::{
     io,
@@ -35,11 +42,14 @@ use aya::{
 pub use bpffs::{is_bpffs, mount_bpffs, remove_pins};
 pub use compat::PinReport;
 pub use dataplane_common::{
-    CONFIG_F_READY, Config, DropEvent, DropReason, Hook, map_names, program_names,
+    CONFIG_F_READY, Config, DropEvent, DropReason, ENDPOINT_F_LOCAL, ENDPOINTS_MAX_ENTRIES,
+    EndpointInfo, Hook, NETWORK_F_ENCRYPTED, NETWORKS_MAX_ENTRIES, NetworkInfo, TestInput,
+    TestObservation, VNI_MAX, map_names, node_ip_from_abi, node_ip_to_abi, program_names,
 };
 use dataplane_common::{CONFIG_KEY, DROP_COUNTER_EVENTS_LOST};
 pub use error::DatapathError;
 pub use events::DropEvents;
+pub use routing::Subnet;
 use tracing::{debug, info, warn};
 
 /// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP`).
@@ -57,6 +67,11 @@ pub struct DatapathConfig {
     /// MAC the containers see as their router (ARP replies, routed frames). Must be a unicast
     /// address; a locally administered one (first octet with bit 1 set) avoids clashes.
     pub router_mac: [u8; 6],
+    /// ifindex of the node's collect-metadata VXLAN device (in the agent's network
+    /// namespace). 0 = not created yet: remote destinations are dropped as
+    /// `no_tunnel_device` until [`Datapath::set_config`] supplies it. See [`Datapath::load`]
+    /// for how 0 is treated on a restart.
+    pub vxlan_ifindex: u32,
 }
 
 impl DatapathConfig {
@@ -76,6 +91,7 @@ impl DatapathConfig {
             router_mac: self.router_mac,
             _pad: [0; 2],
             flags: CONFIG_F_READY,
+            vxlan_ifindex: self.vxlan_ifindex,
         })
     }
 }
@@ -100,11 +116,17 @@ impl std::fmt::Debug for Datapath {
 impl Datapath {
     /// Loads the datapath with its maps pinned under `bpf_dir` (created if needed; must be on
     /// bpffs, see [`mount_bpffs`]). Maps already pinned there are reused, so counters, events
-    /// and (later) endpoint state survive an agent restart; pinned maps that no longer match
+    /// and endpoint/network state survive an agent restart; pinned maps that no longer match
     /// this build's definitions are replaced (see [`PinReport`]). Writes `config` and loads
     /// (verifies) every program, but attaches nothing.
+    ///
+    /// A `config.vxlan_ifindex` of 0 keeps the VXLAN ifindex a previous agent left in the
+    /// pinned config: the VXLAN device survives an agent restart, and the still-attached
+    /// programs share the pinned config, so overwriting it with 0 would cut remote traffic
+    /// until the agent calls [`Datapath::set_config`]. [`Datapath::set_config`] writes what it
+    /// is given, 0 included.
     pub fn load(bpf_dir: &Path, config: DatapathConfig) -> Result<Self, DatapathError> {
-        let abi_config = config.to_abi()?;
+        let mut abi_config = config.to_abi()?;
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
@@ -123,6 +145,17 @@ impl Datapath {
             bpf_dir: bpf_dir.to_path_buf(),
             pins,
         };
+        if abi_config.vxlan_ifindex == 0 {
+            // A fresh map reads as all zeros (not ready), which keeps 0.
+            let pinned = datapath.config()?;
+            if pinned.is_ready() && pinned.vxlan_ifindex != 0 {
+                debug!(
+                    vxlan_ifindex = pinned.vxlan_ifindex,
+                    "keeping the VXLAN ifindex of the pinned config"
+                );
+                abi_config.vxlan_ifindex = pinned.vxlan_ifindex;
+            }
+        }
         datapath.write_config(abi_config)?;
 
         for &name in program_names::ALL {
@@ -241,6 +274,26 @@ impl Datapath {
     /// linger until [`remove_pins`] or the next attach on that name.
     pub fn detach_from_container(&self, ifname: &str) -> Result<bool, DatapathError> {
         self.unpin_link(program_names::FROM_CONTAINER, ifname)
+    }
+
+    /// The loaded `from_overlay` program (for `BPF_PROG_TEST_RUN`; note that a test run has no
+    /// tunnel metadata, so it always drops as `no_tunnel_key`: use
+    /// [`Datapath::from_overlay_test`]).
+    pub fn from_overlay(&self) -> Result<&SchedClassifier, DatapathError> {
+        self.classifier(program_names::FROM_OVERLAY)
+    }
+
+    /// Attaches `from_overlay` at TCX ingress of `ifname`, the node's collect-metadata VXLAN
+    /// device, with the same pinned-link scheme as [`Datapath::attach_from_container`]
+    /// (survives the agent, atomic replacement on restart, stale links replaced).
+    pub fn attach_from_overlay(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        self.attach_tcx(program_names::FROM_OVERLAY, ifname, TcAttachType::Ingress)
+    }
+
+    /// Detaches `from_overlay` from `ifname` and removes the pinned link, synchronously.
+    /// Returns whether a link was pinned.
+    pub fn detach_from_overlay(&self, ifname: &str) -> Result<bool, DatapathError> {
+        self.unpin_link(program_names::FROM_OVERLAY, ifname)
     }
 
     /// Raw access to the loaded object, for tests and benchmarks that need maps or programs
@@ -409,14 +462,24 @@ mod tests {
     fn config_validation() {
         let ok = DatapathConfig {
             router_mac: [0x02, 0, 0, 0, 0, 1],
+            vxlan_ifindex: 9,
         };
         let abi = ok.to_abi().expect("valid");
         assert!(abi.is_ready());
         assert_eq!(abi.router_mac, ok.router_mac);
-        assert!(DatapathConfig { router_mac: [0; 6] }.to_abi().is_err());
+        assert_eq!(abi.vxlan_ifindex, 9);
         assert!(
             DatapathConfig {
-                router_mac: [0x01, 0, 0x5e, 0, 0, 1]
+                router_mac: [0; 6],
+                vxlan_ifindex: 0
+            }
+            .to_abi()
+            .is_err()
+        );
+        assert!(
+            DatapathConfig {
+                router_mac: [0x01, 0, 0x5e, 0, 0, 1],
+                vxlan_ifindex: 0
             }
             .to_abi()
             .is_err()

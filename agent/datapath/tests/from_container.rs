@@ -1,4 +1,5 @@
-//! `from_container` under BPF_PROG_TEST_RUN: verdicts, output bytes and map side effects.
+//! `from_container` under BPF_PROG_TEST_RUN: ARP, parsing and drop accounting (IPv4 routing
+//! is in tests/routing.rs).
 
 mod common;
 
@@ -133,17 +134,18 @@ fn non_ethernet_ipv4_arp_is_invalid() {
 }
 
 #[test]
-fn ipv4_passes_unchanged() {
+fn ipv4_without_endpoints_is_a_spoofed_source() {
     if !have_root() {
         return;
     }
     let mut fx = Fixture::new();
+    // Routing is covered in tests/routing.rs; with empty maps no source is legitimate.
     let frame = ipv4(Ipv4Address::new(10, 0, 0, 3), b"hello overlay");
     let (verdict, out) = fx.run(&frame);
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(out, frame);
-    fx.assert_only_drops(None, 0);
-    assert!(fx.events().is_empty());
+    fx.assert_only_drops(Some(DropReason::SourceSpoofed), 1);
+    assert_eq!(fx.events().len(), 1);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use aya::{
     maps::{MapData, MapInfo, PerCpuArray},
@@ -10,7 +10,8 @@ use aya::{
 };
 use common::*;
 use netagent_datapath::{
-    Datapath, DatapathConfig, DatapathError, DropReason, PinReport, map_names, remove_pins,
+    Datapath, DatapathConfig, DatapathError, DropReason, EndpointInfo, NetworkInfo, PinReport,
+    map_names, remove_pins,
 };
 
 fn names(list: &[&str]) -> Vec<String> {
@@ -26,11 +27,26 @@ fn second_load_reuses_pinned_maps() {
     let truncated = &arp_request(GATEWAY_IP)[..20];
 
     {
-        let first = Datapath::load(dir.path(), config()).expect("first load");
+        let mut first = Datapath::load(dir.path(), config()).expect("first load");
+        first
+            .upsert_endpoint(
+                ip(CONTAINER_IP),
+                &EndpointInfo::local(VNI_A, 7, CONTAINER_MAC),
+            )
+            .expect("endpoint");
+        first
+            .upsert_network(
+                SUBNET_A,
+                &NetworkInfo {
+                    vni: VNI_A,
+                    flags: 0,
+                },
+            )
+            .expect("network");
         assert_eq!(
             first.pin_report(),
             &PinReport {
-                created: names(&["CONFIG", "DROP_COUNTERS", "DROP_EVENTS"]),
+                created: names(map_names::ALL),
                 ..Default::default()
             }
         );
@@ -51,15 +67,34 @@ fn second_load_reuses_pinned_maps() {
         dir.path(),
         DatapathConfig {
             router_mac: other_mac,
+            vxlan_ifindex: 0,
         },
     )
     .expect("second load");
     assert_eq!(
         second.pin_report(),
         &PinReport {
-            reused: names(&["CONFIG", "DROP_COUNTERS", "DROP_EVENTS"]),
+            reused: names(map_names::ALL),
             ..Default::default()
         }
+    );
+    // Routing state carries over: the agent reconciles it instead of rebuilding it.
+    assert_eq!(
+        second.endpoints().expect("endpoints"),
+        [(
+            ip(CONTAINER_IP),
+            EndpointInfo::local(VNI_A, 7, CONTAINER_MAC)
+        )]
+    );
+    assert_eq!(
+        second.networks().expect("networks"),
+        [(
+            SUBNET_A,
+            NetworkInfo {
+                vni: VNI_A,
+                flags: 0
+            }
+        )]
     );
     // Written by the first load's program, seen by the second load.
     assert_eq!(
@@ -69,8 +104,19 @@ fn second_load_reuses_pinned_maps() {
     let events = second.take_drop_events().expect("events").drain();
     assert_eq!(events.len(), 1, "the first run's event survived the reload");
     assert_eq!(events[0].pkt_len, 20);
-    // The config is rewritten by every load.
-    assert_eq!(second.config().expect("config").router_mac, other_mac);
+    // The config is rewritten by every load, except that a VXLAN ifindex of 0 (not known
+    // yet to the restarting agent) keeps the one the attached programs are using.
+    let config = second.config().expect("config");
+    assert_eq!(config.router_mac, other_mac);
+    assert_eq!(config.vxlan_ifindex, VXLAN_IFINDEX);
+    // set_config writes exactly what it is given.
+    second
+        .set_config(DatapathConfig {
+            router_mac: other_mac,
+            vxlan_ifindex: 0,
+        })
+        .expect("set config");
+    assert_eq!(second.config().expect("config").vxlan_ifindex, 0);
 
     run(second.from_container().expect("program"), truncated);
     assert_eq!(
@@ -141,26 +187,6 @@ fn tcx_program_ids(ifname: &str) -> Vec<u32> {
     programs.iter().map(|p| p.id()).collect()
 }
 
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("run ip");
-    assert!(status.success(), "ip {args:?}");
-}
-
-/// Runs `f` on a thread that has its own, empty network namespace (it disappears when the
-/// thread ends), so attach tests touch no interface of the host. bpffs is a mount, not part
-/// of the network namespace, so pins work as usual.
-fn in_private_netns(f: impl FnOnce() + Send + 'static) {
-    let handle = std::thread::spawn(move || {
-        // SAFETY: unshare only affects the calling thread's namespace membership.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
-        f();
-    });
-    if let Err(panic) = handle.join() {
-        std::panic::resume_unwind(panic);
-    }
-}
-
 #[test]
 fn attach_survives_reload_and_replaces_atomically() {
     if !have_root() {
@@ -169,7 +195,7 @@ fn attach_survives_reload_and_replaces_atomically() {
     in_private_netns(|| {
         let dir = BpfDir::new();
         // Processes spawned from this thread inherit its network namespace.
-        ip(&[
+        ip_cmd(&[
             "link", "add", "dpveth0", "type", "veth", "peer", "name", "dpveth0p",
         ]);
 
@@ -203,8 +229,8 @@ fn attach_survives_reload_and_replaces_atomically() {
 
         // The interface is recreated under the same name: the old pinned link is defunct and
         // gets replaced by a fresh one.
-        ip(&["link", "del", "dpveth0"]);
-        ip(&[
+        ip_cmd(&["link", "del", "dpveth0"]);
+        ip_cmd(&[
             "link", "add", "dpveth0", "type", "veth", "peer", "name", "dpveth0p",
         ]);
         assert!(tcx_program_ids("dpveth0").is_empty());
@@ -217,7 +243,7 @@ fn attach_survives_reload_and_replaces_atomically() {
         assert!(!dp.detach_from_container("dpveth0").expect("detach again"));
 
         // Dots are valid in interface names but not in bpffs names.
-        ip(&[
+        ip_cmd(&[
             "link", "add", "dp.1", "type", "veth", "peer", "name", "dp.1p",
         ]);
         dp.attach_from_container("dp.1")
@@ -235,4 +261,71 @@ fn attach_survives_reload_and_replaces_atomically() {
         remove_pins(dir.path()).expect("remove pins");
         assert!(tcx_program_ids("dp.1").is_empty());
     });
+}
+
+#[test]
+fn from_overlay_attaches_to_a_collect_metadata_vxlan_device() {
+    if !have_root() {
+        return;
+    }
+    in_private_netns(|| {
+        let dir = BpfDir::new();
+        // What the agent creates through rtnetlink: external (collect_metadata), UDP 4789,
+        // no learning.
+        ip_cmd(&[
+            "link",
+            "add",
+            "dpvx0",
+            "type",
+            "vxlan",
+            "external",
+            "dstport",
+            "4789",
+            "nolearning",
+        ]);
+        let vx = ifindex("dpvx0");
+
+        let first_id = {
+            let mut dp = Datapath::load(dir.path(), config()).expect("load");
+            dp.set_config(DatapathConfig {
+                vxlan_ifindex: vx,
+                ..config()
+            })
+            .expect("set config");
+            dp.attach_from_overlay("dpvx0").expect("attach");
+            dp.from_overlay()
+                .expect("program")
+                .info()
+                .expect("info")
+                .id()
+        };
+        assert!(dir.path().join("links/from_overlay@dpvx0").exists());
+        assert_eq!(tcx_program_ids("dpvx0"), [first_id]);
+
+        // Restart: the program is swapped in place and the VXLAN ifindex is kept.
+        let mut dp = Datapath::load(dir.path(), config_without_vxlan()).expect("reload");
+        assert_eq!(dp.config().expect("config").vxlan_ifindex, vx);
+        dp.attach_from_overlay("dpvx0").expect("re-attach");
+        let second_id = dp
+            .from_overlay()
+            .expect("program")
+            .info()
+            .expect("info")
+            .id();
+        assert_ne!(first_id, second_id);
+        assert_eq!(tcx_program_ids("dpvx0"), [second_id]);
+
+        // Links of the two programs are independent even on the same interface name.
+        assert!(!dp.detach_from_container("dpvx0").expect("no such link"));
+        assert!(dp.detach_from_overlay("dpvx0").expect("detach"));
+        assert!(tcx_program_ids("dpvx0").is_empty());
+        assert!(!dp.detach_from_overlay("dpvx0").expect("detach again"));
+    });
+}
+
+fn config_without_vxlan() -> DatapathConfig {
+    DatapathConfig {
+        vxlan_ifindex: 0,
+        ..config()
+    }
 }

@@ -23,18 +23,43 @@ pub mod map_names {
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
     /// Ring buffer of [`crate::DropEvent`] records.
     pub const DROP_EVENTS: &str = "DROP_EVENTS";
+    /// Hash map: endpoint IPv4 address ([`crate::EndpointKey`]) -> [`crate::EndpointInfo`].
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    /// LPM trie: overlay subnet -> [`crate::NetworkInfo`] (key: see [`crate::NetworkInfo`]).
+    pub const NETWORKS: &str = "NETWORKS";
 
     /// Every pinned map of the datapath, for tooling that checks or removes pins.
-    pub const ALL: &[&str] = &[CONFIG, DROP_COUNTERS, DROP_EVENTS];
+    pub const ALL: &[&str] = &[CONFIG, DROP_COUNTERS, DROP_EVENTS, ENDPOINTS, NETWORKS];
+
+    /// Input of the test-hook programs ([`crate::TestInput`], one entry). Not pinned: each
+    /// load gets its own, so tests never see another load's state.
+    pub const TEST_INPUT: &str = "TEST_INPUT";
+    /// What the last test-hook run observed ([`crate::TestObservation`], one entry). Not
+    /// pinned, like [`TEST_INPUT`].
+    pub const TEST_OBSERVED: &str = "TEST_OBSERVED";
 }
 
 /// Names of the programs in the object (the Rust function names of the entry points).
 pub mod program_names {
     /// tc ingress on the host side of each container veth.
     pub const FROM_CONTAINER: &str = "from_container";
+    /// tc ingress on the node's collect-metadata VXLAN device.
+    pub const FROM_OVERLAY: &str = "from_overlay";
+    /// Test hook: `from_container` plus a record of the skb's tunnel key and packet type
+    /// after the run in TEST_OBSERVED. Loaded, never attached.
+    pub const FROM_CONTAINER_TEST: &str = "from_container_test";
+    /// Test hook: `from_overlay`'s decision with the VNI taken from TEST_INPUT instead of the
+    /// tunnel metadata, which BPF_PROG_TEST_RUN cannot inject. Loaded, never attached.
+    pub const FROM_OVERLAY_TEST: &str = "from_overlay_test";
 
-    /// Every program of the object; the agent loads (verifies) all of them.
-    pub const ALL: &[&str] = &[FROM_CONTAINER];
+    /// Every program of the object; the agent loads (verifies) all of them, so a verifier
+    /// rejection of a test hook fails the load just like one of a real program.
+    pub const ALL: &[&str] = &[
+        FROM_CONTAINER,
+        FROM_OVERLAY,
+        FROM_CONTAINER_TEST,
+        FROM_OVERLAY_TEST,
+    ];
 }
 
 /// The only index of the CONFIG array map.
@@ -48,13 +73,18 @@ pub const CONFIG_F_READY: u32 = 1 << 0;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// MAC address the node's programs use as "the router": ARP replies to containers carry it,
-    /// and (next issue) routed frames get it as Ethernet source.
+    /// MAC address the node's programs use as "the router": ARP replies to containers carry
+    /// it, and every routed frame gets it as Ethernet source.
     pub router_mac: [u8; 6],
     /// Explicit padding so the layout has no uninitialised bytes (required for `Pod`).
     pub _pad: [u8; 2],
     /// `CONFIG_F_*` bits.
     pub flags: u32,
+    /// ifindex of the node's collect-metadata (`external`) VXLAN device, where traffic to
+    /// remote endpoints is redirected after the tunnel key is set. 0 while the agent has not
+    /// created it yet: remote destinations are then dropped as
+    /// [`DropReason::NoTunnelDevice`].
+    pub vxlan_ifindex: u32,
 }
 
 impl Config {
@@ -63,6 +93,153 @@ impl Config {
     pub const fn is_ready(&self) -> bool {
         self.flags & CONFIG_F_READY != 0
     }
+}
+
+/// Key of the ENDPOINTS map: the endpoint's IPv4 address as the four octets in network order
+/// (`Ipv4Addr::octets()`; the bytes as they appear in the IPv4 header), so the programs look
+/// up the header bytes without any conversion.
+///
+/// One key space for the whole cluster: overlay subnets never overlap across networks (the
+/// control plane guarantees it), so an address alone identifies an endpoint.
+pub type EndpointKey = [u8; 4];
+
+/// Capacity of the ENDPOINTS map (local and remote endpoints of every network this node has
+/// endpoints on).
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 65536;
+
+/// Set in [`EndpointInfo::flags`] for endpoints on this node. Redundant with `ifindex != 0`
+/// on purpose (an entry says what it is when dumped); the agent's `upsert_endpoint` rejects
+/// entries where the two disagree, and the programs decide by `ifindex`.
+pub const ENDPOINT_F_LOCAL: u16 = 1 << 0;
+
+/// All `ENDPOINT_F_*` bits this build knows.
+pub const ENDPOINT_F_ALL: u16 = ENDPOINT_F_LOCAL;
+
+/// An endpoint (container interface) of an overlay network, local or on another node.
+///
+/// Local: `ifindex` != 0, `node_ip` == 0, `ENDPOINT_F_LOCAL` set. Remote: `ifindex` == 0,
+/// `node_ip` != 0, `ENDPOINT_F_LOCAL` clear. Use [`Self::local`] / [`Self::remote`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointInfo {
+    /// VXLAN network identifier of the endpoint's network (24 bits used, 0 is invalid).
+    pub vni: u32,
+    /// Local endpoint: ifindex of the host side of its veth (traffic for the endpoint is
+    /// `bpf_redirect_peer`ed there; traffic from it must arrive there). 0 for remote endpoints.
+    pub ifindex: u32,
+    /// Remote endpoint: address of the node it runs on (outer destination of the VXLAN
+    /// packet) in **network byte order** (`__be32`: the u32's bytes in memory are the octets;
+    /// convert with [`node_ip_to_abi`] / [`node_ip_from_abi`]). 0 for local endpoints.
+    pub node_ip: u32,
+    /// The endpoint's own MAC address: Ethernet destination of frames delivered to it.
+    pub mac: [u8; 6],
+    /// `ENDPOINT_F_*` bits.
+    pub flags: u16,
+}
+
+/// [`EndpointInfo::node_ip`] for `addr` (network byte order).
+pub const fn node_ip_to_abi(addr: core::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// The address stored in [`EndpointInfo::node_ip`].
+pub const fn node_ip_from_abi(node_ip: u32) -> core::net::Ipv4Addr {
+    let [a, b, c, d] = node_ip.to_ne_bytes();
+    core::net::Ipv4Addr::new(a, b, c, d)
+}
+
+impl EndpointInfo {
+    /// An endpoint on this node behind the veth whose host side is `ifindex`.
+    pub const fn local(vni: u32, ifindex: u32, mac: [u8; 6]) -> Self {
+        Self {
+            vni,
+            ifindex,
+            node_ip: 0,
+            mac,
+            flags: ENDPOINT_F_LOCAL,
+        }
+    }
+
+    /// An endpoint on the node with address `node`.
+    pub const fn remote(vni: u32, node: core::net::Ipv4Addr, mac: [u8; 6]) -> Self {
+        Self {
+            vni,
+            ifindex: 0,
+            node_ip: node_ip_to_abi(node),
+            mac,
+            flags: 0,
+        }
+    }
+
+    /// True if the endpoint is on this node.
+    #[inline(always)]
+    pub const fn is_local(&self) -> bool {
+        self.ifindex != 0
+    }
+
+    /// The node a remote endpoint is on (0.0.0.0 for local ones).
+    pub const fn node_addr(&self) -> core::net::Ipv4Addr {
+        node_ip_from_abi(self.node_ip)
+    }
+}
+
+/// Capacity of the NETWORKS trie (overlay networks known to the node).
+pub const NETWORKS_MAX_ENTRIES: u32 = 4096;
+
+/// Set in [`NetworkInfo::flags`] for `--opt encrypted` networks. Reserved: the datapath does
+/// not act on it yet.
+pub const NETWORK_F_ENCRYPTED: u32 = 1 << 0;
+
+/// An overlay network, the value of the NETWORKS LPM trie.
+///
+/// The trie key is the kernel's LPM key: `prefix_len: u32` (host order, 0..=32) followed by
+/// the subnet's four octets in network order, 8 bytes packed (`aya::maps::lpm_trie::Key<[u8;
+/// 4]>` / `aya_ebpf::maps::lpm_trie::Key<[u8; 4]>`). Host bits of the address are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NetworkInfo {
+    /// VXLAN network identifier of the network.
+    pub vni: u32,
+    /// `NETWORK_F_*` bits.
+    pub flags: u32,
+}
+
+/// Largest VXLAN network identifier (the VNI field is 24 bits).
+pub const VNI_MAX: u32 = (1 << 24) - 1;
+
+/// Input of the test hooks (see [`program_names::FROM_OVERLAY_TEST`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestInput {
+    /// The VNI `from_overlay_test` treats the packet as received with.
+    pub vni: u32,
+}
+
+/// What a test hook saw of the skb after the program's decision, so tests can check side
+/// effects that BPF_PROG_TEST_RUN does not report (it copies out only data and a few fields).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestObservation {
+    /// Incremented by every test-hook run, so a test can tell a fresh record from a stale one.
+    pub runs: u32,
+    /// The verdict the program returned.
+    pub verdict: u32,
+    /// Return value of `bpf_skb_get_tunnel_key` on the skb after the program (0: a tunnel
+    /// key is set and the fields below are valid; negative errno otherwise, e.g. -EINVAL
+    /// when the skb carries no tunnel metadata).
+    pub tunnel_key_status: i32,
+    /// `tunnel_id` of the key: the VNI.
+    pub tunnel_id: u32,
+    /// Outer destination address of the key, octets in network order.
+    pub tunnel_remote: [u8; 4],
+    /// Outer TTL of the key.
+    pub tunnel_ttl: u8,
+    /// Outer TOS of the key.
+    pub tunnel_tos: u8,
+    /// `skb->pkt_type` after the program (0 = PACKET_HOST).
+    pub pkt_type: u8,
+    /// Explicit padding.
+    pub _pad: u8,
 }
 
 /// Number of slots of the DROP_COUNTERS per-CPU array. Larger than the number of reasons on
@@ -80,8 +257,8 @@ pub const DROP_EVENTS_BYTE_SIZE: u32 = 256 * 1024;
 /// Why a program dropped a packet. The discriminant is the wire code used as the DROP_COUNTERS
 /// index and in [`DropEvent::reason`]; codes are stable (append only, never reuse).
 ///
-/// Codes 1..=15 are generic parsing/infrastructure reasons, 16..=31 ARP, 32.. are left for
-/// routing (local/remote endpoint lookups, VNI checks, encryption, services) in later issues.
+/// Codes 1..=15 are generic parsing/infrastructure reasons, 16..=31 ARP, 32.. routing
+/// (endpoint lookups, isolation, tunnels; later encryption and services).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DropReason {
@@ -101,6 +278,31 @@ pub enum DropReason {
     /// Gratuitous ARP or an address-conflict probe (sender IP 0.0.0.0 or equal to the target).
     /// Never answered: a reply would make the container believe its address is taken.
     ArpGratuitous = 18,
+    /// IPv4 from a container whose source address is not a local endpoint attached to the
+    /// interface the packet came in on (spoofed, or the endpoint is not installed yet).
+    /// This check is what keeps isolation intact against a hand-written route or address.
+    SourceSpoofed = 32,
+    /// The destination belongs to another overlay network than the source (an endpoint or a
+    /// subnet of another network). Networks are isolated from each other.
+    PolicyIsolation = 33,
+    /// The destination is not a known endpoint: in `from_container` an address of the
+    /// sender's own subnet that no endpoint has; in `from_overlay` an address that is not a
+    /// local endpoint of this node.
+    UnknownEndpoint = 34,
+    /// The destination is outside every overlay network. Leaving the overlay (to the node or
+    /// the outside world, with masquerade) is not implemented yet.
+    NoRoute = 35,
+    /// IPv4 broadcast (255.255.255.255) or multicast (224.0.0.0/4) destination: the overlay
+    /// is unicast only, like Docker's.
+    BroadcastMulticast = 36,
+    /// The destination is on another node but the config has no VXLAN device yet
+    /// (`vxlan_ifindex` 0).
+    NoTunnelDevice = 37,
+    /// `from_overlay` found no tunnel metadata on the packet (the device is not in
+    /// collect-metadata mode, or the program is attached to the wrong device).
+    NoTunnelKey = 38,
+    /// A VXLAN packet whose VNI is not the network of its destination endpoint.
+    WrongVni = 39,
 }
 
 impl DropReason {
@@ -113,6 +315,14 @@ impl DropReason {
         DropReason::ArpInvalid,
         DropReason::ArpUnsupportedOp,
         DropReason::ArpGratuitous,
+        DropReason::SourceSpoofed,
+        DropReason::PolicyIsolation,
+        DropReason::UnknownEndpoint,
+        DropReason::NoRoute,
+        DropReason::BroadcastMulticast,
+        DropReason::NoTunnelDevice,
+        DropReason::NoTunnelKey,
+        DropReason::WrongVni,
     ];
 
     /// The code stored in maps and events.
@@ -132,6 +342,14 @@ impl DropReason {
             16 => DropReason::ArpInvalid,
             17 => DropReason::ArpUnsupportedOp,
             18 => DropReason::ArpGratuitous,
+            32 => DropReason::SourceSpoofed,
+            33 => DropReason::PolicyIsolation,
+            34 => DropReason::UnknownEndpoint,
+            35 => DropReason::NoRoute,
+            36 => DropReason::BroadcastMulticast,
+            37 => DropReason::NoTunnelDevice,
+            38 => DropReason::NoTunnelKey,
+            39 => DropReason::WrongVni,
             _ => return None,
         })
     }
@@ -146,6 +364,14 @@ impl DropReason {
             DropReason::ArpInvalid => "arp_invalid",
             DropReason::ArpUnsupportedOp => "arp_unsupported_op",
             DropReason::ArpGratuitous => "arp_gratuitous",
+            DropReason::SourceSpoofed => "source_spoofed",
+            DropReason::PolicyIsolation => "policy_isolation",
+            DropReason::UnknownEndpoint => "unknown_endpoint",
+            DropReason::NoRoute => "no_route",
+            DropReason::BroadcastMulticast => "broadcast_multicast",
+            DropReason::NoTunnelDevice => "no_tunnel_device",
+            DropReason::NoTunnelKey => "no_tunnel_key",
+            DropReason::WrongVni => "wrong_vni",
         }
     }
 }
@@ -228,8 +454,11 @@ pub struct DropEvent {
 /// The ring buffer hands out 8-byte aligned records; keep the event a multiple of that.
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 56);
 const _: () = assert!(core::mem::align_of::<DropEvent>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 12);
-const _: () = assert!((DropReason::ArpGratuitous as u32) < DROP_COUNTERS_MAX_ENTRIES);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 20);
+const _: () = assert!(core::mem::size_of::<NetworkInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<TestObservation>() == 24);
+const _: () = assert!((DropReason::WrongVni as u32) < DROP_COUNTERS_MAX_ENTRIES);
 
 #[cfg(feature = "user")]
 mod user {
@@ -242,6 +471,14 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DropEvent {}
+    // SAFETY: as above (EndpointInfo: 4+4+4+6+2 bytes, no implicit padding).
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetworkInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TestInput {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TestObservation {}
 
     struct Mac<'a>(&'a [u8; 6]);
 
@@ -315,5 +552,21 @@ mod tests {
             }
         }
         assert_eq!(DropReason::from_code(0), None);
+    }
+
+    #[test]
+    fn node_ip_is_network_byte_order() {
+        let addr = core::net::Ipv4Addr::new(198, 18, 0, 12);
+        let abi = node_ip_to_abi(addr);
+        assert_eq!(abi.to_ne_bytes(), [198, 18, 0, 12]);
+        assert_eq!(u32::from_be(abi), 0xc612_000c);
+        assert_eq!(node_ip_from_abi(abi), addr);
+        let remote = EndpointInfo::remote(7, addr, [2, 0, 0, 0, 0, 1]);
+        assert!(!remote.is_local());
+        assert_eq!(remote.node_addr(), addr);
+        let local = EndpointInfo::local(7, 3, [2, 0, 0, 0, 0, 1]);
+        assert!(local.is_local());
+        assert_eq!(local.flags, ENDPOINT_F_LOCAL);
+        assert_eq!(local.node_ip, 0);
     }
 }

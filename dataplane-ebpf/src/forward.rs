@@ -1,0 +1,64 @@
+//! The two ways a routed packet leaves a program: into a container on this node, or to
+//! another node through the VXLAN device. Both only readdress the Ethernet header.
+//!
+//! No L3 change: the TTL is not decremented (so no checksum to fix either). From the IP
+//! point of view the overlay is one L2 segment, as with Docker's overlay driver: peers are
+//! on-link and a traceroute between containers shows a single hop. The router MAC is an
+//! artefact of proxy ARP, not a routing hop.
+
+use aya_ebpf::{
+    helpers::{bpf_redirect, bpf_redirect_peer},
+    programs::TcContext,
+};
+use dataplane_common::{Config, DropReason, EndpointInfo};
+
+use crate::{eth::set_macs, tunnel, verdict::TC_ACT_REDIRECT};
+
+/// `PACKET_HOST` from `linux/if_packet.h`.
+const PACKET_HOST: u32 = 0;
+
+/// Delivers the frame into the local endpoint `ep` (must be local: `ep.ifindex` != 0).
+///
+/// `bpf_redirect_peer` moves the skb straight to the ingress of the veth's container end,
+/// skipping the host-side xmit and the per-CPU backlog. Only valid at tc ingress, which is
+/// where both our programs run.
+#[inline(always)]
+pub fn to_local(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    router_mac: [u8; 6],
+) -> Result<i32, DropReason> {
+    set_macs(ctx, ep.mac, router_mac)?;
+    // eth_type_trans classified the frame when it entered the host-side veth (or when the
+    // VXLAN device decapsulated it) against *that* device's MAC, so it is usually
+    // PACKET_OTHERHOST. redirect_peer does not reclassify, and the container's IP stack drops
+    // OTHERHOST packets; the frame is now addressed to the endpoint, so say so.
+    ctx.change_type(PACKET_HOST)
+        .map_err(|_| DropReason::Internal)?;
+    // SAFETY: plain helper call with scalar arguments.
+    let verdict = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
+    // Fails only on non-zero flags; a vanished ifindex is dropped later by the kernel.
+    if verdict != i64::from(TC_ACT_REDIRECT) {
+        return Err(DropReason::Internal);
+    }
+    Ok(TC_ACT_REDIRECT)
+}
+
+/// Sends the frame to the remote endpoint `ep` through the node's VXLAN device.
+#[inline(always)]
+pub fn to_node(ctx: &TcContext, ep: &EndpointInfo, config: &Config) -> Result<i32, DropReason> {
+    if config.vxlan_ifindex == 0 {
+        return Err(DropReason::NoTunnelDevice);
+    }
+    tunnel::set_key(ctx, ep.vni, ep.node_ip)?;
+    // The inner frame is addressed as the far side delivers it (from_overlay rewrites it
+    // again, so this only matters to someone capturing on the fabric).
+    set_macs(ctx, ep.mac, config.router_mac)?;
+    // Flags 0: transmit out of the VXLAN device, which encapsulates using the metadata.
+    // SAFETY: plain helper call with scalar arguments.
+    let verdict = unsafe { bpf_redirect(config.vxlan_ifindex, 0) };
+    if verdict != i64::from(TC_ACT_REDIRECT) {
+        return Err(DropReason::Internal);
+    }
+    Ok(TC_ACT_REDIRECT)
+}
