@@ -1,0 +1,416 @@
+//! The process of a sandbox: started inside its network namespace, detached from the agent so
+//! it outlives an agent restart, and identified by (pid, start time) so a restarted agent can
+//! tell its process from an unrelated one that got the same pid.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{Result, SandboxError};
+
+/// The PATH a sandbox process starts with unless the request sets one: the agent's own
+/// environment is not passed on (it would leak the agent's settings into every container).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long [`stop`] waits after SIGKILL before reporting the process as unkillable (e.g.
+/// stuck in uninterruptible sleep).
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// How often waits on processes that are not our children look again.
+const POLL: Duration = Duration::from_millis(10);
+
+/// What to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnRequest {
+    /// The network namespace to run in.
+    pub netns: PathBuf,
+    /// Program and arguments; the program is looked up in the process's PATH.
+    pub argv: Vec<String>,
+    /// A file bind-mounted (read-only) over /etc/resolv.conf in a mount namespace private to
+    /// the process, so only the process sees it. The bind pins the file's inode: update it
+    /// in place (write/truncate), not by rename, or the process keeps the old contents.
+    pub resolv_conf: Option<PathBuf>,
+    /// stdout and stderr are appended here (created 0640 if missing).
+    pub log: PathBuf,
+    /// The process's environment, on top of a default PATH.
+    pub env: Vec<(String, String)>,
+}
+
+/// A running (or once running) process, identified so that pid reuse is detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProcessHandle {
+    pub pid: u32,
+    /// Field 22 of /proc/<pid>/stat: clock ticks after boot at which the process started.
+    pub start_time: u64,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProcessExit {
+    /// Exited normally with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+    /// Gone, but not our child (adopted after an agent restart), so the kernel gave its exit
+    /// status to someone else.
+    Unknown,
+}
+
+impl ProcessExit {
+    /// The status as a shell reports it: the exit code, or 128 + signal; `None` if unknown.
+    pub fn shell_code(&self) -> Option<i32> {
+        match *self {
+            ProcessExit::Code(c) => Some(c),
+            ProcessExit::Signal(s) => Some(128 + s),
+            ProcessExit::Unknown => None,
+        }
+    }
+}
+
+/// Exit statuses of the children this agent process started, filled in by their reaper
+/// threads. Keyed by handle so a reused pid never matches an old entry.
+fn children() -> &'static Mutex<HashMap<ProcessHandle, watch::Receiver<Option<ProcessExit>>>> {
+    static CHILDREN: OnceLock<Mutex<HashMap<ProcessHandle, watch::Receiver<Option<ProcessExit>>>>> =
+        OnceLock::new();
+    CHILDREN.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Pruning threshold: entries of exited children are dropped once there are this many.
+const CHILDREN_KEEP: usize = 1024;
+
+fn register_child(handle: ProcessHandle, rx: watch::Receiver<Option<ProcessExit>>) {
+    // A poisoned lock only means a panic elsewhere while holding it; the map is still usable.
+    let mut map = children().lock().unwrap_or_else(|p| p.into_inner());
+    if map.len() >= CHILDREN_KEEP {
+        map.retain(|_, rx| rx.borrow().is_none());
+    }
+    map.insert(handle, rx);
+}
+
+fn child_exit_receiver(handle: &ProcessHandle) -> Option<watch::Receiver<Option<ProcessExit>>> {
+    let map = children().lock().unwrap_or_else(|p| p.into_inner());
+    map.get(handle).cloned()
+}
+
+/// (state, start_time) from /proc/<pid>/stat, or `None` if there is no such process.
+fn read_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2 (comm) is in parentheses and may itself contain spaces and ')': fields resume
+    // after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // `rest` starts at field 3 (state); field 22 is 19 further on.
+    let start_time = fields.nth(18)?.parse().ok()?;
+    Some((state, start_time))
+}
+
+/// The start time of process `pid` (field 22 of /proc/<pid>/stat), or `None` if there is none.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    read_stat(pid).map(|(_, start)| start)
+}
+
+/// Whether the process still runs: the pid exists, has the recorded start time (so it is not
+/// a newer process that reused the pid) and is not a zombie.
+pub fn is_alive(handle: &ProcessHandle) -> bool {
+    matches!(read_stat(handle.pid), Some((state, start))
+        if start == handle.start_time && state != 'Z' && state != 'X' && state != 'x')
+}
+
+fn cstring(what: &str, bytes: &[u8]) -> Result<CString> {
+    CString::new(bytes).map_err(|_| SandboxError::Invalid(format!("{what} contains a NUL byte")))
+}
+
+/// Writes a fixed message to stderr (the log file by then) from the forked child, where only
+/// async-signal-safe calls are allowed, so the log says which setup step failed.
+fn child_fail(msg: &[u8]) -> std::io::Error {
+    let err = std::io::Error::last_os_error();
+    // SAFETY: write(2) on fd 2 with a valid buffer; async-signal-safe.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+    }
+    err
+}
+
+/// Starts `req.argv` inside `req.netns` and returns its handle.
+///
+/// The process runs in its own session (no controlling terminal, not in the agent's process
+/// group), so it does not die with the agent and is adopted by a restarted agent through its
+/// handle. While this agent runs, a reaper thread waits for it, so it never lingers as a
+/// zombie; [`wait_exit`] reports its status. stdin is /dev/null.
+pub fn spawn(req: &SpawnRequest) -> Result<ProcessHandle> {
+    let program = req
+        .argv
+        .first()
+        .ok_or_else(|| SandboxError::Invalid("empty command".into()))?
+        .clone();
+    let spawn_err = |source| SandboxError::Spawn {
+        program: program.clone(),
+        netns: req.netns.clone(),
+        source,
+    };
+
+    // Opened before the fork: the child may only make raw system calls. O_CLOEXEC (std's
+    // default) closes them at exec, so the process does not inherit them.
+    let ns = File::open(&req.netns).map_err(SandboxError::io("opening namespace", &req.netns))?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(&req.log)
+        .map_err(SandboxError::io("opening log", &req.log))?;
+    let log_err = log
+        .try_clone()
+        .map_err(SandboxError::io("duplicating log fd", &req.log))?;
+    let resolv = match &req.resolv_conf {
+        Some(p) => {
+            // Fail here with a clear message rather than with a bare ENOENT from the child.
+            if !p.is_file() {
+                return Err(SandboxError::Invalid(format!(
+                    "resolv.conf {} is not a file",
+                    p.display()
+                )));
+            }
+            Some(cstring("resolv.conf path", p.as_os_str().as_bytes())?)
+        }
+        None => None,
+    };
+    let etc_resolv = cstring("target", b"/etc/resolv.conf")?;
+    let root = cstring("root", b"/")?;
+    let ns_fd = ns.as_raw_fd();
+
+    let mut cmd = Command::new(&program);
+    cmd.args(&req.argv[1..])
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .envs(req.env.iter().map(|(k, v)| (k, v)))
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err));
+
+    // SAFETY: the closure runs in the forked child before exec and only makes raw system
+    // calls (setsid, setns, unshare, mount, write) on values prepared before the fork; it
+    // allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Own session: the agent's terminal or process group signals do not reach it.
+            if libc::setsid() < 0 {
+                return Err(child_fail(b"netagent: setsid failed\n"));
+            }
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(child_fail(
+                    b"netagent: entering the network namespace failed\n",
+                ));
+            }
+            if let Some(src) = &resolv {
+                // A mount namespace of its own, so the resolv.conf bind is invisible to the
+                // node. Slave, not private: mounts made on the node later still show up
+                // inside (the process sees the node's filesystem), ours never leak out.
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return Err(child_fail(b"netagent: unshare(CLONE_NEWNS) failed\n"));
+                }
+                if libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_SLAVE,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(child_fail(b"netagent: making / a slave mount failed\n"));
+                }
+                if libc::mount(
+                    src.as_ptr(),
+                    etc_resolv.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(child_fail(
+                        b"netagent: bind-mounting resolv.conf over /etc/resolv.conf failed\n",
+                    ));
+                }
+                // Read-only, so the process cannot rewrite the agent's copy.
+                if libc::mount(
+                    std::ptr::null(),
+                    etc_resolv.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(child_fail(
+                        b"netagent: making /etc/resolv.conf read-only failed\n",
+                    ));
+                }
+            }
+            Ok(())
+        });
+    }
+
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    drop(ns);
+    let pid = child.id();
+    // Read before the reaper exists: until someone waits, an exited child stays a zombie, so
+    // its stat is still there to read.
+    let Some(start_time) = process_start_time(pid) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(spawn_err(std::io::Error::other(format!(
+            "cannot read /proc/{pid}/stat of the new process"
+        ))));
+    };
+    let handle = ProcessHandle { pid, start_time };
+    start_reaper(handle, child);
+    tracing::info!(pid, start_time, program = %program, netns = %req.netns.display(), "started sandbox process");
+    Ok(handle)
+}
+
+/// Waits for the child on a small dedicated thread and publishes its exit status.
+///
+/// A thread rather than a tokio task: std's `Child::wait` blocks, and tokio's child reaping
+/// would kill or orphan-track the process on drop. Dropping `Child` itself neither kills nor
+/// waits, so the process survives the agent.
+fn start_reaper(handle: ProcessHandle, mut child: Child) {
+    let (tx, rx) = watch::channel(None);
+    register_child(handle, rx);
+    let spawned = std::thread::Builder::new()
+        .name(format!("reap-{}", handle.pid))
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let exit = match child.wait() {
+                Ok(status) => match (status.code(), status.signal()) {
+                    (Some(code), _) => ProcessExit::Code(code),
+                    (None, Some(sig)) => ProcessExit::Signal(sig),
+                    (None, None) => ProcessExit::Unknown,
+                },
+                Err(e) => {
+                    tracing::warn!(pid = handle.pid, error = %e, "waiting for sandbox process failed");
+                    ProcessExit::Unknown
+                }
+            };
+            tracing::info!(pid = handle.pid, ?exit, "sandbox process exited");
+            tx.send_replace(Some(exit));
+        });
+    if let Err(e) = spawned {
+        // The process runs fine; it only lingers as a zombie after exiting until the agent
+        // exits. Not worth failing the start for.
+        tracing::warn!(pid = handle.pid, error = %e, "could not start reaper thread");
+    }
+}
+
+/// Waits up to `timeout` for the process to end. `Ok(None)`: still running at the deadline.
+/// For a child of this agent process the exit status is returned; for an adopted process
+/// (started by an earlier agent) only that it is gone ([`ProcessExit::Unknown`]).
+pub async fn wait_exit(handle: &ProcessHandle, timeout: Duration) -> Result<Option<ProcessExit>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    if let Some(mut rx) = child_exit_receiver(handle) {
+        match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(exit)) => return Ok(*exit),
+            Err(_elapsed) => return Ok(None),
+            // The reaper thread is gone without a status (it could not start): fall back to
+            // watching /proc like for a process we did not start.
+            Ok(Err(_closed)) => {}
+        }
+    }
+    loop {
+        if !is_alive(handle) {
+            return Ok(Some(ProcessExit::Unknown));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A pidfd for the process if it is still the one `handle` names. Signalling through a pidfd
+/// can never hit a different process that reused the pid after this check.
+fn open_pidfd(handle: &ProcessHandle) -> Result<Option<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, handle.pid as libc::pid_t, 0) };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(None);
+        }
+        return Err(SandboxError::Signal {
+            pid: handle.pid,
+            source: err,
+        });
+    }
+    // SAFETY: the syscall returned a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    // Checked after opening: if the pid named our process now, the pidfd refers to it.
+    if is_alive(handle) {
+        Ok(Some(fd))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Sends `sig`; `Ok(false)` if the process had already exited.
+fn send_signal(handle: &ProcessHandle, pidfd: &OwnedFd, sig: libc::c_int) -> Result<bool> {
+    // SAFETY: valid pidfd, no siginfo, no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ESRCH) {
+        Ok(false)
+    } else {
+        Err(SandboxError::Signal {
+            pid: handle.pid,
+            source: err,
+        })
+    }
+}
+
+/// Stops the process: SIGTERM, then SIGKILL if it is still running after `grace`. Returns
+/// `Ok(false)` if it was already gone, `Ok(true)` once it has ended. Bounded: fails with
+/// [`SandboxError::Unkillable`] if it survives SIGKILL for a few seconds.
+pub async fn stop(handle: &ProcessHandle, grace: Duration) -> Result<bool> {
+    let Some(pidfd) = open_pidfd(handle)? else {
+        return Ok(false);
+    };
+    if !send_signal(handle, &pidfd, libc::SIGTERM)? {
+        return Ok(false);
+    }
+    if wait_exit(handle, grace).await?.is_some() {
+        tracing::info!(pid = handle.pid, "sandbox process stopped by SIGTERM");
+        return Ok(true);
+    }
+    tracing::info!(pid = handle.pid, grace = ?grace, "sandbox process ignored SIGTERM; sending SIGKILL");
+    if !send_signal(handle, &pidfd, libc::SIGKILL)? {
+        return Ok(true);
+    }
+    if wait_exit(handle, KILL_WAIT).await?.is_some() {
+        return Ok(true);
+    }
+    Err(SandboxError::Unkillable {
+        pid: handle.pid,
+        secs: KILL_WAIT.as_secs(),
+    })
+}
