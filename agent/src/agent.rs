@@ -10,8 +10,15 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::api::{self, ApiState};
+use crate::netlink::Netlink;
+use crate::runtime::Runtime;
 use crate::view::{self, ClusterView};
-use crate::{model, nodes};
+use crate::{model, nodes, reconcile};
+
+/// The node's collect-metadata VXLAN device (one for all networks: the VNI is per packet).
+pub const VXLAN_DEVICE: &str = "netagent-vx";
+/// IANA's VXLAN port, as Linux, Docker and Cilium use.
+pub const VXLAN_PORT: u16 = 4789;
 
 /// The MAC containers see as their router. Locally administered and the same on every node,
 /// so a container's neighbour entry stays valid wherever its peers live (Calico does the same).
@@ -49,6 +56,10 @@ pub struct Args {
     /// Upstream DNS resolvers for names outside the cluster (default: the node's resolv.conf).
     #[arg(long = "dns-upstream", value_name = "IP[:PORT]", value_parser = parse_upstream)]
     pub dns_upstreams: Vec<SocketAddr>,
+    /// Prefix of the names of container network namespaces (`ip netns`): container `web.1`
+    /// gets `<prefix>web.1`. Lets several agents share a machine (the test lab does).
+    #[arg(long, default_value = "")]
+    pub netns_prefix: String,
     /// Seconds without a refresh after which this node counts as down.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..=300))]
     pub lease_ttl: u64,
@@ -72,10 +83,42 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("opening store {}", args.store))?;
     tracing::info!(node = %args.node_name, store = %store.describe(), "starting");
 
-    let datapath = netagent_datapath::Datapath::load(
+    let netlink = Netlink::new().context("opening rtnetlink")?;
+    let uplink = match &args.uplink {
+        Some(u) => u.clone(),
+        None => netlink
+            .interface_with_address(args.advertise_addr)
+            .await
+            .context("looking for the uplink")?
+            .with_context(|| {
+                format!(
+                    "no interface holds --advertise-addr {}; add the address or pass --uplink",
+                    args.advertise_addr
+                )
+            })?,
+    };
+    let uplink_mtu = netlink
+        .link_mtu(&uplink)
+        .await
+        .context("reading the uplink")?
+        .with_context(|| format!("uplink {uplink:?} does not exist"))?;
+    tracing::info!(%uplink, uplink_mtu, "uplink");
+
+    // The VXLAN device outlives the agent like the pinned programs on it: a restart keeps it,
+    // and it exists before the datapath loads so the config never points at nothing.
+    let vxlan_ifindex = netlink
+        .ensure_vxlan(
+            VXLAN_DEVICE,
+            VXLAN_PORT,
+            Some(uplink_mtu.saturating_sub(model::VXLAN_OVERHEAD)),
+        )
+        .await
+        .context("creating the VXLAN device")?;
+    let mut datapath = netagent_datapath::Datapath::load(
         &args.bpf_dir,
         netagent_datapath::DatapathConfig {
             router_mac: ROUTER_MAC,
+            vxlan_ifindex,
         },
     )
     .with_context(|| {
@@ -84,7 +127,32 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             args.bpf_dir.display()
         )
     })?;
+    datapath
+        .attach_from_overlay(VXLAN_DEVICE)
+        .context("attaching from_overlay")?;
     let datapath = Arc::new(Mutex::new(datapath));
+
+    let runtime = Arc::new(Runtime::new(
+        store.clone(),
+        args.node_name.clone(),
+        netlink,
+        datapath.clone(),
+        args.netns_prefix.clone(),
+        args.state_dir.clone(),
+        uplink_mtu,
+        ROUTER_MAC,
+    ));
+    // The pinned links keep this node's containers forwarding meanwhile, so adoption may wait
+    // for the store.
+    {
+        let runtime = runtime.clone();
+        tokio::spawn(async move {
+            while let Err(e) = runtime.adopt().await {
+                tracing::warn!(error = %e, "cannot adopt containers yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut background = tokio::task::JoinSet::new();
@@ -111,13 +179,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
-    let (view_tx, _view_rx) = watch::channel(Arc::new(ClusterView::default()));
+    let (view_tx, view_rx) = watch::channel(Arc::new(ClusterView::default()));
     background.spawn(view::follow(store.clone(), view_tx));
+    background.spawn(reconcile::run(view_rx, runtime.clone()));
 
     let state = ApiState {
         store: store.clone(),
         node_name: args.node_name.clone(),
         datapath,
+        runtime,
     };
     let mut stop = shutdown_rx.clone();
     let api = tokio::spawn({

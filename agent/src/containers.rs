@@ -54,9 +54,7 @@ pub fn validate(req: &ContainerCreate, kind: ContainerKind) -> Result<Option<Ipv
     let mut seen = BTreeSet::new();
     for n in &req.networks {
         if !seen.insert(n) {
-            return Err(AgentError::BadRequest(format!(
-                "network {n:?} given twice"
-            )));
+            return Err(AgentError::BadRequest(format!("network {n:?} given twice")));
         }
     }
     for a in &req.aliases {
@@ -136,14 +134,12 @@ pub async fn reserve(
                     }
                     ip
                 }
-                None => model::lowest_free_ip(net.subnet, net.gateway, &used).ok_or_else(
-                    || {
-                        AgentError::Conflict(format!(
-                            "network {net_name:?} has no free address left in {}",
-                            net.subnet
-                        ))
-                    },
-                )?,
+                None => model::lowest_free_ip(net.subnet, net.gateway, &used).ok_or_else(|| {
+                    AgentError::Conflict(format!(
+                        "network {net_name:?} has no free address left in {}",
+                        net.subnet
+                    ))
+                })?,
             };
             let ep_id = model::new_id();
             let ep = Endpoint {
@@ -158,16 +154,16 @@ pub async fn reserve(
                 service: None,
                 aliases: req.aliases.clone(),
             };
-            compares.push(Compare::mod_revision(keys::network(net_name), kv.mod_revision));
+            compares.push(Compare::mod_revision(
+                keys::network(net_name),
+                kv.mod_revision,
+            ));
             compares.push(Compare::absent(keys::ipam(net_name, ip)));
             compares.push(Compare::absent(keys::endpoint(net_name, &name)));
             // Rewriting the network unchanged bumps its revision: see the module comment.
             ops.push(Op::put(keys::network(net_name), kv.value.clone()));
             ops.push(Op::put(keys::ipam(net_name, ip), name.as_bytes().to_vec()));
-            ops.push(Op::put(
-                keys::endpoint(net_name, &name),
-                encode(&ep)?,
-            ));
+            ops.push(Op::put(keys::endpoint(net_name, &name), encode(&ep)?));
             endpoints.push(ep);
         }
         let container = Container {
@@ -209,7 +205,9 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 
 pub async fn get(store: &dyn Store, name: &str) -> Result<ContainerRecord> {
     let Some(kv) = store.get(&keys::container(name)).await? else {
-        return Err(AgentError::NotFound(format!("container {name:?} not found")));
+        return Err(AgentError::NotFound(format!(
+            "container {name:?} not found"
+        )));
     };
     let container: Container = serde_json::from_slice(&kv.value)?;
     let mut endpoints = Vec::new();
@@ -255,7 +253,12 @@ pub async fn list(store: &dyn Store) -> Result<Vec<ContainerRecord>> {
 }
 
 /// Records the container's process once it runs.
-pub async fn set_process(store: &dyn Store, rec: &mut ContainerRecord, pid: u32, start_time: u64) -> Result<()> {
+pub async fn set_process(
+    store: &dyn Store,
+    rec: &mut ContainerRecord,
+    pid: u32,
+    start_time: u64,
+) -> Result<()> {
     let mut updated = rec.container.clone();
     updated.pid = Some(pid);
     updated.start_time = Some(start_time);
@@ -329,9 +332,14 @@ mod tests {
     }
 
     async fn reserve_on(s: &dyn Store, r: &ContainerCreate) -> Result<ContainerRecord> {
-        reserve(s, "n1", ContainerKind::Sandbox, r, |n, _| format!("/run/netns/{n}"), |id| {
-            format!("na{}", &id[..12])
-        })
+        reserve(
+            s,
+            "n1",
+            ContainerKind::Sandbox,
+            r,
+            |n, _| format!("/run/netns/{n}"),
+            |id| format!("na{}", &id[..12]),
+        )
         .await
     }
 
@@ -341,7 +349,9 @@ mod tests {
         let a = reserve_on(&*s, &req("a", &["services"])).await.unwrap();
         assert_eq!(a.endpoints[0].ip.to_string(), "10.10.1.2");
         assert_eq!(a.endpoints[0].mac, "02:42:0a:0a:01:02");
-        let b = reserve_on(&*s, &req("b", &["services", "tiny"])).await.unwrap();
+        let b = reserve_on(&*s, &req("b", &["services", "tiny"]))
+            .await
+            .unwrap();
         assert_eq!(b.endpoints[0].ip.to_string(), "10.10.1.3");
         assert_eq!(b.endpoints[1].ip.to_string(), "10.10.2.2");
         assert_eq!(b.endpoints[1].ifname, "eth1");
@@ -349,7 +359,11 @@ mod tests {
         assert_eq!(list(&*s).await.unwrap().len(), 2);
         release(&*s, &a).await.unwrap();
         let c = reserve_on(&*s, &req("c", &["services"])).await.unwrap();
-        assert_eq!(c.endpoints[0].ip.to_string(), "10.10.1.2", "freed address reused");
+        assert_eq!(
+            c.endpoints[0].ip.to_string(),
+            "10.10.1.2",
+            "freed address reused"
+        );
     }
 
     #[tokio::test]
@@ -364,15 +378,32 @@ mod tests {
         let mut r = req("x", &["services"]);
         r.ip = Some("10.10.1.2".into());
         let e = reserve_on(&*s, &r).await.unwrap_err();
-        assert_eq!(e.to_string(), "address 10.10.1.2 is already in use on network \"services\"");
+        assert_eq!(
+            e.to_string(),
+            "address 10.10.1.2 is already in use on network \"services\""
+        );
         r.ip = Some("10.99.0.1".into());
-        assert!(reserve_on(&*s, &r).await.unwrap_err().to_string().contains("not inside"));
+        assert!(
+            reserve_on(&*s, &r)
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("not inside")
+        );
         let mut r = req("x", &["services"]);
         r.command.clear();
-        assert!(reserve_on(&*s, &r).await.unwrap_err().to_string().contains("no command"));
+        assert!(
+            reserve_on(&*s, &r)
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("no command")
+        );
         // A /29 holds 5 containers (8 - network - broadcast - gateway).
         for i in 0..5 {
-            reserve_on(&*s, &req(&format!("t{i}"), &["tiny"])).await.unwrap();
+            reserve_on(&*s, &req(&format!("t{i}"), &["tiny"]))
+                .await
+                .unwrap();
         }
         let (mid, _) = s.list(keys::ROOT).await.unwrap();
         let e = reserve_on(&*s, &req("t5", &["tiny"])).await.unwrap_err();
@@ -398,7 +429,9 @@ mod tests {
         let tasks: Vec<_> = (0..12)
             .map(|i| {
                 let s = s.clone();
-                tokio::spawn(async move { reserve_on(&*s, &req(&format!("c{i}"), &["services"])).await })
+                tokio::spawn(
+                    async move { reserve_on(&*s, &req(&format!("c{i}"), &["services"])).await },
+                )
             })
             .collect();
         let mut ips = BTreeSet::new();

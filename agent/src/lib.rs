@@ -6,8 +6,13 @@
 
 pub mod agent;
 pub mod api;
+pub mod containers;
 pub mod error;
 pub mod model;
+pub mod netlink;
 pub mod networks;
 pub mod nodes;
+pub mod reconcile;
+pub mod runtime;
+pub mod sandbox;
 pub mod view;

@@ -15,6 +15,12 @@ pub mod keys {
     pub const VNIS: &str = "/netagent/vnis/";
     pub const NODES: &str = "/netagent/nodes/";
     pub const ALIVE: &str = "/netagent/alive/";
+    pub const CONTAINERS: &str = "/netagent/containers/";
+    /// `/netagent/endpoints/<network>/<container>`: what every node needs to route to it.
+    pub const ENDPOINTS: &str = "/netagent/endpoints/";
+    /// `/netagent/ipam/<network>/<ip>`: one key per taken address, so allocation is a
+    /// create-if-absent in the same transaction as the endpoint.
+    pub const IPAM: &str = "/netagent/ipam/";
     /// Bumped by every network create/remove: the compare on it serialises network allocation
     /// cluster-wide, so overlap checks and VNI choice never race.
     pub const NETWORKS_GUARD: &str = "/netagent/guards/networks";
@@ -30,6 +36,21 @@ pub mod keys {
     }
     pub fn alive(name: &str) -> String {
         format!("{ALIVE}{name}")
+    }
+    pub fn container(name: &str) -> String {
+        format!("{CONTAINERS}{name}")
+    }
+    pub fn endpoints_of(network: &str) -> String {
+        format!("{ENDPOINTS}{network}/")
+    }
+    pub fn endpoint(network: &str, container: &str) -> String {
+        format!("{ENDPOINTS}{network}/{container}")
+    }
+    pub fn ipam_of(network: &str) -> String {
+        format!("{IPAM}{network}/")
+    }
+    pub fn ipam(network: &str, ip: std::net::Ipv4Addr) -> String {
+        format!("{IPAM}{network}/{ip}")
     }
 }
 
@@ -334,6 +355,121 @@ pub enum NodeStatus {
     Down,
 }
 
+/// A container's attachment to one network, as every node sees it (routing, DNS, balancing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub id: String,
+    /// The container (or external attachment) it belongs to.
+    pub container: String,
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub node: String,
+    /// Interface name inside the sandbox (eth0, eth1, ...).
+    pub ifname: String,
+    /// Host-side veth name on `node`.
+    pub host_ifname: String,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerKind {
+    /// A sandbox the agent made: its own namespace and process.
+    Sandbox,
+    /// A namespace someone else made (the CNI-shaped attach call); the agent owns only the
+    /// interface it put there.
+    External,
+}
+
+/// A container as stored. Its endpoints are stored separately (see [`Endpoint`]) because
+/// other nodes watch those, not this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    pub name: String,
+    pub id: String,
+    pub kind: ContainerKind,
+    pub node: String,
+    /// Path usable with `nsenter --net=`.
+    pub netns: String,
+    pub networks: Vec<String>,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Start time of `pid` in clock ticks since boot: tells a restarted agent whether the pid
+    /// still names our process.
+    #[serde(default)]
+    pub start_time: Option<u64>,
+    pub created: String,
+}
+
+/// MAC of an endpoint, derived from its address the way Docker does (02:42 + IPv4), so it is
+/// stable across restarts and unique wherever the address is.
+pub fn endpoint_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// The lowest address of `subnet` that is neither network, broadcast, gateway nor in `used`.
+pub fn lowest_free_ip(
+    subnet: Ipv4Net,
+    gateway: Ipv4Addr,
+    used: &std::collections::BTreeSet<Ipv4Addr>,
+) -> Option<Ipv4Addr> {
+    let first = u32::from(subnet.network()) + 1;
+    let last = u32::from(subnet.broadcast()).checked_sub(1)?;
+    (first..=last)
+        .map(Ipv4Addr::from)
+        .find(|ip| *ip != gateway && !used.contains(ip))
+}
+
+/// Checks a requested `--ip` against the network.
+pub fn validate_requested_ip(net: &Network, ip: Ipv4Addr) -> Result<(), ValidationError> {
+    if !net.subnet.contains(&ip) {
+        return Err(invalid(format!(
+            "address {ip} is not inside subnet {} of network {:?}",
+            net.subnet, net.name
+        )));
+    }
+    if ip == net.subnet.network() || ip == net.subnet.broadcast() {
+        return Err(invalid(format!(
+            "address {ip} is the network or broadcast address of {}",
+            net.subnet
+        )));
+    }
+    if ip == net.gateway {
+        return Err(invalid(format!(
+            "address {ip} is the gateway of network {:?}",
+            net.name
+        )));
+    }
+    Ok(())
+}
+
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
@@ -475,6 +611,45 @@ mod tests {
         assert_eq!(n.effective_mtu(1500), 1390);
         n.mtu = Some(1300);
         assert_eq!(n.effective_mtu(1500), 1300);
+    }
+
+    #[test]
+    fn ip_allocation_skips_gateway_and_used() {
+        let subnet: Ipv4Net = "10.10.1.0/29".parse().unwrap();
+        let gw = Ipv4Addr::new(10, 10, 1, 1);
+        let mut used = std::collections::BTreeSet::new();
+        assert_eq!(
+            lowest_free_ip(subnet, gw, &used),
+            Some(Ipv4Addr::new(10, 10, 1, 2))
+        );
+        used.extend((2..=5).map(|i| Ipv4Addr::new(10, 10, 1, i)));
+        assert_eq!(
+            lowest_free_ip(subnet, gw, &used),
+            Some(Ipv4Addr::new(10, 10, 1, 6))
+        );
+        used.insert(Ipv4Addr::new(10, 10, 1, 6));
+        // .7 is broadcast: the /29 is full.
+        assert_eq!(lowest_free_ip(subnet, gw, &used), None);
+    }
+
+    #[test]
+    fn requested_ip_rules() {
+        let n = net("services", "10.10.1.0/24", 4096);
+        assert!(validate_requested_ip(&n, "10.10.1.9".parse().unwrap()).is_ok());
+        for bad in ["10.10.2.9", "10.10.1.0", "10.10.1.255", "10.10.1.1"] {
+            assert!(
+                validate_requested_ip(&n, bad.parse().unwrap()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn macs() {
+        let m = endpoint_mac(Ipv4Addr::new(10, 10, 1, 5));
+        assert_eq!(format_mac(m), "02:42:0a:0a:01:05");
+        assert_eq!(parse_mac("02:42:0a:0a:01:05"), Some(m));
+        assert_eq!(parse_mac("02:42:0a"), None);
     }
 
     #[test]

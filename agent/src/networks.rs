@@ -95,6 +95,19 @@ pub async fn remove(store: &dyn Store, name: &str) -> Result<()> {
             return Err(AgentError::NotFound(format!("network {name:?} not found")));
         };
         let network: Network = serde_json::from_slice(&kv.value)?;
+        let (eps, _) = store.list(&keys::endpoints_of(name)).await?;
+        if !eps.is_empty() {
+            let users: Vec<&str> = eps
+                .iter()
+                .filter_map(|kv| kv.key.rsplit('/').next())
+                .take(5)
+                .collect();
+            return Err(AgentError::Conflict(format!(
+                "network {name:?} is in use by {} container(s): {}",
+                eps.len(),
+                users.join(", ")
+            )));
+        }
         let guard_rev = store
             .get(keys::NETWORKS_GUARD)
             .await?

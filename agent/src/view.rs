@@ -11,7 +11,7 @@ use futures::StreamExt as _;
 use netagent_store::{KeyValue, Revision, Store, WatchEvent};
 use tokio::sync::watch;
 
-use crate::model::{Network, Node, keys};
+use crate::model::{Endpoint, Network, Node, keys};
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterView {
@@ -20,6 +20,8 @@ pub struct ClusterView {
     pub networks: BTreeMap<String, Network>,
     pub nodes: BTreeMap<String, Node>,
     pub alive: BTreeSet<String>,
+    /// Keyed by "<network>/<container>", as under `keys::ENDPOINTS`.
+    pub endpoints: BTreeMap<String, Endpoint>,
 }
 
 impl ClusterView {
@@ -51,6 +53,13 @@ impl ClusterView {
             }
         } else if let Some(name) = kv.key.strip_prefix(keys::ALIVE) {
             self.alive.insert(name.to_string());
+        } else if let Some(id) = kv.key.strip_prefix(keys::ENDPOINTS) {
+            match serde_json::from_slice(&kv.value) {
+                Ok(e) => {
+                    self.endpoints.insert(id.to_string(), e);
+                }
+                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping corrupt endpoint"),
+            }
         }
     }
 
@@ -61,6 +70,8 @@ impl ClusterView {
             self.nodes.remove(name);
         } else if let Some(name) = key.strip_prefix(keys::ALIVE) {
             self.alive.remove(name);
+        } else if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
+            self.endpoints.remove(id);
         }
     }
 

@@ -1,6 +1,7 @@
 //! netctl: the operator's CLI. It only speaks to the agent's API; the agent validates.
 
 mod client;
+mod container;
 mod table;
 
 use std::collections::BTreeMap;
@@ -35,7 +36,7 @@ struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
+pub(crate) enum Format {
     Table,
     Json,
 }
@@ -48,6 +49,9 @@ enum Command {
     /// Inspect nodes and change their availability.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Run and manage containers (sandboxes) on the agent's node.
+    #[command(subcommand)]
+    Container(container::ContainerCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,8 +128,18 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let outcome = runtime.block_on(run(cli));
+    drop(runtime);
+    match outcome {
+        Ok(Outcome::Done) => std::process::ExitCode::SUCCESS,
+        Ok(Outcome::Exit(code)) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
+        Ok(Outcome::Exec(plan)) => match plan.run() {
+            Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => {
+                eprintln!("Error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Err(e) => {
             // One line: the agent's message already names the problem.
             eprintln!("Error: {e:#}");
@@ -134,17 +148,27 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let client = Client::new(&cli.host)?;
     match cli.command {
-        Command::Network(cmd) => network(&client, cli.format, cmd).await,
-        Command::Node(cmd) => node(&client, cli.format, cmd).await,
+        Command::Network(cmd) => network(&client, cli.format, cmd)
+            .await
+            .map(|()| Outcome::Done),
+        Command::Node(cmd) => node(&client, cli.format, cmd).await.map(|()| Outcome::Done),
+        Command::Container(cmd) => container::run(&client, cli.format, cmd).await,
     }
+}
+
+/// What main does after the runtime is gone: some commands end in another process's exit code.
+pub enum Outcome {
+    Done,
+    Exit(i32),
+    Exec(container::ExecPlan),
 }
 
 /// URL path segment for a user-supplied name. Names are validated by the agent; this only keeps
 /// a stray '/' or '?' from changing which endpoint is called.
-fn seg(name: &str) -> String {
+pub(crate) fn seg(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for b in name.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
@@ -286,7 +310,7 @@ async fn node(client: &Client, format: Format, cmd: NodeCmd) -> anyhow::Result<(
 
 /// One object prints as an object, several as an array; `--format json` is compact for scripts,
 /// the default is indented for people.
-fn print_inspect(format: Format, mut items: Vec<Value>) -> anyhow::Result<()> {
+pub(crate) fn print_inspect(format: Format, mut items: Vec<Value>) -> anyhow::Result<()> {
     let value = if items.len() == 1 {
         items.remove(0)
     } else {
@@ -299,11 +323,11 @@ fn print_inspect(format: Format, mut items: Vec<Value>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn as_array(v: &Value) -> &[Value] {
+pub(crate) fn as_array(v: &Value) -> &[Value] {
     v.as_array().map(Vec::as_slice).unwrap_or(&[])
 }
 
-fn str_field(v: &Value, key: &str) -> String {
+pub(crate) fn str_field(v: &Value, key: &str) -> String {
     match v.get(key) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Null) | None => "-".into(),

@@ -789,6 +789,10 @@ fn agent_args(prefix: &str, i: usize, config: &LabConfig) -> Vec<String> {
         UPLINK.to_owned(),
         "--lease-ttl".to_owned(),
         config.lease_ttl_secs.to_string(),
+        // Container namespaces carry the lab's prefix, so teardown finds and removes them and
+        // parallel labs never collide on a container name.
+        "--netns-prefix".to_owned(),
+        format!("{prefix}-{}-", layout::node_name(i)),
     ]
     .into();
     args.extend(config.extra_agent_args.iter().cloned());

@@ -9,14 +9,16 @@ use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{delete, get, post, put};
 use netagent_datapath::Datapath;
 use netagent_store::Store;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use crate::containers::{self, ContainerCreate};
 use crate::error::AgentError;
 use crate::model::{Availability, NetworkCreate};
+use crate::runtime::{AttachRequest, ContainerView, Runtime};
 use crate::{networks, nodes};
 
 #[derive(Clone)]
@@ -24,6 +26,7 @@ pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub node_name: String,
     pub datapath: Arc<Mutex<Datapath>>,
+    pub runtime: Arc<Runtime>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -37,6 +40,15 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/nodes", get(node_list))
         .route("/v1/nodes/{name}", get(node_inspect))
         .route("/v1/nodes/{name}/availability", put(node_availability))
+        .route("/v1/containers", get(container_list).post(container_run))
+        .route(
+            "/v1/containers/{name}",
+            get(container_inspect).delete(container_remove),
+        )
+        .route("/v1/containers/{name}/wait", post(container_wait))
+        .route("/v1/containers/{name}/logs", get(container_logs))
+        .route("/v1/attach", post(attach))
+        .route("/v1/attach/{id}", delete(detach))
         .fallback(|| async { AgentError::NotFound("no such API path".into()) })
         .with_state(state)
 }
@@ -184,4 +196,84 @@ async fn node_availability(
     Ok(axum::Json(
         nodes::set_availability(&*st.store, &name, availability).await?,
     ))
+}
+
+async fn container_run(
+    State(st): State<ApiState>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<ContainerView>), AgentError> {
+    let req: ContainerCreate = parse_body(&body)?;
+    let view = st.runtime.run(&req).await?;
+    Ok((StatusCode::CREATED, axum::Json(view)))
+}
+
+async fn container_list(State(st): State<ApiState>) -> ApiResult<Vec<ContainerView>> {
+    let recs = containers::list(&*st.store).await?;
+    Ok(axum::Json(
+        recs.iter().map(|r| st.runtime.view(r)).collect(),
+    ))
+}
+
+async fn container_inspect(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<ContainerView> {
+    let rec = containers::get(&*st.store, &name).await?;
+    Ok(axum::Json(st.runtime.view(&rec)))
+}
+
+async fn container_remove(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<StatusCode, AgentError> {
+    st.runtime.remove(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct WaitRequest {
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+async fn container_wait(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<serde_json::Value> {
+    let req: WaitRequest = if body.is_empty() {
+        WaitRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    // Bounded so a forgotten client never pins a task forever; netctl asks again.
+    let timeout = std::time::Duration::from_secs(req.timeout_secs.unwrap_or(10).min(60));
+    let code = st.runtime.wait(&name, timeout).await?;
+    let rec = containers::get(&*st.store, &name).await?;
+    Ok(axum::Json(serde_json::json!({
+        "state": st.runtime.state_of(&rec),
+        "exit_code": code,
+    })))
+}
+
+async fn container_logs(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    let log = st.runtime.logs(&name).await?;
+    Ok(axum::Json(serde_json::json!({ "log": log })))
+}
+
+async fn attach(State(st): State<ApiState>, body: Bytes) -> ApiResult<crate::runtime::CniResult> {
+    let req: AttachRequest = parse_body(&body)?;
+    Ok(axum::Json(st.runtime.attach_external(&req).await?))
+}
+
+async fn detach(
+    State(st): State<ApiState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<StatusCode, AgentError> {
+    st.runtime.detach_external(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

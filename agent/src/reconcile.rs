@@ -1,0 +1,273 @@
+//! Level-triggered reconciliation of the datapath maps with the cluster view.
+//!
+//! From a view snapshot we compute the full desired content of the ENDPOINTS and NETWORKS maps
+//! for this node, read what the maps hold, and write only the difference. Start-up runs the same
+//! code, so a restarted agent changes nothing that is already right and the pinned maps keep
+//! forwarding throughout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use netagent_datapath::{Datapath, DatapathError, EndpointInfo, NetworkInfo};
+use tokio::sync::watch;
+
+use crate::model::{self, Network};
+use crate::runtime::{Runtime, lock};
+use crate::view::ClusterView;
+
+/// Also reconcile this often without a store event: repairs anything changed behind our back.
+const RESYNC: Duration = Duration::from_secs(10);
+
+pub type Subnet = (Ipv4Addr, u8);
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Desired {
+    pub endpoints: BTreeMap<Ipv4Addr, EndpointInfo>,
+    pub networks: BTreeMap<Subnet, NetworkInfo>,
+}
+
+pub fn network_info(net: &Network) -> NetworkInfo {
+    NetworkInfo {
+        vni: net.vni,
+        flags: if net.encrypted {
+            netagent_datapath::NETWORK_F_ENCRYPTED
+        } else {
+            0
+        },
+    }
+}
+
+pub fn local_endpoint(vni: u32, ifindex: u32, mac: [u8; 6]) -> EndpointInfo {
+    EndpointInfo {
+        vni,
+        ifindex,
+        node_ip: 0,
+        mac,
+        flags: netagent_datapath::ENDPOINT_F_LOCAL,
+    }
+}
+
+pub fn remote_endpoint(vni: u32, node: Ipv4Addr, mac: [u8; 6]) -> EndpointInfo {
+    EndpointInfo {
+        vni,
+        ifindex: 0,
+        node_ip: netagent_datapath::node_ip_to_abi(node),
+        mac,
+        flags: 0,
+    }
+}
+
+/// The maps' desired content. `local_ifindex` maps this node's host-side veth names to their
+/// ifindex; a local endpoint whose interface does not exist (yet) gets no entry.
+pub fn desired(view: &ClusterView, node: &str, local_ifindex: &HashMap<String, u32>) -> Desired {
+    let mut d = Desired::default();
+    for net in view.networks.values() {
+        d.networks.insert(
+            (net.subnet.network(), net.subnet.prefix_len()),
+            network_info(net),
+        );
+    }
+    for ep in view.endpoints.values() {
+        let Some(net) = view.networks.get(&ep.network) else {
+            continue;
+        };
+        let mac = model::parse_mac(&ep.mac).unwrap_or(model::endpoint_mac(ep.ip));
+        let info = if ep.node == node {
+            match local_ifindex.get(&ep.host_ifname) {
+                Some(&ifindex) => local_endpoint(net.vni, ifindex, mac),
+                None => continue,
+            }
+        } else {
+            match view.nodes.get(&ep.node) {
+                Some(n) => remote_endpoint(net.vni, n.address, mac),
+                None => continue,
+            }
+        };
+        d.endpoints.insert(ep.ip, info);
+    }
+    d
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub upserted: usize,
+    pub removed: usize,
+}
+
+/// Writes the difference between `want` and the maps.
+pub fn apply(dp: &mut Datapath, want: &Desired) -> Result<Changes, DatapathError> {
+    let mut changes = Changes::default();
+    let have_nets: BTreeMap<Subnet, NetworkInfo> = dp.networks()?.into_iter().collect();
+    for (subnet, info) in &want.networks {
+        if have_nets.get(subnet) != Some(info) {
+            dp.upsert_network(*subnet, info)?;
+            changes.upserted += 1;
+        }
+    }
+    let have_eps: BTreeMap<Ipv4Addr, EndpointInfo> = dp.endpoints()?.into_iter().collect();
+    for (ip, info) in &want.endpoints {
+        if have_eps.get(ip) != Some(info) {
+            dp.upsert_endpoint(*ip, info)?;
+            changes.upserted += 1;
+        }
+    }
+    for ip in have_eps.keys() {
+        if !want.endpoints.contains_key(ip) && dp.remove_endpoint(*ip)? {
+            changes.removed += 1;
+        }
+    }
+    // Networks go last so no endpoint is ever left without its subnet.
+    for subnet in have_nets.keys() {
+        if !want.networks.contains_key(subnet) && dp.remove_network(*subnet)? {
+            changes.removed += 1;
+        }
+    }
+    Ok(changes)
+}
+
+pub fn upsert_network(dp: &mut Datapath, net: &Network) -> Result<(), DatapathError> {
+    dp.upsert_network(
+        (net.subnet.network(), net.subnet.prefix_len()),
+        &network_info(net),
+    )
+}
+
+pub fn upsert_local_endpoint(
+    dp: &mut Datapath,
+    ip: Ipv4Addr,
+    vni: u32,
+    ifindex: u32,
+    mac: [u8; 6],
+) -> Result<(), DatapathError> {
+    dp.upsert_endpoint(ip, &local_endpoint(vni, ifindex, mac))
+}
+
+/// Runs forever: on every view change (and every `RESYNC`), bring the maps in line.
+pub async fn run(mut view_rx: watch::Receiver<Arc<ClusterView>>, runtime: Arc<Runtime>) {
+    loop {
+        let view = view_rx.borrow_and_update().clone();
+        if view.revision > 0
+            && let Err(e) = once(&view, &runtime).await
+        {
+            tracing::warn!(error = %e, "datapath reconcile failed; will retry");
+        }
+        tokio::select! {
+            changed = view_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(RESYNC) => {}
+        }
+    }
+}
+
+async fn once(view: &ClusterView, runtime: &Runtime) -> anyhow::Result<()> {
+    let mut local_ifindex = HashMap::new();
+    for ep in view.endpoints.values().filter(|e| e.node == runtime.node) {
+        if let Some(i) = runtime.netlink.link_index(&ep.host_ifname).await? {
+            local_ifindex.insert(ep.host_ifname.clone(), i);
+        }
+    }
+    let want = desired(view, &runtime.node, &local_ifindex);
+    let changes = apply(&mut lock(&runtime.datapath), &want)?;
+    if changes != Changes::default() {
+        tracing::info!(
+            revision = view.revision,
+            upserted = changes.upserted,
+            removed = changes.removed,
+            "datapath reconciled"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Availability, Endpoint, Node};
+
+    fn view() -> ClusterView {
+        let mut v = ClusterView {
+            revision: 7,
+            ..Default::default()
+        };
+        for (name, subnet, vni) in [("a", "10.1.0.0/24", 4096), ("b", "10.2.0.0/24", 4097)] {
+            v.networks.insert(
+                name.into(),
+                Network {
+                    name: name.into(),
+                    id: "x".into(),
+                    driver: "overlay".into(),
+                    vni,
+                    subnet: subnet.parse().unwrap(),
+                    gateway: subnet.replace(".0/24", ".1").parse().unwrap(),
+                    encrypted: name == "b",
+                    attachable: false,
+                    mtu: None,
+                    labels: Default::default(),
+                    created: String::new(),
+                },
+            );
+        }
+        for (n, addr) in [("n1", "198.18.0.11"), ("n2", "198.18.0.12")] {
+            v.nodes.insert(
+                n.into(),
+                Node {
+                    name: n.into(),
+                    address: addr.parse().unwrap(),
+                    availability: Availability::Active,
+                    created: String::new(),
+                },
+            );
+        }
+        for (c, net, ip, node) in [
+            ("c1", "a", "10.1.0.2", "n1"),
+            ("c2", "a", "10.1.0.3", "n2"),
+            ("c3", "b", "10.2.0.2", "n1"),
+            ("c4", "a", "10.1.0.4", "n9"),
+        ] {
+            let ip: Ipv4Addr = ip.parse().unwrap();
+            v.endpoints.insert(
+                format!("{net}/{c}"),
+                Endpoint {
+                    id: c.into(),
+                    container: c.into(),
+                    network: net.into(),
+                    ip,
+                    mac: model::format_mac(model::endpoint_mac(ip)),
+                    node: node.into(),
+                    ifname: "eth0".into(),
+                    host_ifname: format!("na{c}"),
+                    service: None,
+                    aliases: vec![],
+                },
+            );
+        }
+        v
+    }
+
+    #[test]
+    fn desired_state_from_view() {
+        let v = view();
+        let ifx = HashMap::from([("nac1".to_string(), 11u32)]);
+        let d = desired(&v, "n1", &ifx);
+        assert_eq!(d.networks.len(), 2);
+        assert_eq!(d.networks[&("10.2.0.0".parse().unwrap(), 24)].vni, 4097);
+        assert_ne!(d.networks[&("10.2.0.0".parse().unwrap(), 24)].flags, 0);
+        // c1 local with its ifindex; c2 remote on n2; c3 local but no interface yet: absent;
+        // c4 on an unknown node: absent.
+        assert_eq!(d.endpoints.len(), 2);
+        let c1 = d.endpoints[&"10.1.0.2".parse().unwrap()];
+        assert_eq!((c1.ifindex, c1.node_ip, c1.vni), (11, 0, 4096));
+        let c2 = d.endpoints[&"10.1.0.3".parse().unwrap()];
+        assert_eq!(c2.ifindex, 0);
+        assert_eq!(
+            c2.node_ip,
+            netagent_datapath::node_ip_to_abi("198.18.0.12".parse().unwrap())
+        );
+        assert_eq!(c2.mac, model::endpoint_mac("10.1.0.3".parse().unwrap()));
+    }
+}

@@ -1,0 +1,391 @@
+//! End to end (root): containers on three lab nodes reach each other over the eBPF-routed VXLAN
+//! overlay; isolation, MTU, the wire format, removal and an agent crash with traffic running.
+
+use std::time::{Duration, Instant};
+
+use netlab::{Lab, LabConfig, Signal, StoreKind};
+use serde_json::Value;
+
+fn lab(nodes: usize) -> Lab {
+    Lab::up(LabConfig {
+        nodes,
+        store: StoreKind::Etcd,
+        lease_ttl_secs: 3,
+        ..Default::default()
+    })
+    .expect("lab up")
+}
+
+fn netctl(lab: &Lab, node: usize, args: &[&str]) -> netlab::Output {
+    let out = lab.netctl(node, args).expect("run netctl");
+    assert!(
+        out.success(),
+        "netctl {args:?} on n{node} failed: {}{}\nagent log:\n{}",
+        out.stdout,
+        out.stderr,
+        lab.agent_log(node)
+    );
+    out
+}
+
+fn json(lab: &Lab, node: usize, args: &[&str]) -> Value {
+    let mut argv = args.to_vec();
+    argv.extend(["--format", "json"]);
+    let out = netctl(lab, node, &argv);
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON {:?}: {e}", out.stdout))
+}
+
+/// Echo servers inside every test container: TCP 7000 and UDP 7001 answer with the
+/// container's name, so a reply proves which container answered.
+const SERVERS: &str = "socat TCP-LISTEN:7000,fork,reuseaddr SYSTEM:'echo tcp-$NETAGENT_CONTAINER' & \
+                       socat UDP-RECVFROM:7001,fork SYSTEM:'echo udp-$NETAGENT_CONTAINER' & wait";
+
+fn run_container(lab: &Lab, node: usize, name: &str, network: &str) -> String {
+    netctl(
+        lab,
+        node,
+        &[
+            "container",
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            network,
+            "--",
+            "sh",
+            "-c",
+            SERVERS,
+        ],
+    );
+    let c = json(lab, node, &["container", "inspect", name]);
+    c["endpoints"][0]["ip"].as_str().expect("ip").to_string()
+}
+
+fn exec(lab: &Lab, node: usize, name: &str, cmd: &[&str]) -> netlab::Output {
+    let mut argv = vec!["container", "exec", name, "--"];
+    argv.extend_from_slice(cmd);
+    lab.netctl(node, &argv).expect("run netctl exec")
+}
+
+fn ping_ok(lab: &Lab, node: usize, from: &str, ip: &str) -> bool {
+    exec(lab, node, from, &["ping", "-c", "1", "-W", "2", ip]).success()
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+fn drops(lab: &Lab, node: usize, reason: &str) -> u64 {
+    let n = json(lab, node, &["node", "inspect", &lab.node_name(node)]);
+    n["datapath"]["drops"][reason]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {reason} in {n}"))
+}
+
+#[test]
+fn containers_talk_across_nodes_and_stay_isolated() {
+    let lab = lab(3);
+    netctl(
+        &lab,
+        1,
+        &[
+            "network",
+            "create",
+            "--driver",
+            "overlay",
+            "--subnet",
+            "10.10.1.0/24",
+            "services",
+        ],
+    );
+    netctl(
+        &lab,
+        2,
+        &["network", "create", "--subnet", "10.20.0.0/24", "other"],
+    );
+    let names = ["a", "b", "c"];
+    let mut ips = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        ips.push(run_container(&lab, i + 1, name, "services"));
+    }
+    let d_ip = run_container(&lab, 1, "d", "services");
+    let x_ip = run_container(&lab, 1, "x", "other");
+
+    // inspect has what scripts rely on.
+    let a = json(&lab, 1, &["container", "inspect", "a"]);
+    assert_eq!(a["node"], "n1");
+    assert!(a["netns"].as_str().unwrap().starts_with("/run/netns/"));
+    assert_eq!(a["endpoints"][0]["network"], "services");
+    assert_eq!(a["endpoints"][0]["mac"].as_str().unwrap().len(), 17);
+    assert_eq!(ips[0], "10.10.1.2");
+
+    // Every ordered pair of nodes: ICMP, TCP and UDP.
+    for (i, from) in names.iter().enumerate() {
+        for (j, to) in names.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let ip = &ips[j];
+            assert!(
+                wait_until(Duration::from_secs(3), || ping_ok(&lab, i + 1, from, ip)),
+                "ping {from} -> {to} ({ip}) failed\n{}",
+                lab.agent_log(i + 1)
+            );
+            let tcp = exec(
+                &lab,
+                i + 1,
+                from,
+                &["socat", "-T3", "-", &format!("TCP:{ip}:7000")],
+            );
+            assert_eq!(
+                tcp.stdout.trim(),
+                format!("tcp-{to}"),
+                "TCP {from} -> {to}: {}",
+                tcp.stderr
+            );
+            let udp = exec(
+                &lab,
+                i + 1,
+                from,
+                &["sh", "-c", &format!("echo hi | socat -T3 - UDP:{ip}:7001")],
+            );
+            assert_eq!(
+                udp.stdout.trim(),
+                format!("udp-{to}"),
+                "UDP {from} -> {to}: {}",
+                udp.stderr
+            );
+        }
+    }
+    // Same node.
+    assert!(ping_ok(&lab, 1, "a", &d_ip));
+    let tcp = exec(
+        &lab,
+        1,
+        "a",
+        &["socat", "-T3", "-", &format!("TCP:{d_ip}:7000")],
+    );
+    assert_eq!(tcp.stdout.trim(), "tcp-d");
+
+    // Isolation: nothing on `other` is reachable from `services`, not even with a hand-made
+    // route (the datapath, not the container's routing table, decides).
+    let before = drops(&lab, 1, "policy_isolation");
+    assert!(!ping_ok(&lab, 1, "a", &x_ip));
+    assert!(!ping_ok(&lab, 1, "x", &ips[0]));
+    assert!(!ping_ok(&lab, 1, "x", &ips[1]));
+    exec(
+        &lab,
+        1,
+        "a",
+        &["ip", "route", "add", "10.20.0.0/24", "dev", "eth0"],
+    );
+    assert!(!ping_ok(&lab, 1, "a", &x_ip));
+    assert!(drops(&lab, 1, "policy_isolation") > before);
+
+    // MTU: 1500 on the fabric minus 50 of VXLAN. A DF ping of MTU-28 bytes of payload passes;
+    // one byte more fails loudly instead of vanishing.
+    let mtu = 1450;
+    let ok = exec(
+        &lab,
+        1,
+        "a",
+        &[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            &(mtu - 28).to_string(),
+            &ips[1],
+        ],
+    );
+    assert!(ok.success(), "{}{}", ok.stdout, ok.stderr);
+    let big = exec(
+        &lab,
+        1,
+        "a",
+        &[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            &(mtu - 27).to_string(),
+            &ips[1],
+        ],
+    );
+    assert!(!big.success());
+    assert!(
+        (big.stdout.clone() + &big.stderr)
+            .to_lowercase()
+            .contains("message too long"),
+        "{}{}",
+        big.stdout,
+        big.stderr
+    );
+
+    // On the wire: VXLAN on UDP 4789 with the network's VNI.
+    let vni = json(&lab, 1, &["network", "inspect", "services"])["vni"]
+        .as_u64()
+        .unwrap();
+    let capture = lab
+        .spawn_in_fabric(&[
+            "tcpdump", "-i", "br0", "-nn", "-c", "2", "-l", "udp", "port", "4789",
+        ])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ping_ok(&lab, 1, "a", &ips[2]));
+    let out = capture.wait(Duration::from_secs(10)).unwrap();
+    assert!(out.stdout.contains("VXLAN"), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains(&format!("vni {vni}")), "{}", out.stdout);
+
+    // Removal leaves nothing behind: namespace, veth, process, address.
+    let netns = a["netns"].as_str().unwrap().to_string();
+    let pid = a["pid"].as_u64().unwrap();
+    netctl(&lab, 1, &["container", "rm", "a"]);
+    assert!(
+        !std::path::Path::new(&netns).exists(),
+        "{netns} still there"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "process {pid} still runs"
+    );
+    let links = lab.exec_in_node(1, &["ip", "-o", "link"]).unwrap().stdout;
+    // d and x remain; a's host-side veth is gone.
+    let veths = links
+        .lines()
+        .filter(|l| l.contains("link-netns") && !l.contains(": eth0@"))
+        .count();
+    assert_eq!(veths, 2, "veths left: {links}");
+    assert!(!ping_ok(&lab, 2, "b", &ips[0]));
+    let again = run_container(&lab, 3, "a2", "services");
+    assert_eq!(again, ips[0], "freed address not reused");
+    assert!(wait_until(Duration::from_secs(3), || ping_ok(
+        &lab, 2, "b", &again
+    )));
+
+    // Bad input.
+    let out = lab
+        .netctl(
+            1,
+            [
+                "container",
+                "run",
+                "--name",
+                "b",
+                "--network",
+                "services",
+                "--",
+                "true",
+            ],
+        )
+        .unwrap();
+    assert!(
+        !out.success() && out.stderr.contains("already exists"),
+        "{}",
+        out.stderr
+    );
+    let out = lab
+        .netctl(1, ["container", "run", "--network", "nope", "--", "true"])
+        .unwrap();
+    assert!(
+        !out.success() && out.stderr.contains("network \"nope\" not found"),
+        "{}",
+        out.stderr
+    );
+    let out = lab.netctl(1, ["network", "rm", "services"]).unwrap();
+    assert!(
+        !out.success() && out.stderr.contains("in use"),
+        "{}",
+        out.stderr
+    );
+    let out = lab.netctl(1, ["container", "rm", "b"]).unwrap();
+    assert!(
+        !out.success() && out.stderr.contains("runs on node \"n2\""),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn pinned_datapath_forwards_while_the_agent_is_dead() {
+    let lab = lab(2);
+    netctl(
+        &lab,
+        1,
+        &["network", "create", "--subnet", "10.30.0.0/24", "services"],
+    );
+    run_container(&lab, 1, "a", "services");
+    let b_ip = run_container(&lab, 2, "b", "services");
+    assert!(wait_until(Duration::from_secs(3), || ping_ok(
+        &lab, 1, "a", &b_ip
+    )));
+
+    // 60 pings over 12 s; the agent on n1 is killed after 2 s and restarted 5 s later.
+    let host = lab.host(1);
+    let mut ping = std::process::Command::new(std::env::var("NETCTL_BIN").unwrap_or_else(|_| {
+        let exe = std::env::current_exe().unwrap();
+        exe.parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("netctl")
+            .display()
+            .to_string()
+    }));
+    ping.args([
+        "-H",
+        &host,
+        "container",
+        "exec",
+        "a",
+        "--",
+        "ping",
+        "-i",
+        "0.2",
+        "-c",
+        "60",
+        "-W",
+        "1",
+        &b_ip,
+    ]);
+    let pinger = netlab::spawn(&mut ping).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    lab.kill_agent(1, Signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    lab.start_agent(1).unwrap();
+    let out = pinger.wait(Duration::from_secs(30)).unwrap();
+    assert!(
+        out.stdout.contains("60 received") && out.stdout.contains(" 0% packet loss"),
+        "{}{}\n{}",
+        out.stdout,
+        out.stderr,
+        lab.agent_log(1)
+    );
+
+    // The restarted agent adopted the container instead of recreating it.
+    let a = json(&lab, 1, &["container", "inspect", "a"]);
+    assert_eq!(a["state"], "running");
+    assert!(ping_ok(&lab, 1, "a", &b_ip));
+    assert!(ping_ok(
+        &lab,
+        2,
+        "b",
+        a["endpoints"][0]["ip"].as_str().unwrap()
+    ));
+}
