@@ -394,7 +394,8 @@ fn pinned_datapath_forwards_while_the_agent_is_dead() {
 fn api(lab: &Lab, node: usize, method: &str, path: &str, body: &str) -> (u16, String) {
     use std::io::{Read as _, Write as _};
     let mut sock = std::os::unix::net::UnixStream::connect(lab.socket(node)).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     write!(
         sock,
         "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
@@ -405,7 +406,10 @@ fn api(lab: &Lab, node: usize, method: &str, path: &str, body: &str) -> (u16, St
     let mut resp = String::new();
     sock.read_to_string(&mut resp).unwrap();
     let status = resp[9..12].parse().unwrap();
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -413,27 +417,63 @@ fn api(lab: &Lab, node: usize, method: &str, path: &str, body: &str) -> (u16, St
 struct NetnsGuard(String);
 impl Drop for NetnsGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
     }
 }
 
 #[test]
 fn several_networks_foreground_runs_and_the_attach_api() {
     let lab = lab(1);
-    netctl(&lab, 1, &["network", "create", "--subnet", "10.40.0.0/24", "front"]);
-    netctl(&lab, 1, &["network", "create", "--subnet", "10.41.0.0/24", "--attachable", "back"]);
+    netctl(
+        &lab,
+        1,
+        &["network", "create", "--subnet", "10.40.0.0/24", "front"],
+    );
+    netctl(
+        &lab,
+        1,
+        &[
+            "network",
+            "create",
+            "--subnet",
+            "10.41.0.0/24",
+            "--attachable",
+            "back",
+        ],
+    );
 
     // One container on two networks gets one interface per network.
     netctl(
         &lab,
         1,
-        &["container", "run", "-d", "--name", "m", "--network", "front", "--network", "back", "--", "sleep", "3600"],
+        &[
+            "container",
+            "run",
+            "-d",
+            "--name",
+            "m",
+            "--network",
+            "front",
+            "--network",
+            "back",
+            "--",
+            "sleep",
+            "3600",
+        ],
     );
     let m = json(&lab, 1, &["container", "inspect", "m"]);
     let eps = m["endpoints"].as_array().unwrap();
     assert_eq!(eps.len(), 2);
-    assert_eq!((eps[0]["network"].as_str(), eps[0]["ifname"].as_str()), (Some("front"), Some("eth0")));
-    assert_eq!((eps[1]["network"].as_str(), eps[1]["ifname"].as_str()), (Some("back"), Some("eth1")));
+    assert_eq!(
+        (eps[0]["network"].as_str(), eps[0]["ifname"].as_str()),
+        (Some("front"), Some("eth0"))
+    );
+    assert_eq!(
+        (eps[1]["network"].as_str(), eps[1]["ifname"].as_str()),
+        (Some("back"), Some("eth1"))
+    );
     let f_ip = run_container(&lab, 1, "f", "front");
     let k_ip = run_container(&lab, 1, "k", "back");
     assert!(ping_ok(&lab, 1, "m", &f_ip));
@@ -442,31 +482,70 @@ fn several_networks_foreground_runs_and_the_attach_api() {
 
     // Without -d, netctl waits, prints the output and exits with the command's code.
     let fg = lab
-        .netctl(1, ["container", "run", "--name", "fg", "--network", "front", "--", "sh", "-c", "echo hello; exit 3"])
+        .netctl(
+            1,
+            [
+                "container",
+                "run",
+                "--name",
+                "fg",
+                "--network",
+                "front",
+                "--",
+                "sh",
+                "-c",
+                "echo hello; exit 3",
+            ],
+        )
         .unwrap();
     assert_eq!(fg.code(), Some(3), "{}{}", fg.stdout, fg.stderr);
     assert_eq!(fg.stdout.trim(), "hello");
-    assert_eq!(json(&lab, 1, &["container", "inspect", "fg"])["state"], "exited");
+    assert_eq!(
+        json(&lab, 1, &["container", "inspect", "fg"])["state"],
+        "exited"
+    );
     netctl(&lab, 1, &["container", "rm", "fg"]);
 
     // The CNI-shaped attach of a namespace somebody else made.
     let ns = format!("{}-ext", lab.prefix());
-    assert!(std::process::Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("ip")
+            .args(["netns", "add", &ns])
+            .status()
+            .unwrap()
+            .success()
+    );
     let _guard = NetnsGuard(ns.clone());
-    let req = format!(r#"{{"netns":"/run/netns/{ns}","ifname":"eth0","network":"back","id":"ext1"}}"#);
+    let req =
+        format!(r#"{{"netns":"/run/netns/{ns}","ifname":"eth0","network":"back","id":"ext1"}}"#);
     let (status, body) = api(&lab, 1, "POST", "/v1/attach", &req);
     assert_eq!(status, 200, "{body}");
     let cni: Value = serde_json::from_str(&body).unwrap();
     let addr = cni["ips"][0]["address"].as_str().unwrap().to_string();
-    assert!(addr.starts_with("10.41.0.") && addr.ends_with("/24"), "{cni}");
+    assert!(
+        addr.starts_with("10.41.0.") && addr.ends_with("/24"),
+        "{cni}"
+    );
     assert_eq!(cni["ips"][0]["gateway"], "10.41.0.1");
     assert_eq!(cni["routes"][0]["dst"], "0.0.0.0/0");
     assert_eq!(cni["interfaces"][0]["name"], "eth0");
     let ping = std::process::Command::new("nsenter")
-        .args([&format!("--net=/run/netns/{ns}"), "ping", "-c", "1", "-W", "2", &k_ip])
+        .args([
+            &format!("--net=/run/netns/{ns}"),
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            &k_ip,
+        ])
         .output()
         .unwrap();
-    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
     let (status, body) = api(
         &lab,
         1,
@@ -478,6 +557,12 @@ fn several_networks_foreground_runs_and_the_attach_api() {
     assert!(body.contains("not attachable"), "{body}");
     let (status, body) = api(&lab, 1, "DELETE", "/v1/attach/ext1", "");
     assert_eq!(status, 204, "{body}");
-    let links = std::process::Command::new("ip").args(["-n", &ns, "-o", "link"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&links.stdout).contains("eth0"), "interface left behind");
+    let links = std::process::Command::new("ip")
+        .args(["-n", &ns, "-o", "link"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("eth0"),
+        "interface left behind"
+    );
 }

@@ -4,7 +4,9 @@
 //! - `test`:  setup, build, run every test, fail if tests left anything behind
 //! - `lab`:   bring a test lab up (left running), down, or show its status
 //! - `demo`:  a 3-node lab with etcd and a short netctl session
+//! - `bench`: setup, build, run a benchmark against its baselines (`bench overlay`)
 
+mod bench;
 mod cargo;
 mod demo;
 mod labcmd;
@@ -47,6 +49,15 @@ enum Command {
         /// Leave the lab running afterwards
         #[arg(long)]
         keep: bool,
+    },
+    /// Setup, build, run a benchmark against baselines built in the same run (needs root)
+    Bench {
+        /// Which benchmark
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(bench::NAMES))]
+        name: String,
+        /// Passed to the benchmark (e.g. `--runs 5`, `--only b,c`, `--markdown`)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -125,6 +136,7 @@ fn main() -> ExitCode {
         }
         .map(|()| ExitCode::SUCCESS),
         Command::Demo { keep } => demo::run(keep).map(|()| ExitCode::SUCCESS),
+        Command::Bench { name, args } => bench::run(&name, &args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
@@ -155,6 +167,19 @@ mod tests {
         assert_eq!(
             test_args(&["xtask", "test", "--", "--nocapture"]),
             ["--", "--nocapture"]
+        );
+    }
+
+    #[test]
+    fn bench_names_are_checked() {
+        let err = Cli::try_parse_from(["xtask", "bench", "nope"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("overlay"), "{err}");
+        let cli = Cli::try_parse_from(["xtask", "bench", "overlay", "--runs", "5"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Bench { name, args } if name == "overlay" && args == ["--runs", "5"])
         );
     }
 

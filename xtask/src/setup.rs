@@ -30,9 +30,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip: namespaces, veths, bridge of the lab"),
     ("tcpdump", "captures on the lab fabric"),
     ("iperf3", "throughput tests and benchmarks"),
+    ("sockperf", "TCP round-trip latency in benchmarks"),
     ("bpftool", "inspecting loaded programs and maps"),
     ("dnsutils", "dig, for DNS tests"),
     ("iputils-ping", "ping, for reachability tests"),
+    (
+        "socat",
+        "TCP and UDP echo servers and clients in containers",
+    ),
     ("procps", "pgrep/sysctl, used by tests and the lab"),
     ("util-linux", "nsenter, runs agents in node namespaces"),
 ];
