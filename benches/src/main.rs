@@ -1,0 +1,154 @@
+//! `benches`: the side-by-side benchmarks of DESIGN.md section 9, each
+//! against baselines built in the same run. Run through `cargo xtask bench
+//! NAME`, which installs the tools and builds netagent/netctl first; needs root.
+
+mod machine;
+mod overlay;
+mod setups;
+mod table;
+mod tools;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::setups::Kind;
+
+#[derive(Parser)]
+#[command(
+    name = "benches",
+    about = "Benchmarks against baselines built in the same run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Container-to-container TCP throughput and RTT across two nodes:
+    /// (a) netagent, (b) bridge + VXLAN, (c) plain routing
+    Overlay(OverlayArgs),
+}
+
+#[derive(Args)]
+struct OverlayArgs {
+    /// Runs of each tool per setup (the median is quoted)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
+    runs: u16,
+    /// Seconds per run (at least 2: sockperf discards its first 0.4 s and
+    /// last 0.2 s as warm-up and cool-down, and finds nothing left in 1 s)
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..=60))]
+    secs: u32,
+    /// Setups to measure: a (netagent), b (bridge + VXLAN), c (routing)
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["a", "b", "c"])]
+    only: Vec<Kind>,
+    /// CPUs for the client and the server tools, `CLIENT,SERVER` (default: both on the last CPU)
+    #[arg(long, value_parser = parse_pin, conflicts_with = "no_pin")]
+    pin: Option<[usize; 2]>,
+    /// Leave the tools' placement to the scheduler
+    #[arg(long)]
+    no_pin: bool,
+    /// Where to write the results as JSON
+    #[arg(long, default_value_os_t = default_json("overlay"))]
+    json: PathBuf,
+    /// Print the table as Markdown (for the README)
+    #[arg(long)]
+    markdown: bool,
+}
+
+/// The CPUs to pin client and server to: as asked, else both on the last
+/// CPU (CPU 0 takes most device interrupts in a VM).
+///
+/// One CPU for everything: veth delivery runs the receive path in the
+/// sender's softirq, so the client, the server and every hop of the path
+/// then share that CPU, throughput becomes the path's CPU cost per byte, and
+/// a round trip involves no cross-CPU wake-up. Those wake-ups cost ~40 us
+/// in a VM (measured here: ~60 us RTT split across CPUs vs ~25 us on one),
+/// swamp the datapath's share, and, unpinned, the scheduler makes them
+/// happen in some runs and not others, so round trips come out bimodal.
+fn pin(asked: Option<[usize; 2]>, no_pin: bool) -> Option<[usize; 2]> {
+    if no_pin {
+        return None;
+    }
+    asked.or_else(|| {
+        let last = std::thread::available_parallelism().map_or(1, usize::from) - 1;
+        Some([last, last])
+    })
+}
+
+fn parse_pin(s: &str) -> Result<[usize; 2], String> {
+    let cpus: Vec<usize> = s
+        .split(',')
+        .map(|c| c.trim().parse().map_err(|e| format!("{c:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    match cpus[..] {
+        [client, server] => Ok([client, server]),
+        _ => Err("expected two CPU numbers, CLIENT,SERVER".to_owned()),
+    }
+}
+
+/// `target/bench/NAME.json` in the workspace.
+fn default_json(name: &str) -> PathBuf {
+    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    crate_dir
+        .parent()
+        .unwrap_or(&crate_dir)
+        .join("target/bench")
+        .join(format!("{name}.json"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if !netlab::is_root() {
+        eprintln!("error: benchmarks build network namespaces and need root");
+        return ExitCode::FAILURE;
+    }
+    let result = match cli.bench {
+        Bench::Overlay(a) => overlay::run(&overlay::Options {
+            runs: a.runs.into(),
+            secs: a.secs,
+            kinds: a.only,
+            pin: pin(a.pin, a.no_pin),
+            json: a.json,
+            markdown: a.markdown,
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_arguments() {
+        let cli =
+            Cli::try_parse_from(["benches", "overlay", "--only", "b,c", "--runs", "5"]).unwrap();
+        let Bench::Overlay(a) = cli.bench;
+        assert_eq!(a.only, [Kind::B, Kind::C]);
+        assert_eq!(a.runs, 5);
+        assert!(a.json.ends_with("target/bench/overlay.json"));
+        let cli = Cli::try_parse_from(["benches", "overlay"]).unwrap();
+        let Bench::Overlay(a) = cli.bench;
+        assert_eq!(a.only, Kind::ALL);
+        assert!(Cli::try_parse_from(["benches", "overlay", "--only", "d"]).is_err());
+        assert!(Cli::try_parse_from(["benches", "overlay", "--runs", "0"]).is_err());
+        assert!(Cli::try_parse_from(["benches", "overlay", "--secs", "1"]).is_err());
+        let cli = Cli::try_parse_from(["benches", "overlay", "--pin", "1,0"]).unwrap();
+        let Bench::Overlay(a) = cli.bench;
+        assert_eq!(pin(a.pin, a.no_pin), Some([1, 0]));
+        assert_eq!(pin(None, true), None);
+        let [client, server] = pin(None, false).unwrap();
+        assert_eq!(client, server);
+        assert!(Cli::try_parse_from(["benches", "overlay", "--pin", "1"]).is_err());
+        assert!(Cli::try_parse_from(["benches", "overlay", "--pin", "0,1", "--no-pin"]).is_err());
+    }
+}

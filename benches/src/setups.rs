@@ -1,0 +1,614 @@
+//! The three ways two containers on two nodes are connected (DESIGN.md
+//! section 9, first row), each on its own lab of the same shape: two node
+//! namespaces on the lab's fabric bridge, a client container on n1 and a
+//! server container on n2.
+//!
+//! The baselines are built with iproute2 on labs without agents. Every
+//! namespace they add is named `<lab prefix>-...`, so the lab's teardown
+//! (on drop, also on error or panic, or by the next `Lab::up` if this
+//! process was killed) removes them with the rest of the lab.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use netlab::{Background, Lab, LabConfig, StoreKind};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::tools::{self, QUICK, host, run_in};
+
+/// The fabric MTU of the lab (veths default to 1500).
+const FABRIC_MTU: u32 = 1500;
+/// VXLAN over IPv4: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+const VXLAN_OVERHEAD: u32 = 50;
+/// How long servers get to listen and the path to carry a first ping.
+/// Generous for (a): the client's node learns about the server container
+/// through its etcd watch.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which setup; the letters are the ones the issue and the table use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// This product: netagent's eBPF datapath over VXLAN.
+    A,
+    /// Linux bridge + VXLAN device with static FDB and neighbour entries (Docker/Flannel style).
+    B,
+    /// Plain routing between the nodes, no overlay.
+    C,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::A, Kind::B, Kind::C];
+
+    pub fn letter(self) -> &'static str {
+        match self {
+            Kind::A => "a",
+            Kind::B => "b",
+            Kind::C => "c",
+        }
+    }
+
+    /// Column header of the table.
+    pub fn short(self) -> &'static str {
+        match self {
+            Kind::A => "(a) netagent",
+            Kind::B => "(b) bridge+VXLAN",
+            Kind::C => "(c) routing",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::A => "netagent eBPF VXLAN",
+            Kind::B => "bridge + VXLAN, static FDB",
+            Kind::C => "plain routing, no overlay",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "({}) {}", self.letter(), self.describe())
+    }
+}
+
+/// A ready setup: where to run the clients and what to connect to.
+pub struct Pair {
+    pub kind: Kind,
+    /// Network namespace of the client container (on n1).
+    pub client: PathBuf,
+    /// Network namespace of the server container (on n2).
+    pub server: PathBuf,
+    pub server_ip: Ipv4Addr,
+    /// MTU of the client's interface towards the server.
+    pub mtu: u32,
+    pub lab_prefix: String,
+    /// Facts about the setup worth quoting with its numbers.
+    pub notes: Vec<String>,
+    /// Servers this process started (baselines); declared before `lab` so
+    /// they are stopped before the lab is torn down.
+    _servers: Vec<Background>,
+    lab: Lab,
+}
+
+impl Pair {
+    /// Names the lab so a failure can be looked at (`cargo xtask lab status`).
+    pub fn lab(&self) -> &Lab {
+        &self.lab
+    }
+}
+
+/// Builds setup `kind` with its servers on `server_cpu` (any CPU for
+/// `None`) and waits until they answer.
+pub fn build(kind: Kind, server_cpu: Option<usize>) -> Result<Pair> {
+    let pair = match kind {
+        Kind::A => product(server_cpu)?,
+        Kind::B => bridge_vxlan(server_cpu)?,
+        Kind::C => routing(server_cpu)?,
+    };
+    wait_ready(&pair).with_context(|| format!("setup {kind} on lab {}", pair.lab_prefix))?;
+    Ok(pair)
+}
+
+// ---- (a) this product ----------------------------------------------------
+
+const BENCH_NET: &str = "bench";
+const BENCH_SUBNET: &str = "10.50.0.0/24";
+
+fn product(server_cpu: Option<usize>) -> Result<Pair> {
+    let lab = Lab::up(LabConfig {
+        nodes: 2,
+        store: StoreKind::Etcd,
+        ..Default::default()
+    })
+    .context("lab for (a)")?;
+    netctl(
+        &lab,
+        1,
+        &["network", "create", "--subnet", BENCH_SUBNET, BENCH_NET],
+    )?;
+    // n2 sees the network through its etcd watch; running a container there
+    // before it does would fail with an unknown network.
+    retry(READY_TIMEOUT, || {
+        netctl(&lab, 2, &["network", "inspect", BENCH_NET]).map(drop)
+    })
+    .context("n2 never saw the bench network")?;
+    // One container for both servers, so both measurements cross the same path.
+    let servers = format!(
+        "{} & {} & wait",
+        tools::on_cpu(server_cpu, tools::iperf3_server()).join(" "),
+        tools::on_cpu(server_cpu, tools::sockperf_server()).join(" ")
+    );
+    netctl(
+        &lab,
+        2,
+        &[
+            "container",
+            "run",
+            "-d",
+            "--name",
+            "srv",
+            "--network",
+            BENCH_NET,
+            "--",
+            "sh",
+            "-c",
+            &servers,
+        ],
+    )?;
+    netctl(
+        &lab,
+        1,
+        &[
+            "container",
+            "run",
+            "-d",
+            "--name",
+            "cli",
+            "--network",
+            BENCH_NET,
+            "--",
+            "sleep",
+            "3600",
+        ],
+    )?;
+    let srv = inspect(&lab, 2, "srv")?;
+    let cli = inspect(&lab, 1, "cli")?;
+    let server_ip = srv.ip;
+    Ok(Pair {
+        kind: Kind::A,
+        mtu: tools::path_mtu(&cli.netns, &server_ip.to_string())?,
+        client: cli.netns,
+        server: srv.netns,
+        server_ip,
+        lab_prefix: lab.prefix().to_owned(),
+        notes: Vec::new(),
+        _servers: Vec::new(),
+        lab,
+    })
+}
+
+/// Runs netctl against node `i`'s agent; an error unless it exits 0.
+fn netctl(lab: &Lab, i: usize, args: &[&str]) -> Result<String> {
+    Ok(lab.netctl(i, args)?.check()?.stdout)
+}
+
+struct Container {
+    netns: PathBuf,
+    ip: Ipv4Addr,
+}
+
+/// `netctl container inspect --format json NAME`: the `netns` path and the
+/// first endpoint's address (the contract of issue 3).
+fn inspect(lab: &Lab, i: usize, name: &str) -> Result<Container> {
+    let out = netctl(lab, i, &["--format", "json", "container", "inspect", name])?;
+    parse_inspect(&out).with_context(|| format!("container inspect {name}: {out}"))
+}
+
+fn parse_inspect(json: &str) -> Result<Container> {
+    let v: Value = serde_json::from_str(json).context("not JSON")?;
+    // One name gives one object; accept a one-element list as well.
+    let c = match &v {
+        Value::Array(items) if items.len() == 1 => &items[0],
+        other => other,
+    };
+    let netns = c["netns"].as_str().context("no netns field")?;
+    let ip = c["endpoints"][0]["ip"]
+        .as_str()
+        .context("no endpoints[0].ip field")?;
+    // Either a bare address or address/prefix.
+    let ip = ip.split('/').next().unwrap_or(ip);
+    Ok(Container {
+        netns: PathBuf::from(netns),
+        ip: ip.parse().with_context(|| format!("bad address {ip:?}"))?,
+    })
+}
+
+// ---- baselines ------------------------------------------------------------
+
+/// A lab with the two node namespaces and the fabric only.
+fn bare_lab(what: &str) -> Result<Lab> {
+    Lab::up(LabConfig {
+        nodes: 2,
+        // Nothing reads a store: no etcd to start.
+        store: StoreKind::Embedded,
+        start_agents: false,
+        ..Default::default()
+    })
+    .with_context(|| format!("lab for {what}"))
+}
+
+/// Container namespace `i` of a baseline lab: `<prefix>-c<i>`.
+fn container_ns(lab: &Lab, i: usize) -> String {
+    format!("{}-c{i}", lab.prefix())
+}
+
+fn netns_path(ns: &str) -> PathBuf {
+    Path::new(netlab::NETNS_DIR).join(ns)
+}
+
+/// Adds a container namespace configured like the lab's own: loopback up,
+/// IPv6 off (the design is IPv4-only; this keeps ND and MLD out of the runs).
+fn add_container_ns(ns: &str) -> Result<()> {
+    host("ip", &["netns", "add", ns])?;
+    host("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+    if Path::new("/proc/sys/net/ipv6").exists() {
+        run_in(
+            &netns_path(ns),
+            &[
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+            QUICK,
+        )?;
+    }
+    Ok(())
+}
+
+/// Starts iperf3 and sockperf servers in `ns`.
+fn start_servers(ns: &Path, cpu: Option<usize>) -> Result<Vec<Background>> {
+    [tools::iperf3_server(), tools::sockperf_server()]
+        .into_iter()
+        .map(|argv| netlab::spawn(&mut tools::in_netns(ns, &tools::on_cpu(cpu, argv))))
+        .collect()
+}
+
+/// Docker-style MAC for a container address: 02:42 and the four address bytes.
+fn mac_for(ip: Ipv4Addr) -> String {
+    let [a, b, c, d] = ip.octets();
+    format!("02:42:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
+const VXLAN_DEV: &str = "vxlan42";
+const VNI: &str = "42";
+const NODE_BRIDGE: &str = "br0";
+/// Host side of a container's veth in its node namespace.
+const HOST_VETH: &str = "veth0";
+/// Inside the container, as in the product.
+const CONTAINER_IF: &str = "eth0";
+
+/// (b) How Docker's overlay driver and Flannel's vxlan backend connect
+/// containers: a Linux bridge per node with the container veth and a VXLAN
+/// device as ports; everything a peer needs is installed statically (VXLAN
+/// FDB, bridge FDB, the container's neighbour entry), so no ARP or
+/// flooding happens during the runs, as the eBPF datapath answers ARP itself.
+fn bridge_vxlan(server_cpu: Option<usize>) -> Result<Pair> {
+    let lab = bare_lab("(b)")?;
+    let mtu = FABRIC_MTU - VXLAN_OVERHEAD;
+    let ip = |i: usize| Ipv4Addr::new(10, 50, 0, 1 + i as u8);
+    for i in 1..=2 {
+        let peer = 3 - i;
+        let node = lab.node_ns(i);
+        let cns = container_ns(&lab, i);
+        let local = lab.node_addr(i).to_string();
+        let remote = lab.node_addr(peer).to_string();
+        let (mtu_s, my_mac, peer_mac) = (mtu.to_string(), mac_for(ip(i)), mac_for(ip(peer)));
+        add_container_ns(&cns)?;
+        let n = node.as_str();
+        let ipn = |args: &[&str]| -> Result<String> {
+            let mut all = vec!["-n", n];
+            all.extend_from_slice(args);
+            host("ip", &all)
+        };
+        ipn(&["link", "add", NODE_BRIDGE, "type", "bridge"])?;
+        ipn(&["link", "set", NODE_BRIDGE, "up"])?;
+        ipn(&[
+            "link",
+            "add",
+            VXLAN_DEV,
+            "type",
+            "vxlan",
+            "id",
+            VNI,
+            "dstport",
+            "4789",
+            "local",
+            &local,
+            "dev",
+            "eth0",
+            "nolearning",
+        ])?;
+        ipn(&["link", "set", VXLAN_DEV, "master", NODE_BRIDGE, "up"])?;
+        ipn(&[
+            "link",
+            "add",
+            HOST_VETH,
+            "mtu",
+            &mtu_s,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            CONTAINER_IF,
+            "mtu",
+            &mtu_s,
+            "netns",
+            &cns,
+        ])?;
+        ipn(&["link", "set", HOST_VETH, "master", NODE_BRIDGE, "up"])?;
+        let ipc = |args: &[&str]| -> Result<String> {
+            let mut all = vec!["-n", cns.as_str()];
+            all.extend_from_slice(args);
+            host("ip", &all)
+        };
+        ipc(&["link", "set", CONTAINER_IF, "address", &my_mac])?;
+        ipc(&["addr", "add", &format!("{}/24", ip(i)), "dev", CONTAINER_IF])?;
+        ipc(&["link", "set", CONTAINER_IF, "up"])?;
+        ipc(&[
+            "neigh",
+            "replace",
+            &ip(peer).to_string(),
+            "lladdr",
+            &peer_mac,
+            "dev",
+            CONTAINER_IF,
+            "nud",
+            "permanent",
+        ])?;
+        let fdb = |args: &[&str]| -> Result<String> {
+            let mut all = vec!["-n", n, "fdb"];
+            all.extend_from_slice(args);
+            host("bridge", &all)
+        };
+        // Default destination for broadcast and unknown MACs (Docker's and
+        // Flannel's all-zeros entry) ...
+        fdb(&[
+            "append",
+            "00:00:00:00:00:00",
+            "dev",
+            VXLAN_DEV,
+            "dst",
+            &remote,
+        ])?;
+        // ... the peer's MAC behind the remote VTEP ...
+        fdb(&[
+            "add",
+            &peer_mac,
+            "dev",
+            VXLAN_DEV,
+            "dst",
+            &remote,
+            "self",
+            "permanent",
+        ])?;
+        // ... and on the bridge's VXLAN port, so the bridge never floods it.
+        fdb(&["add", &peer_mac, "dev", VXLAN_DEV, "master", "static"])?;
+    }
+    // Bridged IPv4 goes through the netfilter hooks when br_netfilter is on
+    // (Docker and Kubernetes require it); quote it, since it costs a little.
+    let nf = run_in(
+        &netns_path(&lab.node_ns(1)),
+        &["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"],
+        QUICK,
+    )
+    .map_or_else(|_| "absent".to_owned(), |v| v.trim().to_owned());
+    let notes = vec![format!(
+        "bridge-nf-call-iptables={nf} in the node namespaces (kernel default), no iptables rules"
+    )];
+    finish_baseline(Kind::B, lab, ip(2), server_cpu, notes)
+}
+
+/// (c) No overlay: each node routes its container subnet and the peer's
+/// (via the peer's fabric address), the upper bound of what any datapath on
+/// this fabric can do.
+fn routing(server_cpu: Option<usize>) -> Result<Pair> {
+    let lab = bare_lab("(c)")?;
+    let gw = |i: usize| Ipv4Addr::new(10, 51, i as u8, 1);
+    let ip = |i: usize| Ipv4Addr::new(10, 51, i as u8, 2);
+    for i in 1..=2 {
+        let peer = 3 - i;
+        let node = lab.node_ns(i);
+        let cns = container_ns(&lab, i);
+        add_container_ns(&cns)?;
+        run_in(
+            &netns_path(&node),
+            &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
+            QUICK,
+        )?;
+        let n = node.as_str();
+        host(
+            "ip",
+            &[
+                "-n",
+                n,
+                "link",
+                "add",
+                HOST_VETH,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                CONTAINER_IF,
+                "netns",
+                &cns,
+            ],
+        )?;
+        host(
+            "ip",
+            &[
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("{}/24", gw(i)),
+                "dev",
+                HOST_VETH,
+            ],
+        )?;
+        host("ip", &["-n", n, "link", "set", HOST_VETH, "up"])?;
+        host(
+            "ip",
+            &[
+                "-n",
+                n,
+                "route",
+                "add",
+                &format!("10.51.{peer}.0/24"),
+                "via",
+                &lab.node_addr(peer).to_string(),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        let c = cns.as_str();
+        host(
+            "ip",
+            &[
+                "-n",
+                c,
+                "addr",
+                "add",
+                &format!("{}/24", ip(i)),
+                "dev",
+                CONTAINER_IF,
+            ],
+        )?;
+        host("ip", &["-n", c, "link", "set", CONTAINER_IF, "up"])?;
+        host(
+            "ip",
+            &[
+                "-n",
+                c,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw(i).to_string(),
+            ],
+        )?;
+    }
+    let notes = vec!["static routes via the peer's fabric address, ip_forward=1".to_owned()];
+    finish_baseline(Kind::C, lab, ip(2), server_cpu, notes)
+}
+
+/// Starts the servers in container 2 and describes the pair.
+fn finish_baseline(
+    kind: Kind,
+    lab: Lab,
+    server_ip: Ipv4Addr,
+    server_cpu: Option<usize>,
+    notes: Vec<String>,
+) -> Result<Pair> {
+    let client = netns_path(&container_ns(&lab, 1));
+    let server = netns_path(&container_ns(&lab, 2));
+    let servers = start_servers(&server, server_cpu)?;
+    Ok(Pair {
+        kind,
+        mtu: tools::path_mtu(&client, &server_ip.to_string())?,
+        client,
+        server,
+        server_ip,
+        lab_prefix: lab.prefix().to_owned(),
+        notes,
+        _servers: servers,
+        lab,
+    })
+}
+
+// ---- readiness -------------------------------------------------------------
+
+/// Waits until both servers listen and a ping crosses the path: the first
+/// measured run must not include ARP, FDB or agent convergence.
+fn wait_ready(pair: &Pair) -> Result<()> {
+    let iperf = ":5201".to_owned();
+    let sockperf = format!(":{}", tools::SOCKPERF_PORT);
+    retry(READY_TIMEOUT, || {
+        let listening = run_in(&pair.server, &["ss", "-Hltn"], QUICK)?;
+        let has = |port: &str| listening.split_whitespace().any(|w| w.ends_with(port));
+        if !(has(&iperf) && has(&sockperf)) {
+            bail!("servers not listening yet:\n{listening}");
+        }
+        Ok(())
+    })?;
+    let dest = pair.server_ip.to_string();
+    retry(READY_TIMEOUT, || {
+        run_in(
+            &pair.client,
+            &["ping", "-c", "1", "-W", "1", "-q", &dest],
+            Duration::from_secs(5),
+        )
+        .map(drop)
+    })
+    .with_context(|| format!("no ping from the client to {dest}"))
+}
+
+/// Calls `f` until it succeeds or `timeout` has passed; then its last error.
+fn retry<T>(timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!("still failing after {timeout:?}")));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_style_macs() {
+        assert_eq!(mac_for(Ipv4Addr::new(10, 50, 0, 2)), "02:42:0a:32:00:02");
+    }
+
+    #[test]
+    fn inspect_contract() {
+        let obj = r#"{"name":"srv","node":"n2","netns":"/run/netns/p-n2-srv",
+            "endpoints":[{"network":"bench","ip":"10.50.0.3","mac":"02:00:00:00:00:01"}]}"#;
+        let c = parse_inspect(obj).unwrap();
+        assert_eq!(c.netns, PathBuf::from("/run/netns/p-n2-srv"));
+        assert_eq!(c.ip, Ipv4Addr::new(10, 50, 0, 3));
+        let list = r#"[{"netns":"/x","endpoints":[{"ip":"10.50.0.4/24"}]}]"#;
+        assert_eq!(parse_inspect(list).unwrap().ip, Ipv4Addr::new(10, 50, 0, 4));
+        assert!(parse_inspect(r#"{"netns":"/x","endpoints":[]}"#).is_err());
+    }
+
+    #[test]
+    fn retry_gives_the_last_error() {
+        let mut n = 0;
+        let err = retry::<()>(Duration::from_millis(300), || {
+            n += 1;
+            bail!("attempt {n}")
+        })
+        .unwrap_err();
+        assert!(n >= 2, "{n}");
+        assert!(
+            format!("{err:#}").contains(&format!("attempt {n}")),
+            "{err:#}"
+        );
+        assert_eq!(retry(Duration::ZERO, || Ok(5)).unwrap(), 5);
+    }
+}
