@@ -28,6 +28,9 @@ pub struct ContainerCreate {
     pub ip: Option<String>,
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// Makes the container a replica (backend) of this service.
+    #[serde(default)]
+    pub service: Option<String>,
     #[serde(default)]
     pub command: Vec<String>,
 }
@@ -106,6 +109,34 @@ pub async fn reserve(
         let mut compares = vec![Compare::absent(keys::container(&name))];
         let mut ops = Vec::new();
         let mut endpoints = Vec::new();
+        let service = match &req.service {
+            None => None,
+            Some(svc_name) => {
+                let Some(kv) = store.get(&keys::service(svc_name)).await? else {
+                    return Err(AgentError::NotFound(format!(
+                        "service {svc_name:?} not found"
+                    )));
+                };
+                let svc: model::Service = serde_json::from_slice(&kv.value)?;
+                if !svc
+                    .networks
+                    .iter()
+                    .any(|n| req.networks.contains(&n.network))
+                {
+                    let nets: Vec<&str> = svc.networks.iter().map(|n| n.network.as_str()).collect();
+                    return Err(AgentError::BadRequest(format!(
+                        "service {svc_name:?} is not on the container's network (it is on {})",
+                        nets.join(", ")
+                    )));
+                }
+                // A concurrent `service rm` must not leave a replica of a service that is gone.
+                compares.push(Compare::mod_revision(
+                    keys::service(svc_name),
+                    kv.mod_revision,
+                ));
+                Some(svc)
+            }
+        };
         for (i, net_name) in req.networks.iter().enumerate() {
             let Some(kv) = store.get(&keys::network(net_name)).await? else {
                 return Err(AgentError::NotFound(format!(
@@ -151,7 +182,10 @@ pub async fn reserve(
                 mac: model::format_mac(model::endpoint_mac(ip)),
                 node: node.to_string(),
                 ifname: format!("eth{i}"),
-                service: None,
+                service: service
+                    .as_ref()
+                    .filter(|svc| svc.networks.iter().any(|n| &n.network == net_name))
+                    .map(|svc| svc.name.clone()),
                 aliases: req.aliases.clone(),
             };
             compares.push(Compare::mod_revision(
@@ -174,7 +208,7 @@ pub async fn reserve(
             netns: netns_for(&name, &id),
             networks: req.networks.clone(),
             command: req.command.clone(),
-            service: None,
+            service: req.service.clone(),
             aliases: req.aliases.clone(),
             pid: None,
             start_time: None,

@@ -15,4 +15,5 @@ pub mod nodes;
 pub mod reconcile;
 pub mod runtime;
 pub mod sandbox;
+pub mod services;
 pub mod view;

@@ -21,6 +21,11 @@ pub mod keys {
     /// `/netagent/ipam/<network>/<ip>`: one key per taken address, so allocation is a
     /// create-if-absent in the same transaction as the endpoint.
     pub const IPAM: &str = "/netagent/ipam/";
+    pub const SERVICES: &str = "/netagent/services/";
+    /// `/netagent/ports/<proto>/<published>`: a published port belongs to one service.
+    pub const PORTS: &str = "/netagent/ports/";
+    /// `/netagent/service-ids/<id>`: the datapath's numeric service ids, unique cluster-wide.
+    pub const SERVICE_IDS: &str = "/netagent/service-ids/";
     /// Bumped by every network create/remove: the compare on it serialises network allocation
     /// cluster-wide, so overlap checks and VNI choice never race.
     pub const NETWORKS_GUARD: &str = "/netagent/guards/networks";
@@ -51,6 +56,15 @@ pub mod keys {
     }
     pub fn ipam(network: &str, ip: std::net::Ipv4Addr) -> String {
         format!("{IPAM}{network}/{ip}")
+    }
+    pub fn service(name: &str) -> String {
+        format!("{SERVICES}{name}")
+    }
+    pub fn port(proto: super::Protocol, published: u16) -> String {
+        format!("{PORTS}{}/{published}", proto.as_str())
+    }
+    pub fn service_id(id: u32) -> String {
+        format!("{SERVICE_IDS}{id}")
     }
 }
 
@@ -422,6 +436,130 @@ pub struct Container {
     pub created: String,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// One published port: `PUBLISHED:TARGET[/PROTO]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortConfig {
+    pub published: u16,
+    pub target: u16,
+    pub protocol: Protocol,
+}
+
+fn parse_port(what: &str, s: &str, spec: &str) -> Result<u16, ValidationError> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
+        Ok(n) => Err(invalid(format!(
+            "invalid --publish {spec:?}: {what} port {n} is outside 1-65535"
+        ))),
+        Err(_) => Err(invalid(format!(
+            "invalid --publish {spec:?}: {what} port {s:?} is not a number"
+        ))),
+    }
+}
+
+fn parse_protocol(p: &str, spec: &str) -> Result<Protocol, ValidationError> {
+    match p {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        other => Err(invalid(format!(
+            "invalid --publish {spec:?}: unknown protocol {other:?} (tcp or udp)"
+        ))),
+    }
+}
+
+impl PortConfig {
+    /// Parses Docker's short syntax `PUBLISHED:TARGET[/tcp|/udp]`.
+    pub fn parse(spec: &str) -> Result<Self, ValidationError> {
+        let (ports, proto) = match spec.split_once('/') {
+            Some((p, proto)) => (p, parse_protocol(proto, spec)?),
+            None => (spec, Protocol::Tcp),
+        };
+        let Some((published, target)) = ports.split_once(':') else {
+            return Err(invalid(format!(
+                "invalid --publish {spec:?}: expected PUBLISHED:TARGET[/tcp|/udp]"
+            )));
+        };
+        let published = parse_port("published", published, spec)?;
+        let target = parse_port("target", target, spec)?;
+        if proto == Protocol::Udp && published == 4789 {
+            return Err(invalid(
+                "published port 4789/udp is the VXLAN port of the overlay itself",
+            ));
+        }
+        Ok(PortConfig {
+            published,
+            target,
+            protocol: proto,
+        })
+    }
+
+    /// Parses `PUBLISHED[/proto]`, the form `--publish-rm` takes (a full spec is accepted too).
+    pub fn parse_published(spec: &str) -> Result<(u16, Protocol), ValidationError> {
+        let (port, proto) = match spec.split_once('/') {
+            Some((p, proto)) => (p, parse_protocol(proto, spec)?),
+            None => (spec, Protocol::Tcp),
+        };
+        let port = port.split_once(':').map_or(port, |(p, _)| p);
+        Ok((parse_port("published", port, spec)?, proto))
+    }
+}
+
+impl std::fmt::Display for PortConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}/{}",
+            self.published,
+            self.target,
+            self.protocol.as_str()
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    #[default]
+    Vip,
+    Dnsrr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceNetwork {
+    pub network: String,
+    /// `None` with `--endpoint-mode dnsrr`.
+    pub vip: Option<Ipv4Addr>,
+}
+
+/// A service as stored. Its replicas are the endpoints whose `service` names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub id: String,
+    /// The datapath's numeric id (map keys), unique cluster-wide.
+    pub num: u32,
+    pub endpoint_mode: EndpointMode,
+    pub networks: Vec<ServiceNetwork>,
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+    pub created: String,
+}
+
 /// MAC of an endpoint, derived from its address the way Docker does (02:42 + IPv4), so it is
 /// stable across restarts and unique wherever the address is.
 pub fn endpoint_mac(ip: Ipv4Addr) -> [u8; 6] {
@@ -656,6 +794,46 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn publish_specs() {
+        let p = PortConfig::parse("8080:80").unwrap();
+        assert_eq!(
+            (p.published, p.target, p.protocol),
+            (8080, 80, Protocol::Tcp)
+        );
+        assert_eq!(p.to_string(), "8080:80/tcp");
+        let p = PortConfig::parse("53:5353/udp").unwrap();
+        assert_eq!(
+            (p.published, p.target, p.protocol),
+            (53, 5353, Protocol::Udp)
+        );
+        for (bad, why) in [
+            ("0:80", "outside 1-65535"),
+            ("70000:80", "outside 1-65535"),
+            ("80:99999", "outside 1-65535"),
+            ("80", "expected PUBLISHED:TARGET"),
+            ("x:80", "not a number"),
+            ("80:80/sctp", "unknown protocol"),
+            ("4789:4789/udp", "VXLAN"),
+        ] {
+            let e = PortConfig::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert_eq!(
+            PortConfig::parse_published("8080").unwrap(),
+            (8080, Protocol::Tcp)
+        );
+        assert_eq!(
+            PortConfig::parse_published("53/udp").unwrap(),
+            (53, Protocol::Udp)
+        );
+        assert_eq!(
+            PortConfig::parse_published("8080:80/udp").unwrap(),
+            (8080, Protocol::Udp)
+        );
+        assert!(PortConfig::parse_published("0").is_err());
     }
 
     #[test]

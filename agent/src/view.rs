@@ -11,7 +11,7 @@ use futures::StreamExt as _;
 use netagent_store::{KeyValue, Revision, Store, WatchEvent};
 use tokio::sync::watch;
 
-use crate::model::{Endpoint, Network, Node, keys};
+use crate::model::{Endpoint, Network, Node, Service, keys};
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterView {
@@ -22,6 +22,7 @@ pub struct ClusterView {
     pub alive: BTreeSet<String>,
     /// Keyed by "<network>/<container>", as under `keys::ENDPOINTS`.
     pub endpoints: BTreeMap<String, Endpoint>,
+    pub services: BTreeMap<String, Service>,
 }
 
 impl ClusterView {
@@ -53,6 +54,13 @@ impl ClusterView {
             }
         } else if let Some(name) = kv.key.strip_prefix(keys::ALIVE) {
             self.alive.insert(name.to_string());
+        } else if let Some(name) = kv.key.strip_prefix(keys::SERVICES) {
+            match serde_json::from_slice(&kv.value) {
+                Ok(s) => {
+                    self.services.insert(name.to_string(), s);
+                }
+                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping corrupt service"),
+            }
         } else if let Some(id) = kv.key.strip_prefix(keys::ENDPOINTS) {
             match serde_json::from_slice(&kv.value) {
                 Ok(e) => {
@@ -70,6 +78,8 @@ impl ClusterView {
             self.nodes.remove(name);
         } else if let Some(name) = key.strip_prefix(keys::ALIVE) {
             self.alive.remove(name);
+        } else if let Some(name) = key.strip_prefix(keys::SERVICES) {
+            self.services.remove(name);
         } else if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
             self.endpoints.remove(id);
         }

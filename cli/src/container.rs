@@ -30,6 +30,9 @@ pub enum ContainerCmd {
         /// Extra DNS name of the container on its networks.
         #[arg(long = "alias")]
         aliases: Vec<String>,
+        /// Make the container a replica of this service.
+        #[arg(long)]
+        service: Option<String>,
         /// Run in the background and print the container's name.
         #[arg(short, long)]
         detach: bool,
@@ -62,12 +65,13 @@ pub async fn run(client: &Client, format: Format, cmd: ContainerCmd) -> anyhow::
             networks,
             ip,
             aliases,
+            service,
             detach,
             command,
         } => {
             let body = json!({
                 "name": name, "networks": networks, "ip": ip,
-                "aliases": aliases, "command": command,
+                "aliases": aliases, "service": service, "command": command,
             });
             let c = client.post("/v1/containers", &body).await?;
             let name = str_field(&c, "name");

@@ -2,6 +2,7 @@
 
 mod client;
 mod container;
+mod service;
 mod table;
 
 use std::collections::BTreeMap;
@@ -52,6 +53,9 @@ enum Command {
     /// Run and manage containers (sandboxes) on the agent's node.
     #[command(subcommand)]
     Container(container::ContainerCmd),
+    /// Manage services: virtual IPs, published ports, replicas.
+    #[command(subcommand)]
+    Service(service::ServiceCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,6 +160,9 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             .map(|()| Outcome::Done),
         Command::Node(cmd) => node(&client, cli.format, cmd).await.map(|()| Outcome::Done),
         Command::Container(cmd) => container::run(&client, cli.format, cmd).await,
+        Command::Service(cmd) => service::run(&client, cli.format, cmd)
+            .await
+            .map(|()| Outcome::Done),
     }
 }
 

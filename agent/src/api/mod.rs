@@ -19,6 +19,7 @@ use crate::containers::{self, ContainerCreate};
 use crate::error::AgentError;
 use crate::model::{Availability, NetworkCreate};
 use crate::runtime::{AttachRequest, ContainerView, Runtime};
+use crate::services::{self, ServiceCreate, ServiceUpdate, ServiceView};
 use crate::{networks, nodes};
 
 #[derive(Clone)]
@@ -47,6 +48,12 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/containers/{name}/wait", post(container_wait))
         .route("/v1/containers/{name}/logs", get(container_logs))
+        .route("/v1/services", get(service_list).post(service_create))
+        .route(
+            "/v1/services/{name}",
+            get(service_inspect).delete(service_remove),
+        )
+        .route("/v1/services/{name}/update", post(service_update))
         .route("/v1/attach", post(attach))
         .route("/v1/attach/{id}", delete(detach))
         .fallback(|| async { AgentError::NotFound("no such API path".into()) })
@@ -276,4 +283,50 @@ async fn detach(
 ) -> Result<StatusCode, AgentError> {
     st.runtime.detach_external(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn service_create(
+    State(st): State<ApiState>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<ServiceView>), AgentError> {
+    let req: ServiceCreate = parse_body(&body)?;
+    let svc = services::create(&*st.store, &req).await?;
+    let eps = services::all_endpoints(&*st.store).await?;
+    Ok((StatusCode::CREATED, axum::Json(services::view(&svc, &eps))))
+}
+
+async fn service_list(State(st): State<ApiState>) -> ApiResult<Vec<ServiceView>> {
+    let svcs = services::list(&*st.store).await?;
+    let eps = services::all_endpoints(&*st.store).await?;
+    Ok(axum::Json(
+        svcs.iter().map(|s| services::view(s, &eps)).collect(),
+    ))
+}
+
+async fn service_inspect(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<ServiceView> {
+    let (svc, _) = services::get(&*st.store, &name).await?;
+    let eps = services::all_endpoints(&*st.store).await?;
+    Ok(axum::Json(services::view(&svc, &eps)))
+}
+
+async fn service_remove(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<StatusCode, AgentError> {
+    services::remove(&*st.store, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn service_update(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<ServiceView> {
+    let req: ServiceUpdate = parse_body(&body)?;
+    let svc = services::update(&*st.store, &name, &req).await?;
+    let eps = services::all_endpoints(&*st.store).await?;
+    Ok(axum::Json(services::view(&svc, &eps)))
 }

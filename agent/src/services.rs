@@ -1,0 +1,518 @@
+//! Service objects in the store: VIP allocation, published ports, numeric ids, updates.
+//!
+//! Like networks and containers, every change is one transaction: the service record, one key
+//! per published port (so two services can never publish the same port), one IPAM key per VIP
+//! (so a VIP is never handed to a container) and one key for the datapath id.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use netagent_store::{Compare, Op, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AgentError, Result};
+use crate::model::{
+    self, Endpoint, EndpointMode, Network, PortConfig, Protocol, Service, ServiceNetwork, keys,
+};
+
+const MAX_ATTEMPTS: usize = 32;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCreate {
+    pub name: String,
+    pub networks: Vec<String>,
+    /// Docker short syntax: `PUBLISHED:TARGET[/tcp|/udp]`.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub endpoint_mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceUpdate {
+    #[serde(default)]
+    pub publish_add: Vec<String>,
+    /// `PUBLISHED[/proto]`.
+    #[serde(default)]
+    pub publish_rm: Vec<String>,
+}
+
+/// What `service inspect` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub id: String,
+    pub endpoint_mode: EndpointMode,
+    pub vips: Vec<VipView>,
+    pub ports: Vec<PortConfig>,
+    pub backends: Vec<BackendView>,
+    pub created: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VipView {
+    pub network: String,
+    pub vip: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendView {
+    pub container: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| AgentError::Internal(format!("encoding record: {e}")))
+}
+
+fn parse_ports(specs: &[String]) -> Result<Vec<PortConfig>> {
+    let mut ports = Vec::new();
+    let mut seen = BTreeSet::new();
+    for s in specs {
+        let p = PortConfig::parse(s)?;
+        if !seen.insert((p.protocol, p.published)) {
+            return Err(AgentError::BadRequest(format!(
+                "port {}/{} is published twice",
+                p.published,
+                p.protocol.as_str()
+            )));
+        }
+        ports.push(p);
+    }
+    Ok(ports)
+}
+
+fn parse_mode(mode: Option<&str>) -> Result<EndpointMode> {
+    match mode {
+        None | Some("vip") => Ok(EndpointMode::Vip),
+        Some("dnsrr") => Ok(EndpointMode::Dnsrr),
+        Some(other) => Err(AgentError::BadRequest(format!(
+            "invalid --endpoint-mode {other:?}: expected vip or dnsrr"
+        ))),
+    }
+}
+
+/// Adds compares/ops claiming each port for `service`; fails if one is taken by another.
+async fn claim_ports(
+    store: &dyn Store,
+    service: &str,
+    ports: &[PortConfig],
+    compares: &mut Vec<Compare>,
+    ops: &mut Vec<Op>,
+) -> Result<()> {
+    for p in ports {
+        let key = keys::port(p.protocol, p.published);
+        if let Some(kv) = store.get(&key).await? {
+            let owner = String::from_utf8_lossy(&kv.value).into_owned();
+            return Err(AgentError::Conflict(format!(
+                "port {}/{} is already published by service {owner:?}",
+                p.published,
+                p.protocol.as_str()
+            )));
+        }
+        compares.push(Compare::absent(key.clone()));
+        ops.push(Op::put(key, service.as_bytes().to_vec()));
+    }
+    Ok(())
+}
+
+pub async fn create(store: &dyn Store, req: &ServiceCreate) -> Result<Service> {
+    model::validate_name("service", &req.name)?;
+    let mode = parse_mode(req.endpoint_mode.as_deref())?;
+    let ports = parse_ports(&req.publish)?;
+    if mode == EndpointMode::Dnsrr && !ports.is_empty() {
+        return Err(AgentError::BadRequest(
+            "published ports need --endpoint-mode vip (the routing mesh balances to a VIP's backends)"
+                .into(),
+        ));
+    }
+    if req.networks.is_empty() {
+        return Err(AgentError::BadRequest(
+            "a service needs at least one --network".into(),
+        ));
+    }
+    for _ in 0..MAX_ATTEMPTS {
+        if store.get(&keys::service(&req.name)).await?.is_some() {
+            return Err(AgentError::Conflict(format!(
+                "service {:?} already exists",
+                req.name
+            )));
+        }
+        let mut compares = vec![Compare::absent(keys::service(&req.name))];
+        let mut ops = Vec::new();
+        claim_ports(store, &req.name, &ports, &mut compares, &mut ops).await?;
+        let mut networks = Vec::new();
+        for net_name in &req.networks {
+            let Some(kv) = store.get(&keys::network(net_name)).await? else {
+                return Err(AgentError::NotFound(format!(
+                    "network {net_name:?} not found"
+                )));
+            };
+            let net: Network = serde_json::from_slice(&kv.value)?;
+            let vip = if mode == EndpointMode::Vip {
+                let (taken, _) = store.list(&keys::ipam_of(net_name)).await?;
+                let used: BTreeSet<Ipv4Addr> = taken
+                    .iter()
+                    .filter_map(|kv| kv.key.rsplit('/').next()?.parse().ok())
+                    .collect();
+                let vip =
+                    model::lowest_free_ip(net.subnet, net.gateway, &used).ok_or_else(|| {
+                        AgentError::Conflict(format!(
+                            "network {net_name:?} has no free address left for a VIP"
+                        ))
+                    })?;
+                compares.push(Compare::absent(keys::ipam(net_name, vip)));
+                ops.push(Op::put(
+                    keys::ipam(net_name, vip),
+                    format!("service:{}", req.name).into_bytes(),
+                ));
+                Some(vip)
+            } else {
+                None
+            };
+            // Bumps the network's revision so a concurrent `network rm` fails its compare.
+            compares.push(Compare::mod_revision(
+                keys::network(net_name),
+                kv.mod_revision,
+            ));
+            ops.push(Op::put(keys::network(net_name), kv.value.clone()));
+            networks.push(ServiceNetwork {
+                network: net_name.clone(),
+                vip,
+            });
+        }
+        let (ids, _) = store.list(keys::SERVICE_IDS).await?;
+        let used_ids: BTreeSet<u32> = ids
+            .iter()
+            .filter_map(|kv| kv.key.rsplit('/').next()?.parse().ok())
+            .collect();
+        let num = (1..=u32::MAX)
+            .find(|n| !used_ids.contains(n))
+            .ok_or_else(|| AgentError::Conflict("no free service id".into()))?;
+        compares.push(Compare::absent(keys::service_id(num)));
+        ops.push(Op::put(keys::service_id(num), req.name.as_bytes().to_vec()));
+        let service = Service {
+            name: req.name.clone(),
+            id: model::new_id(),
+            num,
+            endpoint_mode: mode,
+            networks,
+            ports: ports.clone(),
+            created: model::now_rfc3339(),
+        };
+        ops.push(Op::put(keys::service(&service.name), encode(&service)?));
+        if store.txn(compares, ops).await? {
+            tracing::info!(service = %service.name, num, "service created");
+            return Ok(service);
+        }
+    }
+    Err(AgentError::Unavailable(
+        "service creation kept conflicting with concurrent changes; try again".into(),
+    ))
+}
+
+pub async fn get(store: &dyn Store, name: &str) -> Result<(Service, i64)> {
+    match store.get(&keys::service(name)).await? {
+        Some(kv) => Ok((serde_json::from_slice(&kv.value)?, kv.mod_revision)),
+        None => Err(AgentError::NotFound(format!("service {name:?} not found"))),
+    }
+}
+
+pub async fn list(store: &dyn Store) -> Result<Vec<Service>> {
+    let (kvs, _) = store.list(keys::SERVICES).await?;
+    kvs.iter()
+        .map(|kv| serde_json::from_slice(&kv.value).map_err(AgentError::from))
+        .collect()
+}
+
+pub async fn remove(store: &dyn Store, name: &str) -> Result<()> {
+    let (svc, rev) = get(store, name).await?;
+    let mut ops = vec![
+        Op::delete(keys::service(name)),
+        Op::delete(keys::service_id(svc.num)),
+    ];
+    for p in &svc.ports {
+        ops.push(Op::delete(keys::port(p.protocol, p.published)));
+    }
+    for n in &svc.networks {
+        if let Some(vip) = n.vip {
+            ops.push(Op::delete(keys::ipam(&n.network, vip)));
+        }
+    }
+    if !store
+        .txn(vec![Compare::mod_revision(keys::service(name), rev)], ops)
+        .await?
+    {
+        return Err(AgentError::Unavailable(format!(
+            "service {name:?} changed while being removed; try again"
+        )));
+    }
+    tracing::info!(service = %name, "service removed");
+    Ok(())
+}
+
+pub async fn update(store: &dyn Store, name: &str, req: &ServiceUpdate) -> Result<Service> {
+    let add = parse_ports(&req.publish_add)?;
+    let mut rm = Vec::new();
+    for s in &req.publish_rm {
+        rm.push(PortConfig::parse_published(s)?);
+    }
+    for _ in 0..MAX_ATTEMPTS {
+        let (mut svc, rev) = get(store, name).await?;
+        if svc.endpoint_mode == EndpointMode::Dnsrr && !add.is_empty() {
+            return Err(AgentError::BadRequest(
+                "published ports need --endpoint-mode vip".into(),
+            ));
+        }
+        let mut compares = vec![Compare::mod_revision(keys::service(name), rev)];
+        let mut ops = Vec::new();
+        for &(port, proto) in &rm {
+            let before = svc.ports.len();
+            svc.ports
+                .retain(|p| !(p.published == port && p.protocol == proto));
+            if svc.ports.len() == before {
+                return Err(AgentError::NotFound(format!(
+                    "service {name:?} does not publish {port}/{}",
+                    proto.as_str()
+                )));
+            }
+            ops.push(Op::delete(keys::port(proto, port)));
+        }
+        let new: Vec<PortConfig> = add
+            .iter()
+            .filter(|p| {
+                !svc.ports
+                    .iter()
+                    .any(|q| q.published == p.published && q.protocol == p.protocol)
+            })
+            .copied()
+            .collect();
+        if new.len() != add.len() {
+            let dup = add
+                .iter()
+                .find(|p| !new.contains(p))
+                .map(|p| format!("{}/{}", p.published, p.protocol.as_str()))
+                .unwrap_or_default();
+            return Err(AgentError::Conflict(format!(
+                "service {name:?} already publishes {dup}"
+            )));
+        }
+        claim_ports(store, name, &new, &mut compares, &mut ops).await?;
+        svc.ports.extend(new);
+        svc.ports.sort();
+        ops.push(Op::put(keys::service(name), encode(&svc)?));
+        if store.txn(compares, ops).await? {
+            tracing::info!(service = %name, ports = ?svc.ports, "service updated");
+            return Ok(svc);
+        }
+    }
+    Err(AgentError::Unavailable(
+        "service update kept conflicting with concurrent changes; try again".into(),
+    ))
+}
+
+/// The backends a view shows: every replica endpoint of the service on its networks.
+pub fn backends(svc: &Service, endpoints: &[Endpoint]) -> Vec<BackendView> {
+    let mut out: Vec<BackendView> = endpoints
+        .iter()
+        .filter(|e| e.service.as_deref() == Some(svc.name.as_str()))
+        .filter(|e| svc.networks.iter().any(|n| n.network == e.network))
+        .map(|e| BackendView {
+            container: e.container.clone(),
+            node: e.node.clone(),
+            ip: e.ip,
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+pub fn view(svc: &Service, endpoints: &[Endpoint]) -> ServiceView {
+    ServiceView {
+        name: svc.name.clone(),
+        id: svc.id.clone(),
+        endpoint_mode: svc.endpoint_mode,
+        vips: svc
+            .networks
+            .iter()
+            .map(|n| VipView {
+                network: n.network.clone(),
+                vip: n.vip,
+            })
+            .collect(),
+        ports: svc.ports.clone(),
+        backends: backends(svc, endpoints),
+        created: svc.created.clone(),
+    }
+}
+
+pub async fn all_endpoints(store: &dyn Store) -> Result<Vec<Endpoint>> {
+    let (eps, _) = store.list(keys::ENDPOINTS).await?;
+    eps.iter()
+        .map(|kv| serde_json::from_slice(&kv.value).map_err(AgentError::from))
+        .collect()
+}
+
+/// Protocol of a published port as the datapath numbers it (IPPROTO_*).
+pub fn ip_proto(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use netagent_store::embedded::EmbeddedStore;
+
+    use super::*;
+    use crate::model::NetworkCreate;
+    use crate::networks;
+
+    async fn setup() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        networks::create(
+            &*s,
+            &NetworkCreate {
+                name: "services".into(),
+                subnet: "10.10.1.0/24".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        (dir, s)
+    }
+
+    fn req(name: &str, publish: &[&str]) -> ServiceCreate {
+        ServiceCreate {
+            name: name.into(),
+            networks: vec!["services".into()],
+            publish: publish.iter().map(|s| s.to_string()).collect(),
+            endpoint_mode: None,
+        }
+    }
+
+    async fn snapshot(s: &dyn Store) -> Vec<(String, Vec<u8>)> {
+        let (kvs, _) = s.list(keys::ROOT).await.unwrap();
+        kvs.into_iter().map(|kv| (kv.key, kv.value)).collect()
+    }
+
+    #[tokio::test]
+    async fn create_allocates_vip_id_and_ports() {
+        let (_d, s) = setup().await;
+        let web = create(&*s, &req("web", &["8080:80"])).await.unwrap();
+        assert_eq!(web.networks[0].vip, Some("10.10.1.2".parse().unwrap()));
+        assert_eq!(web.num, 1);
+        let db = create(&*s, &req("db", &["5432:5432", "53:53/udp"]))
+            .await
+            .unwrap();
+        assert_eq!(db.networks[0].vip, Some("10.10.1.3".parse().unwrap()));
+        assert_eq!(db.num, 2);
+        assert_eq!(list(&*s).await.unwrap().len(), 2);
+        remove(&*s, "web").await.unwrap();
+        // Port, VIP and id are free again.
+        let again = create(&*s, &req("web2", &["8080:80"])).await.unwrap();
+        assert_eq!(again.networks[0].vip, Some("10.10.1.2".parse().unwrap()));
+        assert_eq!(again.num, 1);
+    }
+
+    #[tokio::test]
+    async fn bad_requests_change_nothing() {
+        let (_d, s) = setup().await;
+        create(&*s, &req("web", &["8080:80"])).await.unwrap();
+        let before = snapshot(&*s).await;
+        let e = create(&*s, &req("other", &["8080:81"])).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "port 8080/tcp is already published by service \"web\""
+        );
+        let e = create(&*s, &req("web", &["9090:80"])).await.unwrap_err();
+        assert_eq!(e.to_string(), "service \"web\" already exists");
+        let e = create(&*s, &req("x", &["0:80"])).await.unwrap_err();
+        assert!(e.to_string().contains("outside 1-65535"), "{e}");
+        let mut r = req("x", &[]);
+        r.networks = vec!["nope".into()];
+        assert_eq!(
+            create(&*s, &r).await.unwrap_err().to_string(),
+            "network \"nope\" not found"
+        );
+        let mut r = req("x", &["9090:80"]);
+        r.endpoint_mode = Some("dnsrr".into());
+        assert!(
+            create(&*s, &r)
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("need --endpoint-mode vip")
+        );
+        assert_eq!(
+            remove(&*s, "nope").await.unwrap_err().to_string(),
+            "service \"nope\" not found"
+        );
+        let e = update(
+            &*s,
+            "web",
+            &ServiceUpdate {
+                publish_rm: vec!["9999".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("does not publish 9999/tcp"), "{e}");
+        assert_eq!(snapshot(&*s).await, before);
+        // The UDP port of the same number is a different port.
+        create(&*s, &req("dns", &["8080:53/udp"])).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn update_adds_and_removes_ports() {
+        let (_d, s) = setup().await;
+        create(&*s, &req("web", &["8080:80"])).await.unwrap();
+        create(&*s, &req("api", &["9000:9000"])).await.unwrap();
+        let up = ServiceUpdate {
+            publish_add: vec!["8443:443".into()],
+            publish_rm: vec!["8080".into()],
+        };
+        let svc = update(&*s, "web", &up).await.unwrap();
+        assert_eq!(svc.ports, vec![PortConfig::parse("8443:443").unwrap()]);
+        assert!(
+            s.get(&keys::port(Protocol::Tcp, 8080))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let e = update(
+            &*s,
+            "web",
+            &ServiceUpdate {
+                publish_add: vec!["9000:80".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("already published by service \"api\""),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn dnsrr_has_no_vip() {
+        let (_d, s) = setup().await;
+        let mut r = req("db", &[]);
+        r.endpoint_mode = Some("dnsrr".into());
+        let svc = create(&*s, &r).await.unwrap();
+        assert_eq!(svc.networks[0].vip, None);
+        assert_eq!(svc.endpoint_mode, EndpointMode::Dnsrr);
+    }
+}
