@@ -132,6 +132,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context("attaching from_overlay")?;
     let datapath = Arc::new(Mutex::new(datapath));
 
+    let dns = crate::dns::Dns::new(&args.dns_upstreams);
     let runtime = Arc::new(Runtime::new(
         store.clone(),
         args.node_name.clone(),
@@ -141,6 +142,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.state_dir.clone(),
         uplink_mtu,
         ROUTER_MAC,
+        dns.clone(),
     ));
     // The pinned links keep this node's containers forwarding meanwhile, so adoption may wait
     // for the store.
@@ -181,6 +183,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let (view_tx, view_rx) = watch::channel(Arc::new(ClusterView::default()));
     background.spawn(view::follow(store.clone(), view_tx));
+    background.spawn(dns.follow(view_rx.clone()));
     background.spawn(reconcile::run(view_rx, runtime.clone()));
 
     let state = ApiState {

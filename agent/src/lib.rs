@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod api;
 pub mod containers;
+pub mod dns;
 pub mod error;
 pub mod model;
 pub mod netlink;

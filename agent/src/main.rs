@@ -4,8 +4,12 @@ fn main() -> std::process::ExitCode {
     let args = netagent::agent::Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(
+                    // hickory logs every answer at info: far too much for a resolver per container.
+                    "info,hickory_server=warn,hickory_proto=warn",
+                )
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -35,6 +35,7 @@ pub struct Runtime {
     pub state_dir: PathBuf,
     pub uplink_mtu: u32,
     pub router_mac: [u8; 6],
+    pub dns: Arc<crate::dns::Dns>,
     /// Exit codes of processes this agent started and saw end.
     exits: Mutex<HashMap<String, i32>>,
 }
@@ -97,6 +98,7 @@ impl Runtime {
         state_dir: PathBuf,
         uplink_mtu: u32,
         router_mac: [u8; 6],
+        dns: Arc<crate::dns::Dns>,
     ) -> Self {
         Self {
             store,
@@ -107,6 +109,7 @@ impl Runtime {
             state_dir,
             uplink_mtu,
             router_mac,
+            dns,
             exits: Mutex::new(HashMap::new()),
         }
     }
@@ -171,6 +174,9 @@ impl Runtime {
         // service names from being tried against search domains first.
         std::fs::write(&resolv, "nameserver 127.0.0.11\noptions ndots:0\n")
             .map_err(internal("writing resolv.conf"))?;
+        self.dns
+            .start(&c.name, &netns, &c.networks)
+            .map_err(internal("starting the container's DNS"))?;
         let process = sandbox::spawn(&sandbox::SpawnRequest {
             netns: netns.clone(),
             argv: c.command.clone(),
@@ -231,6 +237,8 @@ impl Runtime {
     /// Removes everything the kernel holds for the container; tolerant of parts already gone.
     async fn teardown(&self, rec: &ContainerRecord) {
         let c = &rec.container;
+        // The listener's sockets hold the namespace; close them first.
+        self.dns.stop(&c.name).await;
         if let (Some(pid), Some(start_time)) = (c.pid, c.start_time) {
             let p = sandbox::ProcessHandle { pid, start_time };
             if let Err(e) = sandbox::stop(&p, STOP_GRACE).await {
@@ -372,6 +380,15 @@ impl Runtime {
                         "interface missing; the container has lost its network"
                     ),
                     Err(e) => tracing::warn!(error = %e, "looking up interface"),
+                }
+            }
+            if rec.container.kind == ContainerKind::Sandbox {
+                let netns = Path::new(&rec.container.netns);
+                if let Err(e) = self
+                    .dns
+                    .start(&rec.container.name, netns, &rec.container.networks)
+                {
+                    tracing::warn!(container = %rec.container.name, error = %e, "restarting DNS");
                 }
             }
             adopted += 1;

@@ -33,6 +33,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("sockperf", "TCP round-trip latency in benchmarks"),
     ("bpftool", "inspecting loaded programs and maps"),
     ("dnsutils", "dig, for DNS tests"),
+    (
+        "dnsmasq-base",
+        "an upstream DNS server in tests; the DNS benchmark's baseline",
+    ),
+    ("dnsperf", "the DNS benchmark's load generator"),
     ("iputils-ping", "ping, for reachability tests"),
     (
         "socat",
