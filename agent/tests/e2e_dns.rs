@@ -4,19 +4,13 @@ use std::time::{Duration, Instant};
 
 use netlab::{Lab, LabConfig, StoreKind};
 
+mod common;
+
 /// The upstream resolver the agents forward to: dnsmasq in the fabric namespace.
 const UPSTREAM: &str = "198.18.0.1:5353";
 
 fn run(lab: &Lab, node: usize, args: &[&str]) -> String {
-    let out = lab.netctl(node, args).expect("run netctl");
-    assert!(
-        out.success(),
-        "netctl {args:?} on n{node}: {}{}\n{}",
-        out.stdout,
-        out.stderr,
-        lab.agent_log(node)
-    );
-    out.stdout
+    common::ok(lab, node, args).stdout
 }
 
 fn container(lab: &Lab, node: usize, name: &str, extra: &[&str]) {

@@ -1,11 +1,13 @@
 //! End to end on the lab (root): real etcd on the fabric, real agents in node namespaces,
 //! netctl as a user runs it.
 
-use std::io::{Read as _, Write as _};
 use std::time::{Duration, Instant};
 
 use netlab::{Lab, LabConfig, Signal, StoreKind};
 use serde_json::Value;
+
+mod common;
+use common::{api, json, must_fail, wait_until};
 
 fn lab(nodes: usize, store: StoreKind) -> Lab {
     Lab::up(LabConfig {
@@ -15,33 +17,6 @@ fn lab(nodes: usize, store: StoreKind) -> Lab {
         ..Default::default()
     })
     .expect("lab up")
-}
-
-fn json(lab: &Lab, node: usize, args: &[&str]) -> Value {
-    let mut argv = args.to_vec();
-    argv.extend(["--format", "json"]);
-    let out = lab.netctl(node, &argv).expect("run netctl");
-    assert!(
-        out.success(),
-        "netctl {argv:?} on n{node} failed: {}\nagent log:\n{}",
-        out.stderr,
-        lab.agent_log(node)
-    );
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON {:?}: {e}", out.stdout))
-}
-
-/// Polls `f` every 20 ms until it is true or `limit` passes; returns the time it took.
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return Some(start.elapsed());
-        }
-        if start.elapsed() > limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn node_status(lab: &Lab, via: usize, name: &str) -> Option<String> {
@@ -175,18 +150,6 @@ fn store_snapshot(lab: &Lab) -> (Value, Value) {
     )
 }
 
-/// Runs a netctl command that must fail: non-zero exit, one stderr line containing `expect`.
-fn must_fail(lab: &Lab, args: &[&str], expect: &str) {
-    let out = lab.netctl(1, args).unwrap();
-    assert!(!out.success(), "netctl {args:?} succeeded: {}", out.stdout);
-    let err = out.stderr.trim_end();
-    assert_eq!(err.lines().count(), 1, "error is not one line: {err:?}");
-    assert!(
-        err.contains(expect),
-        "netctl {args:?}: expected {expect:?} in {err:?}"
-    );
-}
-
 #[test]
 fn bad_input_gets_one_line_errors_and_changes_nothing() {
     let lab = lab(1, StoreKind::Etcd);
@@ -198,77 +161,82 @@ fn bad_input_gets_one_line_errors_and_changes_nothing() {
     let before = store_snapshot(&lab);
     must_fail(
         &lab,
+        1,
         &create(&["--subnet", "10.10.1.0/33", "a"]),
         "invalid subnet \"10.10.1.0/33\"",
     );
     must_fail(
         &lab,
+        1,
         &create(&["--subnet", "nonsense", "a"]),
         "invalid subnet",
     );
     must_fail(
         &lab,
+        1,
         &create(&["--subnet", "10.20.1.7/24", "a"]),
         "host bits set",
     );
     must_fail(
         &lab,
+        1,
         &create(&["--subnet", "10.10.4.0/24", "a"]),
         "overlaps network \"services\" (10.10.0.0/16)",
     );
     must_fail(
         &lab,
+        1,
         &create(&["--subnet", "10.20.0.0/24", "--gateway", "10.30.0.1", "a"]),
         "gateway 10.30.0.1 is not inside subnet 10.20.0.0/24",
     );
     must_fail(
         &lab,
+        1,
         &create(&["--driver", "bridge", "--subnet", "10.20.0.0/24", "a"]),
         "unknown driver \"bridge\"",
     );
     must_fail(
         &lab,
+        1,
         &create(&["--opt", "secret", "--subnet", "10.20.0.0/24", "a"]),
         "unknown --opt \"secret\"",
     );
     must_fail(
         &lab,
+        1,
         &create(&["--subnet", "10.20.0.0/24", "services"]),
         "network \"services\" already exists",
     );
     must_fail(
         &lab,
+        1,
         &["network", "rm", "nope"],
         "network \"nope\" not found",
     );
     must_fail(
         &lab,
+        1,
         &["network", "inspect", "nope"],
         "network \"nope\" not found",
     );
-    must_fail(&lab, &["node", "inspect", "n9"], "node \"n9\" not found");
+    must_fail(&lab, 1, &["node", "inspect", "n9"], "node \"n9\" not found");
     must_fail(
         &lab,
+        1,
         &["node", "update", "--availability", "sleepy", "n1"],
         "invalid availability \"sleepy\"",
     );
 
     // A malformed request body straight to the API: 400 with a JSON error naming the problem.
-    let mut sock = std::os::unix::net::UnixStream::connect(lab.socket(1)).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let body = "{\"name\": \"x\", \"subnet\": ";
-    write!(
-        sock,
-        "POST /v1/networks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    sock.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
-    assert!(resp.contains("invalid request body"), "{resp}");
+    let (status, body) = api(
+        &lab,
+        1,
+        "POST",
+        "/v1/networks",
+        "{\"name\": \"x\", \"subnet\": ",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid request body"), "{body}");
 
     assert_eq!(
         store_snapshot(&lab),

@@ -1,10 +1,13 @@
 //! End to end (root): containers on three lab nodes reach each other over the eBPF-routed VXLAN
 //! overlay; isolation, MTU, the wire format, removal and an agent crash with traffic running.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use netlab::{Lab, LabConfig, Signal, StoreKind};
 use serde_json::Value;
+
+mod common;
+use common::{api, exec, json, ok as netctl, wait_until};
 
 fn lab(nodes: usize) -> Lab {
     Lab::up(LabConfig {
@@ -14,25 +17,6 @@ fn lab(nodes: usize) -> Lab {
         ..Default::default()
     })
     .expect("lab up")
-}
-
-fn netctl(lab: &Lab, node: usize, args: &[&str]) -> netlab::Output {
-    let out = lab.netctl(node, args).expect("run netctl");
-    assert!(
-        out.success(),
-        "netctl {args:?} on n{node} failed: {}{}\nagent log:\n{}",
-        out.stdout,
-        out.stderr,
-        lab.agent_log(node)
-    );
-    out
-}
-
-fn json(lab: &Lab, node: usize, args: &[&str]) -> Value {
-    let mut argv = args.to_vec();
-    argv.extend(["--format", "json"]);
-    let out = netctl(lab, node, &argv);
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON {:?}: {e}", out.stdout))
 }
 
 /// Echo servers inside every test container: TCP 7000 and UDP 7001 answer with the
@@ -62,25 +46,8 @@ fn run_container(lab: &Lab, node: usize, name: &str, network: &str) -> String {
     c["endpoints"][0]["ip"].as_str().expect("ip").to_string()
 }
 
-fn exec(lab: &Lab, node: usize, name: &str, cmd: &[&str]) -> netlab::Output {
-    let mut argv = vec!["container", "exec", name, "--"];
-    argv.extend_from_slice(cmd);
-    lab.netctl(node, &argv).expect("run netctl exec")
-}
-
 fn ping_ok(lab: &Lab, node: usize, from: &str, ip: &str) -> bool {
     exec(lab, node, from, &["ping", "-c", "1", "-W", "2", ip]).success()
-}
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 fn drops(lab: &Lab, node: usize, reason: &str) -> u64 {
@@ -135,7 +102,7 @@ fn containers_talk_across_nodes_and_stay_isolated() {
             }
             let ip = &ips[j];
             assert!(
-                wait_until(Duration::from_secs(3), || ping_ok(&lab, i + 1, from, ip)),
+                wait_until(Duration::from_secs(3), || ping_ok(&lab, i + 1, from, ip)).is_some(),
                 "ping {from} -> {to} ({ip}) failed\n{}",
                 lab.agent_log(i + 1)
             );
@@ -275,9 +242,7 @@ fn containers_talk_across_nodes_and_stay_isolated() {
     assert!(!ping_ok(&lab, 2, "b", &ips[0]));
     let again = run_container(&lab, 3, "a2", "services");
     assert_eq!(again, ips[0], "freed address not reused");
-    assert!(wait_until(Duration::from_secs(3), || ping_ok(
-        &lab, 2, "b", &again
-    )));
+    assert!(wait_until(Duration::from_secs(3), || ping_ok(&lab, 2, "b", &again)).is_some());
 
     // Bad input.
     let out = lab
@@ -332,9 +297,7 @@ fn pinned_datapath_forwards_while_the_agent_is_dead() {
     );
     run_container(&lab, 1, "a", "services");
     let b_ip = run_container(&lab, 2, "b", "services");
-    assert!(wait_until(Duration::from_secs(3), || ping_ok(
-        &lab, 1, "a", &b_ip
-    )));
+    assert!(wait_until(Duration::from_secs(3), || ping_ok(&lab, 1, "a", &b_ip)).is_some());
 
     // 60 pings over 12 s; the agent on n1 is killed after 2 s and restarted 5 s later.
     let host = lab.host(1);
@@ -388,29 +351,6 @@ fn pinned_datapath_forwards_while_the_agent_is_dead() {
         "b",
         a["endpoints"][0]["ip"].as_str().unwrap()
     ));
-}
-
-/// One HTTP request to an agent's API socket: (status code, body).
-fn api(lab: &Lab, node: usize, method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    let mut sock = std::os::unix::net::UnixStream::connect(lab.socket(node)).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    write!(
-        sock,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    sock.read_to_string(&mut resp).unwrap();
-    let status = resp[9..12].parse().unwrap();
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// Removes a namespace the test made, also when the test fails.

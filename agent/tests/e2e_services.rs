@@ -3,31 +3,9 @@
 use std::time::Duration;
 
 use netlab::{Lab, LabConfig, StoreKind};
-use serde_json::Value;
 
-fn netctl_json(lab: &Lab, node: usize, args: &[&str]) -> Value {
-    let mut argv = args.to_vec();
-    argv.extend(["--format", "json"]);
-    let out = lab.netctl(node, &argv).expect("run netctl");
-    assert!(
-        out.success(),
-        "netctl {argv:?} on n{node} failed: {}\n{}",
-        out.stderr,
-        lab.agent_log(node)
-    );
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON {:?}: {e}", out.stdout))
-}
-
-fn must_fail(lab: &Lab, args: &[&str], expect: &str) {
-    let out = lab.netctl(1, args).unwrap();
-    assert!(!out.success(), "netctl {args:?} succeeded: {}", out.stdout);
-    let err = out.stderr.trim_end();
-    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
-    assert!(
-        err.contains(expect),
-        "netctl {args:?}: expected {expect:?} in {err:?}"
-    );
-}
+mod common;
+use common::{json as netctl_json, must_fail};
 
 #[test]
 fn services_vips_ports_replicas_and_bad_input() {
@@ -136,6 +114,7 @@ fn services_vips_ports_replicas_and_bad_input() {
     );
     must_fail(
         &lab,
+        1,
         &[
             "service",
             "create",
@@ -150,6 +129,7 @@ fn services_vips_ports_replicas_and_bad_input() {
     );
     must_fail(
         &lab,
+        1,
         &[
             "service",
             "create",
@@ -164,11 +144,13 @@ fn services_vips_ports_replicas_and_bad_input() {
     );
     must_fail(
         &lab,
+        1,
         &["service", "create", "--name", "x", "--network", "nope"],
         "network \"nope\" not found",
     );
     must_fail(
         &lab,
+        1,
         &[
             "service",
             "create",
@@ -181,6 +163,7 @@ fn services_vips_ports_replicas_and_bad_input() {
     );
     must_fail(
         &lab,
+        1,
         &[
             "container",
             "run",
@@ -197,6 +180,7 @@ fn services_vips_ports_replicas_and_bad_input() {
     );
     must_fail(
         &lab,
+        1,
         &[
             "container",
             "run",
@@ -213,6 +197,7 @@ fn services_vips_ports_replicas_and_bad_input() {
     );
     must_fail(
         &lab,
+        1,
         &["service", "rm", "ghost"],
         "service \"ghost\" not found",
     );

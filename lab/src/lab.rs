@@ -927,7 +927,7 @@ mod tests {
             agent_args("nl1", 2, &cfg).join(" "),
             "--node-name n2 --advertise-addr 198.18.0.12 --store etcd://198.18.0.2:2379 \
              --socket /run/netlab/nl1/n2.sock --state-dir /run/netlab/nl1/n2/state \
-             --bpf-dir /sys/fs/bpf/nl1/n2 --uplink eth0 --lease-ttl 7 \
+             --bpf-dir /sys/fs/bpf/nl1/n2 --uplink eth0 --lease-ttl 7 --netns-prefix nl1-n2- \
              --dns-upstream 198.18.0.1"
         );
     }

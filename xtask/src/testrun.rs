@@ -35,7 +35,8 @@ pub fn run(extra: &[String]) -> Result<ExitCode> {
     cargo::build(&["--all-targets"])?;
 
     let before = Snapshot::take()?;
-    let mut args = vec!["test"];
+    // All failures in one run, not just the first failing test binary's.
+    let mut args = vec!["test", "--no-fail-fast"];
     // cargo ignores -p next to --workspace, so a package selection replaces it.
     if !selects_packages(extra) {
         args.extend(["--workspace", "--exclude", "dataplane-ebpf"]);
