@@ -1,5 +1,5 @@
-//! The two ways a routed packet leaves a program: into a container on this node, or to
-//! another node through the VXLAN device. Both only readdress the Ethernet header.
+//! The ways a routed packet leaves a program: into a container on this node, to another node
+//! through the VXLAN device, or (replies of routing-mesh flows) out of the uplink.
 //!
 //! No L3 change: the TTL is not decremented (so no checksum to fix either). From the IP
 //! point of view the overlay is one L2 segment, as with Docker's overlay driver: peers are
@@ -7,7 +7,7 @@
 //! artefact of proxy ARP, not a routing hop.
 
 use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_redirect_peer},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use dataplane_common::{Config, DropReason, EndpointInfo};
@@ -47,16 +47,63 @@ pub fn to_local(
 /// Sends the frame to the remote endpoint `ep` through the node's VXLAN device.
 #[inline(always)]
 pub fn to_node(ctx: &TcContext, ep: &EndpointInfo, config: &Config) -> Result<i32, DropReason> {
+    to_node_from(ctx, ep, config, config.router_mac)
+}
+
+/// `to_node` with `src_mac` as the inner Ethernet source: the router MAC for overlay
+/// traffic, `MESH_INNER_SRC_MAC` for routing-mesh traffic.
+#[inline(always)]
+pub fn to_node_from(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    config: &Config,
+    src_mac: [u8; 6],
+) -> Result<i32, DropReason> {
     if config.vxlan_ifindex == 0 {
         return Err(DropReason::NoTunnelDevice);
     }
-    tunnel::set_key(ctx, ep.vni, ep.node_ip)?;
     // The inner frame is addressed as the far side delivers it (from_overlay rewrites it
     // again, so this only matters to someone capturing on the fabric).
-    set_macs(ctx, ep.mac, config.router_mac)?;
+    set_macs(ctx, ep.mac, src_mac)?;
+    to_tunnel(ctx, ep.vni, ep.node_ip, config)
+}
+
+/// Sends the frame through the node's VXLAN device to the node `node_be` (network order)
+/// with `vni`, leaving the inner Ethernet header as it is.
+#[inline(always)]
+pub fn to_tunnel(
+    ctx: &TcContext,
+    vni: u32,
+    node_be: u32,
+    config: &Config,
+) -> Result<i32, DropReason> {
+    if config.vxlan_ifindex == 0 {
+        return Err(DropReason::NoTunnelDevice);
+    }
+    tunnel::set_key(ctx, vni, node_be)?;
     // Flags 0: transmit out of the VXLAN device, which encapsulates using the metadata.
     // SAFETY: plain helper call with scalar arguments.
     let verdict = unsafe { bpf_redirect(config.vxlan_ifindex, 0) };
+    if verdict != i64::from(TC_ACT_REDIRECT) {
+        return Err(DropReason::Internal);
+    }
+    Ok(TC_ACT_REDIRECT)
+}
+
+/// Sends a reply of a routing-mesh flow out of the uplink to the outside client.
+///
+/// `bpf_redirect_neigh` routes the packet in the node's FIB (the client, or the gateway
+/// towards it) and fills in the Ethernet header from the neighbour table, resolving the
+/// neighbour with ARP if needed, exactly as a forwarded packet would get it; the Ethernet
+/// header the packet carries now is discarded.
+#[inline(always)]
+pub fn to_uplink(config: &Config) -> Result<i32, DropReason> {
+    if config.uplink_ifindex == 0 {
+        return Err(DropReason::NoUplink);
+    }
+    // No nexthop parameters: the kernel looks the route up itself.
+    // SAFETY: a null parameter pointer with length 0 is the documented "look it up" form.
+    let verdict = unsafe { bpf_redirect_neigh(config.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
     if verdict != i64::from(TC_ACT_REDIRECT) {
         return Err(DropReason::Internal);
     }

@@ -6,10 +6,15 @@
 //! 1. anti-spoofing: the source must be a local endpoint attached to the veth the frame came
 //!    in on. Everything after trusts the source's network (VNI), so this is what makes
 //!    isolation hold even against a container with a hand-written route or address;
-//! 2. the destination endpoint (ENDPOINTS): same network -> deliver locally or tunnel to its
-//!    node; other network -> `policy_isolation`;
-//! 3. no endpoint: the subnet (NETWORKS) says why: own subnet -> `unknown_endpoint`, another
-//!    network's -> `policy_isolation`, none -> `no_route` (the outside world comes later).
+//! 2. a service VIP (SERVICES) of the sender's network: balanced to a backend (`lb::to_vip`),
+//!    then routed as in 3;
+//! 3. the destination endpoint (ENDPOINTS): same network -> deliver locally (replies of VIP
+//!    connections get the VIP back as source first) or tunnel to its node; other network ->
+//!    `policy_isolation`;
+//! 4. no endpoint: the subnet (NETWORKS) says why: own subnet -> `unknown_endpoint`, another
+//!    network's -> `policy_isolation`; none -> a reply to a routing-mesh client goes back the
+//!    way its connection came, and a hairpin VIP reply back into its sender
+//!    (`lb::to_outside`); anything else is `no_route` (the outside world comes later).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use dataplane_common::{DropReason, Hook};
@@ -17,7 +22,7 @@ use dataplane_common::{DropReason, Hook};
 use crate::{
     arp, drop,
     eth::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, EthHdr, ensure_linear, ifindex, ptr_at},
-    forward, ipv4, maps,
+    forward, ipv4, lb, maps,
 };
 
 #[classifier]
@@ -45,35 +50,44 @@ pub fn try_from_container(ctx: &TcContext) -> Result<i32, DropReason> {
 
 #[inline(always)]
 fn route_ipv4(ctx: &TcContext) -> Result<i32, DropReason> {
-    let addrs = ipv4::parse(ctx)?;
+    let ip = ipv4::parse(ctx)?;
 
     // 1. Anti-spoofing. A remote endpoint's address arriving on a veth is as spoofed as an
     // unknown one; so is a local endpoint's on another container's veth.
-    let vni = match maps::endpoint(&addrs.src) {
-        Some(src) if src.is_local() && src.ifindex == ifindex(ctx) => src.vni,
+    let src = match maps::endpoint(&ip.src) {
+        Some(src) if src.is_local() && src.ifindex == ifindex(ctx) => src,
         _ => return Err(DropReason::SourceSpoofed),
     };
-    if ipv4::is_broadcast_or_multicast(addrs.dst) {
+    let vni = src.vni;
+    if ipv4::is_broadcast_or_multicast(ip.dst) {
         return Err(DropReason::BroadcastMulticast);
     }
     let config = maps::config()?;
 
-    // 2. Known endpoint.
-    if let Some(dst) = maps::endpoint(&addrs.dst) {
+    // 2. Service VIP.
+    if let Some(svc) = maps::service(&ip.dst) {
+        return lb::to_vip(ctx, &ip, &svc, vni, &config);
+    }
+
+    // 3. Known endpoint.
+    if let Some(dst) = maps::endpoint(&ip.dst) {
         if dst.vni != vni {
             return Err(DropReason::PolicyIsolation);
         }
-        return if dst.is_local() {
-            forward::to_local(ctx, &dst, config.router_mac)
-        } else {
-            forward::to_node(ctx, &dst, &config)
-        };
+        if !dst.is_local() {
+            return forward::to_node(ctx, &dst, &config);
+        }
+        // Delivery into the client of a VIP connection whose backend is on this node.
+        if let Some(l4) = lb::balanced_l4(ctx, &ip)? {
+            lb::reverse_vip(ctx, &ip, &l4, &config)?;
+        }
+        return forward::to_local(ctx, &dst, config.router_mac);
     }
 
-    // 3. Not an endpoint: only the reason differs.
-    match maps::network_of(addrs.dst) {
+    // 4. Not an endpoint: only the reason differs, unless it is a routing-mesh reply.
+    match maps::network_of(ip.dst) {
         Some(net) if net.vni == vni => Err(DropReason::UnknownEndpoint),
         Some(_) => Err(DropReason::PolicyIsolation),
-        None => Err(DropReason::NoRoute),
+        None => lb::to_outside(ctx, &ip, &src, &config),
     }
 }

@@ -4,7 +4,11 @@
 //!
 //! A packet is delivered only to a local endpoint of the network its VNI says it belongs to:
 //! a peer (or anyone who can send UDP to port 4789) cannot reach a container of another
-//! network by picking the destination address.
+//! network by picking the destination address. Before delivery the load balancer gets its say
+//! (`lb::on_overlay_delivery`: VIP replies get the VIP back, routing-mesh connections note
+//! their ingress node). The only packets not for a local endpoint that are accepted are
+//! replies of routing-mesh connections that came in through this node: they leave through
+//! the uplink (`lb::overlay_to_outside`).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use dataplane_common::{DropReason, Hook};
@@ -12,25 +16,31 @@ use dataplane_common::{DropReason, Hook};
 use crate::{
     drop,
     eth::{ETH_HLEN, ETH_P_IP, EthHdr, ensure_linear, ptr_at},
-    forward, ipv4, maps, tunnel,
+    forward, ipv4, lb, maps, tunnel,
 };
 
 #[classifier]
 pub fn from_overlay(ctx: TcContext) -> i32 {
-    let vni = match tunnel::get_key(&ctx) {
-        Ok(key) => key.tunnel_id,
+    let (vni, remote) = match tunnel::get_key(&ctx) {
+        // RX metadata: `remote_ipv4` is the outer source, host order (see `tunnel`).
+        // SAFETY: reading a u32 out of a union of integers is always defined.
+        Ok(key) => (
+            key.tunnel_id,
+            unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes(),
+        ),
         Err(_) => return drop::drop_packet(&ctx, DropReason::NoTunnelKey, Hook::FromOverlay, 0),
     };
-    match try_from_overlay(&ctx, vni) {
+    match try_from_overlay(&ctx, vni, remote) {
         Ok(verdict) => verdict,
         Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromOverlay, vni),
     }
 }
 
-/// The decision for a packet received with `vni`. Takes the VNI as a parameter so the
-/// `from_overlay_test` hook can run it: BPF_PROG_TEST_RUN cannot attach tunnel metadata.
+/// The decision for a packet received with `vni` from the node `remote` (network order).
+/// Takes both as parameters so the `from_overlay_test` hook can run it: BPF_PROG_TEST_RUN
+/// cannot attach tunnel metadata.
 #[inline(always)]
-pub fn try_from_overlay(ctx: &TcContext, vni: u32) -> Result<i32, DropReason> {
+pub fn try_from_overlay(ctx: &TcContext, vni: u32, remote: [u8; 4]) -> Result<i32, DropReason> {
     ensure_linear(ctx, ETH_HLEN)?;
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: `ptr_at` checked the 14 bytes are inside the linear packet data.
@@ -39,16 +49,18 @@ pub fn try_from_overlay(ctx: &TcContext, vni: u32) -> Result<i32, DropReason> {
     if ether_type != ETH_P_IP {
         return Err(DropReason::UnsupportedL3);
     }
-    let addrs = ipv4::parse(ctx)?;
-    let dst = match maps::endpoint(&addrs.dst) {
+    let ip = ipv4::parse(ctx)?;
+    let dst = match maps::endpoint(&ip.dst) {
         Some(ep) if ep.is_local() => ep,
-        // Absent, or remote: a node tunnels only to the node the endpoint is on, so a
-        // remote endpoint here means stale state somewhere; never bounce it back out.
-        _ => return Err(DropReason::UnknownEndpoint),
+        // A remote endpoint: a node tunnels only to the node the endpoint is on, so this
+        // means stale state somewhere; never bounce it back out.
+        Some(_) => return Err(DropReason::UnknownEndpoint),
+        None => return lb::overlay_to_outside(ctx, &ip, vni, &maps::config()?),
     };
     if dst.vni != vni {
         return Err(DropReason::WrongVni);
     }
     let config = maps::config()?;
+    lb::on_overlay_delivery(ctx, &ip, vni, remote, &config)?;
     forward::to_local(ctx, &dst, config.router_mac)
 }

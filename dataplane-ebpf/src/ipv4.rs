@@ -24,18 +24,43 @@ pub struct Ipv4Hdr {
 pub const IPV4_HLEN: usize = 20;
 const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == IPV4_HLEN);
 
-/// The addresses routing decides on, as network-order octets (the ENDPOINTS key format).
+/// What routing and load balancing decide on, copied out of the header. Addresses are
+/// network-order octets (the ENDPOINTS key format).
 #[derive(Clone, Copy)]
-pub struct Addrs {
+pub struct Ipv4 {
     pub src: [u8; 4],
     pub dst: [u8; 4],
+    /// IP protocol number.
+    pub proto: u8,
+    /// Header length in bytes (20..=60): the L4 header starts at `ETH_HLEN + hdr_len`.
+    pub hdr_len: usize,
+    /// Flags and fragment offset, host order.
+    frag: u16,
+}
+
+/// More-fragments flag and fragment-offset mask of `frag_off` (host order).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
+impl Ipv4 {
+    /// Part of a fragmented datagram (first or later fragment).
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        self.frag & (IP_MF | IP_OFFSET) != 0
+    }
+
+    /// A fragment other than the first: it carries no L4 header.
+    #[inline(always)]
+    pub fn is_later_fragment(&self) -> bool {
+        self.frag & IP_OFFSET != 0
+    }
 }
 
 /// Checks that an IPv4 header follows the Ethernet header and is sane enough to route, and
-/// returns its addresses. Nothing past the fixed header is needed: routing is by address only
-/// and no L3/L4 field is rewritten, so options and fragments pass untouched.
+/// returns what the programs decide on. Only the fixed header is made linear: plain routing
+/// needs nothing past it, and the load balancer pulls the L4 header itself (`l4::parse`).
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Addrs, DropReason> {
+pub fn parse(ctx: &TcContext) -> Result<Ipv4, DropReason> {
     ensure_linear(ctx, ETH_HLEN + IPV4_HLEN)?;
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN)?;
     // SAFETY: `ptr_at` checked that the whole header lies inside the linear packet data.
@@ -44,9 +69,13 @@ pub fn parse(ctx: &TcContext) -> Result<Addrs, DropReason> {
     if version_ihl >> 4 != 4 || version_ihl & 0x0f < 5 {
         return Err(DropReason::Malformed);
     }
-    Ok(Addrs {
+    Ok(Ipv4 {
         src: ip.saddr,
         dst: ip.daddr,
+        proto: ip.protocol,
+        // Masked so the verifier sees the bound (20..=60) it needs for offsets built on it.
+        hdr_len: usize::from(version_ihl & 0x0f) << 2,
+        frag: u16::from_be_bytes(ip.frag_off),
     })
 }
 

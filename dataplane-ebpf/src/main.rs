@@ -1,24 +1,32 @@
 //! The netagent eBPF datapath (built for `bpfel-unknown-none` by `agent/datapath/build.rs`).
 //!
 //! Layout follows Cilium's split: one module per attachment point (`from_container`,
-//! `from_overlay`, later `from_uplink`, ...) and small shared modules for header parsing
-//! (`eth`, `arp`, `ipv4`), map definitions (`maps`), packet exits (`forward`, `tunnel`) and
-//! drop accounting (`drop`). `test_hooks` holds programs that exist only for tests. Each program is a thin
+//! `from_overlay`, `from_uplink`) and small shared modules for header parsing (`eth`, `arp`,
+//! `ipv4`, `l4`), map definitions (`maps`), packet exits (`forward`, `tunnel`), the load
+//! balancer (`lb`, `conntrack`, `nat`, `atomic`) and drop accounting (`drop`). `test_hooks` holds programs that exist only for tests. Each program is a thin
 //! `#[classifier]` entry point around a `try_*(ctx) -> Result<i32, DropReason>` function, so
 //! every early exit with a reason ends in the one place that counts and reports it.
 // Only the BPF target gets the freestanding setup. On the host the binary compiles as an
 // ordinary (useless) program so `cargo clippy/build/test --workspace` need no exclusions.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `asm!` on the BPF target (the atomic fetch-and-add in `atomic`, see there for why).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod arp;
+mod atomic;
+mod conntrack;
 mod drop;
 mod eth;
 mod forward;
 mod from_container;
 mod from_overlay;
+mod from_uplink;
 mod ipv4;
+mod l4;
+mod lb;
 mod maps;
+mod nat;
 mod test_hooks;
 mod tunnel;
 mod verdict;

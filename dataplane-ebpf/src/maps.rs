@@ -7,12 +7,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use dataplane_common::{
-    CONFIG_KEY, Config, DROP_COUNTERS_MAX_ENTRIES, DROP_EVENTS_BYTE_SIZE, DropReason,
-    ENDPOINTS_MAX_ENTRIES, EndpointInfo, EndpointKey, NETWORKS_MAX_ENTRIES, NetworkInfo, TestInput,
-    TestObservation,
+    BACKEND_SETS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, Backend, BackendKey, BackendSet, CONFIG_KEY,
+    CONNTRACK_MAX_ENTRIES, Config, CtEntry, CtKey, DROP_COUNTERS_MAX_ENTRIES,
+    DROP_EVENTS_BYTE_SIZE, DropReason, ENDPOINTS_MAX_ENTRIES, EndpointInfo, EndpointKey,
+    NETWORKS_MAX_ENTRIES, NetworkInfo, PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey,
+    RrCursor, SERVICES_MAX_ENTRIES, ServiceInfo, TestInput, TestObservation,
 };
 
 /// Node-wide settings, one entry at `CONFIG_KEY`.
@@ -44,6 +46,42 @@ pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> =
 #[map(name = "NETWORKS")]
 pub static NETWORKS: LpmTrie<[u8; 4], NetworkInfo> = LpmTrie::pinned(NETWORKS_MAX_ENTRIES, 0);
 
+/// Service VIPs (network-order octets) of the networks this node has endpoints on.
+///
+/// This and the other maps the agent writes while programs read them are `BPF_F_NO_PREALLOC`
+/// for the reason given at ENDPOINTS: a value being read is never recycled under the reader.
+#[map(name = "SERVICES")]
+pub static SERVICES: HashMap<[u8; 4], ServiceInfo> =
+    HashMap::pinned(SERVICES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Backend set id -> which bank and how many slots of BACKENDS are live.
+#[map(name = "BACKEND_SETS")]
+pub static BACKEND_SETS: HashMap<u32, BackendSet> =
+    HashMap::pinned(BACKEND_SETS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// (set id, bank, slot) -> backend address.
+#[map(name = "BACKENDS")]
+pub static BACKENDS: HashMap<BackendKey, Backend> =
+    HashMap::pinned(BACKENDS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Backend set id -> round-robin cursor, incremented atomically by the programs only (see
+/// `RrCursor`). No preallocation: a cursor deleted with its set must not be recycled for
+/// another set while a program is adding to it.
+#[map(name = "RR_CURSORS")]
+pub static RR_CURSORS: HashMap<u32, RrCursor> =
+    HashMap::pinned(BACKEND_SETS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Ports published on the node address (routing mesh).
+#[map(name = "PUBLISHED")]
+pub static PUBLISHED: HashMap<PublishedKey, PublishedInfo> =
+    HashMap::pinned(PUBLISHED_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Connection tracking of balanced flows. LRU: when full, the least recently used entries
+/// make room, so a burst of new connections can never make balancing fail. (LRU maps are
+/// always preallocated; the programs copy what they need out of an entry right away.)
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+
 /// Test-hook input (see `test_hooks`); unpinned, private to one load.
 #[map(name = "TEST_INPUT")]
 pub static TEST_INPUT: Array<TestInput> = Array::with_max_entries(1, 0);
@@ -57,7 +95,7 @@ pub static TEST_OBSERVED: Array<TestObservation> = Array::with_max_entries(1, 0)
 #[allow(clippy::unnecessary_cast)]
 const BPF_F_NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC as u32;
 
-/// The config, once the agent has written a complete one. Programs copy it (16 bytes) rather
+/// The config, once the agent has written a complete one. Programs copy it (32 bytes) rather
 /// than hold the map pointer, so a concurrent `set_config` cannot be seen half-written
 /// field by field across the function.
 #[inline(always)]
@@ -82,4 +120,18 @@ pub fn network_of(ip: [u8; 4]) -> Option<NetworkInfo> {
     NETWORKS
         .get(aya_ebpf::maps::lpm_trie::Key::new(32, ip))
         .copied()
+}
+
+/// The service whose VIP is `ip`, copied out of the map.
+#[inline(always)]
+pub fn service(ip: &[u8; 4]) -> Option<ServiceInfo> {
+    // SAFETY: copied immediately; BPF_F_NO_PREALLOC keeps the element valid meanwhile.
+    unsafe { SERVICES.get(ip).copied() }
+}
+
+/// The published port `key`, copied out of the map.
+#[inline(always)]
+pub fn published(key: &PublishedKey) -> Option<PublishedInfo> {
+    // SAFETY: as in `service`.
+    unsafe { PUBLISHED.get(key).copied() }
 }

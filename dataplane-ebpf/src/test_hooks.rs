@@ -2,9 +2,10 @@
 //! never attaches. They run the real decision functions under BPF_PROG_TEST_RUN and make
 //! visible what the test run itself cannot:
 //!
-//! - `from_overlay_test` takes the VNI from TEST_INPUT, because a test run cannot attach
-//!   tunnel metadata to its skb (and `from_overlay` would drop it as `no_tunnel_key`);
-//! - both record in TEST_OBSERVED the skb's tunnel key and packet type after the decision,
+//! - `from_overlay_test` takes the VNI and the sending node from TEST_INPUT, because a test
+//!   run cannot attach tunnel metadata to its skb (and `from_overlay` would drop it as
+//!   `no_tunnel_key`);
+//! - all of them record in TEST_OBSERVED the skb's tunnel key and packet type after the decision,
 //!   which the test run does not copy out. `bpf_skb_get_tunnel_key` reads the metadata
 //!   `bpf_skb_set_tunnel_key` attached to the same skb, so the tunnel key from_container
 //!   chose for a remote endpoint is observable without a VXLAN device.
@@ -18,6 +19,7 @@ use crate::{
     drop,
     from_container::try_from_container,
     from_overlay::try_from_overlay,
+    from_uplink::try_from_uplink,
     maps::{TEST_INPUT, TEST_OBSERVED},
     tunnel,
 };
@@ -34,10 +36,22 @@ pub fn from_container_test(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn from_overlay_test(ctx: TcContext) -> i32 {
-    let vni = TEST_INPUT.get(0).map_or(0, |input| input.vni);
-    let verdict = match try_from_overlay(&ctx, vni) {
+    let (vni, remote) = TEST_INPUT
+        .get(0)
+        .map_or((0, [0; 4]), |input| (input.vni, input.remote_node));
+    let verdict = match try_from_overlay(&ctx, vni, remote) {
         Ok(verdict) => verdict,
         Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromOverlay, vni),
+    };
+    observe(&ctx, verdict);
+    verdict
+}
+
+#[classifier]
+pub fn from_uplink_test(ctx: TcContext) -> i32 {
+    let verdict = match try_from_uplink(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromUplink, 0),
     };
     observe(&ctx, verdict);
     verdict

@@ -6,8 +6,8 @@
 //! nowhere else.
 
 use aya_ebpf::{
-    bindings::bpf_tunnel_key,
     bindings::BPF_F_ZERO_CSUM_TX,
+    bindings::bpf_tunnel_key,
     helpers::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
     programs::TcContext,
 };

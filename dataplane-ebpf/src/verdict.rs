@@ -7,9 +7,8 @@
 
 use aya_ebpf::bindings;
 
-/// Continue to the stack (TCX: `TCX_PASS`). Unused while every IPv4 packet is either routed
-/// over the overlay or dropped; traffic to the node and the outside world will pass with it.
-#[allow(dead_code)]
+/// Continue to the stack (TCX: `TCX_PASS`): what `from_uplink` answers for everything that
+/// is not a published port.
 pub const TC_ACT_OK: i32 = bindings::TC_ACT_OK as i32;
 /// Drop (TCX: `TCX_DROP`).
 pub const TC_ACT_SHOT: i32 = bindings::TC_ACT_SHOT as i32;

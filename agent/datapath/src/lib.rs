@@ -8,25 +8,45 @@
 //!
 //! ```text
 //! <bpf_dir>/CONFIG, DROP_COUNTERS, DROP_EVENTS,     pinned maps (dataplane_common::map_names)
-//!           ENDPOINTS, NETWORKS
+//!           ENDPOINTS, NETWORKS, SERVICES,
+//!           BACKEND_SETS, BACKENDS, RR_CURSORS,
+//!           PUBLISHED, CONNTRACK
 //! <bpf_dir>/links/from_container@<ifname>           pinned TCX links ('.' in ifname -> ':')
 //! <bpf_dir>/links/from_overlay@<ifname>
+//! <bpf_dir>/links/from_uplink@<ifname>
 //! ```
 //!
 //! Routing state: [`Datapath::upsert_endpoint`] / [`Datapath::upsert_network`] and their
 //! `remove_*` and listing counterparts (see the `routing` module).
+//!
+//! Load balancing (see the `lb` module):
+//!
+//! ```text
+//! set_lb_config(LbConfig { node_ip, uplink_ifindex, .. })   once, after load
+//! attach_from_uplink(uplink)                                 routing mesh on the node address
+//! set_backends(id, &[replica addresses on one network])     a backend set (per service+network)
+//! upsert_service(vip, &ServiceInfo { id, vni, flags: 0 })   a VIP on that network -> set id
+//! upsert_published(port, proto, &PublishedInfo::new(id, target))
+//! ```
+//!
+//! Backends must also be in ENDPOINTS (local or remote), like any destination: the balanced
+//! packet is routed to them by address. Removing a replica from a set stops new connections
+//! to it; its existing ones continue on their conntrack entries until idle.
 
 mod bpffs;
 mod compat;
 mod error;
 mod events;
+mod lb;
 mod routing;
 mod sys;
 mod test_hooks;
 
 use std::{
     io,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use aya::{
@@ -42,9 +62,14 @@ use aya::{
 pub use bpffs::{is_bpffs, mount_bpffs, remove_pins};
 pub use compat::PinReport;
 pub use dataplane_common::{
-    CONFIG_F_READY, Config, DropEvent, DropReason, ENDPOINT_F_LOCAL, ENDPOINTS_MAX_ENTRIES,
-    EndpointInfo, Hook, NETWORK_F_ENCRYPTED, NETWORKS_MAX_ENTRIES, NetworkInfo, TestInput,
-    TestObservation, VNI_MAX, map_names, node_ip_from_abi, node_ip_to_abi, program_names,
+    BACKEND_SETS_MAX_ENTRIES, BACKENDS_PER_SET_MAX, Backend, BackendKey, BackendSet,
+    CONFIG_F_READY, CONNTRACK_MAX_ENTRIES, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING,
+    CT_F_HAIRPIN, CT_TCP_TIMEOUT_DEFAULT_S, CT_UDP_TIMEOUT_DEFAULT_S, Config, CtEntry, CtKey,
+    CtKind, DropEvent, DropReason, ENDPOINT_F_LOCAL, ENDPOINTS_MAX_ENTRIES, EndpointInfo,
+    HAIRPIN_SNAT_IP, Hook, L4Proto, MESH_INNER_SRC_MAC, NETWORK_F_ENCRYPTED, NETWORKS_MAX_ENTRIES,
+    NetworkInfo, PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor,
+    SERVICES_MAX_ENTRIES, ServiceInfo, TestInput, TestObservation, VNI_MAX, map_names,
+    node_ip_from_abi, node_ip_to_abi, program_names,
 };
 use dataplane_common::{CONFIG_KEY, DROP_COUNTER_EVENTS_LOST};
 pub use error::DatapathError;
@@ -74,8 +99,82 @@ pub struct DatapathConfig {
     pub vxlan_ifindex: u32,
 }
 
+/// Node-wide load-balancer settings, kept apart from [`DatapathConfig`] so code that builds
+/// that struct literally keeps compiling. [`Datapath::load`] keeps the ones a previous agent
+/// left in the pinned config (defaults on a fresh node); set them with
+/// [`Datapath::set_lb_config`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbConfig {
+    /// The node's advertise address: published ports answer on it (routing mesh) and the
+    /// replies of those connections leave with it as source. `None` turns the mesh off.
+    pub node_ip: Option<Ipv4Addr>,
+    /// ifindex of the uplink, the device `node_ip` is on (in the agent's network namespace):
+    /// routing-mesh replies are sent out of it. 0 = unknown: such replies are dropped as
+    /// `no_uplink`.
+    pub uplink_ifindex: u32,
+    /// Idle timeout of TCP connections through a VIP or published port (whole seconds, at
+    /// least 1; the fraction is ignored). Default 6 hours.
+    pub tcp_timeout: Duration,
+    /// Idle timeout of UDP flows (as above). Default 5 minutes.
+    pub udp_timeout: Duration,
+}
+
+impl Default for LbConfig {
+    fn default() -> Self {
+        Self {
+            node_ip: None,
+            uplink_ifindex: 0,
+            tcp_timeout: Duration::from_secs(CT_TCP_TIMEOUT_DEFAULT_S.into()),
+            udp_timeout: Duration::from_secs(CT_UDP_TIMEOUT_DEFAULT_S.into()),
+        }
+    }
+}
+
+impl LbConfig {
+    /// Writes the load-balancer fields of `abi`.
+    fn apply(&self, abi: &mut Config) -> Result<(), DatapathError> {
+        let secs = |what: &str, d: Duration| {
+            u32::try_from(d.as_secs())
+                .ok()
+                .filter(|s| *s >= 1)
+                .ok_or_else(|| {
+                    DatapathError::InvalidConfig(format!(
+                        "{what} timeout {d:?} is outside 1 s..={} s",
+                        u32::MAX
+                    ))
+                })
+        };
+        abi.ct_tcp_timeout_s = secs("TCP", self.tcp_timeout)?;
+        abi.ct_udp_timeout_s = secs("UDP", self.udp_timeout)?;
+        abi.node_ip = match self.node_ip {
+            None => [0; 4],
+            Some(ip) if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() => {
+                return Err(DatapathError::InvalidConfig(format!(
+                    "node address {ip} is not a unicast address"
+                )));
+            }
+            Some(ip) => ip.octets(),
+        };
+        abi.uplink_ifindex = self.uplink_ifindex;
+        Ok(())
+    }
+
+    /// The load-balancer fields of `abi` (0 timeouts, as in a never-written config, read as
+    /// the defaults, like the programs do).
+    fn from_abi(abi: &Config) -> Self {
+        let or_default =
+            |s: u32, default: u32| Duration::from_secs(u64::from(if s == 0 { default } else { s }));
+        Self {
+            node_ip: (abi.node_ip != [0; 4]).then(|| Ipv4Addr::from(abi.node_ip)),
+            uplink_ifindex: abi.uplink_ifindex,
+            tcp_timeout: or_default(abi.ct_tcp_timeout_s, CT_TCP_TIMEOUT_DEFAULT_S),
+            udp_timeout: or_default(abi.ct_udp_timeout_s, CT_UDP_TIMEOUT_DEFAULT_S),
+        }
+    }
+}
+
 impl DatapathConfig {
-    fn to_abi(self) -> Result<Config, DatapathError> {
+    fn to_abi(self, lb: &LbConfig) -> Result<Config, DatapathError> {
         if self.router_mac == [0; 6] {
             return Err(DatapathError::InvalidConfig(
                 "router MAC is all zeros".into(),
@@ -87,12 +186,15 @@ impl DatapathConfig {
                 self.router_mac
             )));
         }
-        Ok(Config {
+        let mut abi = Config {
             router_mac: self.router_mac,
             _pad: [0; 2],
             flags: CONFIG_F_READY,
             vxlan_ifindex: self.vxlan_ifindex,
-        })
+            ..Config::default()
+        };
+        lb.apply(&mut abi)?;
+        Ok(abi)
     }
 }
 
@@ -124,9 +226,12 @@ impl Datapath {
     /// pinned config: the VXLAN device survives an agent restart, and the still-attached
     /// programs share the pinned config, so overwriting it with 0 would cut remote traffic
     /// until the agent calls [`Datapath::set_config`]. [`Datapath::set_config`] writes what it
-    /// is given, 0 included.
+    /// is given, 0 included. The load-balancer settings ([`LbConfig`]) of a pinned config are
+    /// kept too (on a fresh node they are the defaults: mesh off, default timeouts).
     pub fn load(bpf_dir: &Path, config: DatapathConfig) -> Result<Self, DatapathError> {
-        let mut abi_config = config.to_abi()?;
+        // Validates the config before anything is touched; rebuilt below with the pinned
+        // load-balancer settings once the maps are open.
+        let mut abi_config = config.to_abi(&LbConfig::default())?;
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
@@ -145,16 +250,17 @@ impl Datapath {
             bpf_dir: bpf_dir.to_path_buf(),
             pins,
         };
-        if abi_config.vxlan_ifindex == 0 {
-            // A fresh map reads as all zeros (not ready), which keeps 0.
-            let pinned = datapath.config()?;
-            if pinned.is_ready() && pinned.vxlan_ifindex != 0 {
-                debug!(
-                    vxlan_ifindex = pinned.vxlan_ifindex,
-                    "keeping the VXLAN ifindex of the pinned config"
-                );
-                abi_config.vxlan_ifindex = pinned.vxlan_ifindex;
-            }
+        // A fresh map reads as all zeros (not ready): nothing to keep.
+        let pinned = datapath.config()?;
+        if pinned.is_ready() {
+            abi_config = config.to_abi(&LbConfig::from_abi(&pinned))?;
+        }
+        if abi_config.vxlan_ifindex == 0 && pinned.is_ready() && pinned.vxlan_ifindex != 0 {
+            debug!(
+                vxlan_ifindex = pinned.vxlan_ifindex,
+                "keeping the VXLAN ifindex of the pinned config"
+            );
+            abi_config.vxlan_ifindex = pinned.vxlan_ifindex;
         }
         datapath.write_config(abi_config)?;
 
@@ -186,9 +292,23 @@ impl Datapath {
         &self.pins
     }
 
-    /// Replaces the node-wide config; attached programs see it on their next packet.
+    /// Replaces the node-wide config; attached programs see it on their next packet. The
+    /// load-balancer settings stay as they are.
     pub fn set_config(&mut self, config: DatapathConfig) -> Result<(), DatapathError> {
-        self.write_config(config.to_abi()?)
+        let lb = self.lb_config()?;
+        self.write_config(config.to_abi(&lb)?)
+    }
+
+    /// Replaces the load-balancer settings; the rest of the config stays as it is.
+    pub fn set_lb_config(&mut self, lb: LbConfig) -> Result<(), DatapathError> {
+        let mut abi = self.config()?;
+        lb.apply(&mut abi)?;
+        self.write_config(abi)
+    }
+
+    /// The load-balancer settings as the programs see them.
+    pub fn lb_config(&self) -> Result<LbConfig, DatapathError> {
+        Ok(LbConfig::from_abi(&self.config()?))
     }
 
     /// The config as the programs see it.
@@ -294,6 +414,25 @@ impl Datapath {
     /// Returns whether a link was pinned.
     pub fn detach_from_overlay(&self, ifname: &str) -> Result<bool, DatapathError> {
         self.unpin_link(program_names::FROM_OVERLAY, ifname)
+    }
+
+    /// The loaded `from_uplink` program (for `BPF_PROG_TEST_RUN`).
+    pub fn from_uplink(&self) -> Result<&SchedClassifier, DatapathError> {
+        self.classifier(program_names::FROM_UPLINK)
+    }
+
+    /// Attaches `from_uplink` at TCX ingress of `ifname`, the node's uplink (the device of
+    /// the advertise address), with the same pinned-link scheme as
+    /// [`Datapath::attach_from_container`]. It only takes packets to published ports on
+    /// [`LbConfig::node_ip`]; everything else passes to the stack untouched.
+    pub fn attach_from_uplink(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        self.attach_tcx(program_names::FROM_UPLINK, ifname, TcAttachType::Ingress)
+    }
+
+    /// Detaches `from_uplink` from `ifname` and removes the pinned link, synchronously.
+    /// Returns whether a link was pinned.
+    pub fn detach_from_uplink(&self, ifname: &str) -> Result<bool, DatapathError> {
+        self.unpin_link(program_names::FROM_UPLINK, ifname)
     }
 
     /// Raw access to the loaded object, for tests and benchmarks that need maps or programs
@@ -459,21 +598,69 @@ mod tests {
     }
 
     #[test]
+    fn lb_config_validation_and_round_trip() {
+        let dp = DatapathConfig {
+            router_mac: [0x02, 0, 0, 0, 0, 1],
+            vxlan_ifindex: 0,
+        };
+        let lb = LbConfig {
+            node_ip: Some(Ipv4Addr::new(198, 18, 0, 1)),
+            uplink_ifindex: 3,
+            tcp_timeout: Duration::from_secs(7),
+            udp_timeout: Duration::from_millis(2500),
+        };
+        let abi = dp.to_abi(&lb).expect("valid");
+        assert_eq!(abi.node_ip, [198, 18, 0, 1]);
+        assert_eq!((abi.ct_tcp_timeout_s, abi.ct_udp_timeout_s), (7, 2));
+        assert_eq!(
+            LbConfig::from_abi(&abi),
+            LbConfig {
+                udp_timeout: Duration::from_secs(2),
+                ..lb
+            }
+        );
+        for bad in [
+            LbConfig {
+                tcp_timeout: Duration::from_millis(999),
+                ..lb
+            },
+            LbConfig {
+                udp_timeout: Duration::from_secs(u64::from(u32::MAX) + 1),
+                ..lb
+            },
+            LbConfig {
+                node_ip: Some(Ipv4Addr::BROADCAST),
+                ..lb
+            },
+            LbConfig {
+                node_ip: Some(Ipv4Addr::UNSPECIFIED),
+                ..lb
+            },
+        ] {
+            assert!(dp.to_abi(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn config_validation() {
         let ok = DatapathConfig {
             router_mac: [0x02, 0, 0, 0, 0, 1],
             vxlan_ifindex: 9,
         };
-        let abi = ok.to_abi().expect("valid");
+        let abi = ok.to_abi(&LbConfig::default()).expect("valid");
         assert!(abi.is_ready());
         assert_eq!(abi.router_mac, ok.router_mac);
         assert_eq!(abi.vxlan_ifindex, 9);
+        assert_eq!(abi.ct_tcp_timeout_s, 21_600);
+        assert_eq!(abi.ct_udp_timeout_s, 300);
+        assert_eq!(abi.node_ip, [0; 4]);
+        assert_eq!(LbConfig::from_abi(&abi), LbConfig::default());
         assert!(
             DatapathConfig {
                 router_mac: [0; 6],
                 vxlan_ifindex: 0
             }
-            .to_abi()
+            .to_abi(&LbConfig::default())
             .is_err()
         );
         assert!(
@@ -481,7 +668,7 @@ mod tests {
                 router_mac: [0x01, 0, 0x5e, 0, 0, 1],
                 vxlan_ifindex: 0
             }
-            .to_abi()
+            .to_abi(&LbConfig::default())
             .is_err()
         );
     }

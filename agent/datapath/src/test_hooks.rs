@@ -1,6 +1,8 @@
 //! Accessors for the test-hook programs and their maps (see `program_names::FROM_*_TEST`).
 //! They exist for `BPF_PROG_TEST_RUN` tests and benchmarks; the agent never attaches them.
 
+use std::net::Ipv4Addr;
+
 use aya::{
     maps::{Array, MapData},
     programs::SchedClassifier,
@@ -22,13 +24,32 @@ impl Datapath {
         self.classifier(program_names::FROM_OVERLAY_TEST)
     }
 
-    /// Sets the VNI `from_overlay_test` pretends packets arrived with.
+    /// Sets the VNI `from_overlay_test` pretends packets arrived with (from node 0.0.0.0).
     pub fn set_test_vni(&mut self, vni: u32) -> Result<(), DatapathError> {
+        self.set_test_tunnel(vni, Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// Sets the VNI and the sending node (outer source) `from_overlay_test` pretends packets
+    /// arrived with.
+    pub fn set_test_tunnel(
+        &mut self,
+        vni: u32,
+        remote_node: Ipv4Addr,
+    ) -> Result<(), DatapathError> {
         let name = map_names::TEST_INPUT;
         let mut map: Array<&mut MapData, TestInput> =
             Array::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
-        map.set(0, TestInput { vni }, 0)
+        let input = TestInput {
+            vni,
+            remote_node: remote_node.octets(),
+        };
+        map.set(0, input, 0)
             .map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// `from_uplink` plus the TEST_OBSERVED record, like [`Datapath::from_container_test`].
+    pub fn from_uplink_test(&self) -> Result<&SchedClassifier, DatapathError> {
+        self.classifier(program_names::FROM_UPLINK_TEST)
     }
 
     /// What the last test-hook run observed.

@@ -14,8 +14,11 @@ use netagent_datapath::{
     map_names, remove_pins,
 };
 
+/// `list` as a PinReport lists it (sorted by name).
 fn names(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
+    let mut names: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+    names.sort();
+    names
 }
 
 #[test]
@@ -328,4 +331,43 @@ fn config_without_vxlan() -> DatapathConfig {
         vxlan_ifindex: 0,
         ..config()
     }
+}
+
+#[test]
+fn from_uplink_attaches_to_the_uplink_with_a_pinned_link() {
+    if !have_root() {
+        return;
+    }
+    in_private_netns(|| {
+        let dir = BpfDir::new();
+        ip_cmd(&[
+            "link", "add", "dpup0", "type", "veth", "peer", "name", "dpup0p",
+        ]);
+        let first_id = {
+            let mut dp = Datapath::load(dir.path(), config()).expect("load");
+            dp.attach_from_uplink("dpup0").expect("attach");
+            dp.from_uplink()
+                .expect("program")
+                .info()
+                .expect("info")
+                .id()
+        };
+        assert!(dir.path().join("links/from_uplink@dpup0").exists());
+        assert_eq!(tcx_program_ids("dpup0"), [first_id], "outlives the agent");
+
+        // Restart: swapped in place; independent of other programs' links on the name.
+        let mut dp = Datapath::load(dir.path(), config()).expect("reload");
+        dp.attach_from_uplink("dpup0").expect("re-attach");
+        let second_id = dp
+            .from_uplink()
+            .expect("program")
+            .info()
+            .expect("info")
+            .id();
+        assert_eq!(tcx_program_ids("dpup0"), [second_id]);
+        assert!(!dp.detach_from_container("dpup0").expect("no such link"));
+        assert!(dp.detach_from_uplink("dpup0").expect("detach"));
+        assert!(tcx_program_ids("dpup0").is_empty());
+        assert!(!dp.detach_from_uplink("dpup0").expect("detach again"));
+    });
 }

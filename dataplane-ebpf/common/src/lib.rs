@@ -27,9 +27,33 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     /// LPM trie: overlay subnet -> [`crate::NetworkInfo`] (key: see [`crate::NetworkInfo`]).
     pub const NETWORKS: &str = "NETWORKS";
+    /// Hash map: service virtual IP (`[u8; 4]`, network order) -> [`crate::ServiceInfo`].
+    pub const SERVICES: &str = "SERVICES";
+    /// Hash map: backend set id (`u32`) -> [`crate::BackendSet`] (active bank and count).
+    pub const BACKEND_SETS: &str = "BACKEND_SETS";
+    /// Hash map: [`crate::BackendKey`] -> [`crate::Backend`].
+    pub const BACKENDS: &str = "BACKENDS";
+    /// Hash map: backend set id (`u32`) -> [`crate::RrCursor`] (round-robin position).
+    pub const RR_CURSORS: &str = "RR_CURSORS";
+    /// Hash map: [`crate::PublishedKey`] -> [`crate::PublishedInfo`] (routing mesh ports).
+    pub const PUBLISHED: &str = "PUBLISHED";
+    /// LRU hash map: [`crate::CtKey`] -> [`crate::CtEntry`] (connection tracking).
+    pub const CONNTRACK: &str = "CONNTRACK";
 
     /// Every pinned map of the datapath, for tooling that checks or removes pins.
-    pub const ALL: &[&str] = &[CONFIG, DROP_COUNTERS, DROP_EVENTS, ENDPOINTS, NETWORKS];
+    pub const ALL: &[&str] = &[
+        CONFIG,
+        DROP_COUNTERS,
+        DROP_EVENTS,
+        ENDPOINTS,
+        NETWORKS,
+        SERVICES,
+        BACKEND_SETS,
+        BACKENDS,
+        RR_CURSORS,
+        PUBLISHED,
+        CONNTRACK,
+    ];
 
     /// Input of the test-hook programs ([`crate::TestInput`], one entry). Not pinned: each
     /// load gets its own, so tests never see another load's state.
@@ -45,20 +69,26 @@ pub mod program_names {
     pub const FROM_CONTAINER: &str = "from_container";
     /// tc ingress on the node's collect-metadata VXLAN device.
     pub const FROM_OVERLAY: &str = "from_overlay";
+    /// tc ingress on the node's uplink: the ingress routing mesh for published ports.
+    pub const FROM_UPLINK: &str = "from_uplink";
     /// Test hook: `from_container` plus a record of the skb's tunnel key and packet type
     /// after the run in TEST_OBSERVED. Loaded, never attached.
     pub const FROM_CONTAINER_TEST: &str = "from_container_test";
     /// Test hook: `from_overlay`'s decision with the VNI taken from TEST_INPUT instead of the
     /// tunnel metadata, which BPF_PROG_TEST_RUN cannot inject. Loaded, never attached.
     pub const FROM_OVERLAY_TEST: &str = "from_overlay_test";
+    /// Test hook: `from_uplink` plus the TEST_OBSERVED record. Loaded, never attached.
+    pub const FROM_UPLINK_TEST: &str = "from_uplink_test";
 
     /// Every program of the object; the agent loads (verifies) all of them, so a verifier
     /// rejection of a test hook fails the load just like one of a real program.
     pub const ALL: &[&str] = &[
         FROM_CONTAINER,
         FROM_OVERLAY,
+        FROM_UPLINK,
         FROM_CONTAINER_TEST,
         FROM_OVERLAY_TEST,
+        FROM_UPLINK_TEST,
     ];
 }
 
@@ -85,7 +115,29 @@ pub struct Config {
     /// created it yet: remote destinations are then dropped as
     /// [`DropReason::NoTunnelDevice`].
     pub vxlan_ifindex: u32,
+    /// The node's advertise address (network order): `from_uplink` balances packets to
+    /// `node_ip:<published port>` and replies of those flows leave with it as source.
+    /// 0.0.0.0 turns the routing mesh off (`from_uplink` passes everything).
+    pub node_ip: [u8; 4],
+    /// ifindex of the uplink (the device `node_ip` is on): replies of routing-mesh flows are
+    /// sent out of it with `bpf_redirect_neigh`. 0: such replies are dropped as
+    /// [`DropReason::NoUplink`].
+    pub uplink_ifindex: u32,
+    /// Idle timeout of TCP conntrack entries in seconds (0 is read as the default,
+    /// [`CT_TCP_TIMEOUT_DEFAULT_S`]).
+    pub ct_tcp_timeout_s: u32,
+    /// Idle timeout of UDP conntrack entries in seconds (0 is read as the default,
+    /// [`CT_UDP_TIMEOUT_DEFAULT_S`]).
+    pub ct_udp_timeout_s: u32,
 }
+
+/// Default idle timeout of a TCP connection (6 hours). IPVS, behind Docker's VIPs, forgets an
+/// idle established connection after 900 s, which silently breaks long-lived idle
+/// connections (database pools, ...); ours outlives the usual TCP keepalive of 2 hours.
+pub const CT_TCP_TIMEOUT_DEFAULT_S: u32 = 21_600;
+
+/// Default idle timeout of a UDP flow (5 minutes).
+pub const CT_UDP_TIMEOUT_DEFAULT_S: u32 = 300;
 
 impl Config {
     /// True once the agent has written the config (see [`CONFIG_F_READY`]).
@@ -213,6 +265,9 @@ pub const VNI_MAX: u32 = (1 << 24) - 1;
 pub struct TestInput {
     /// The VNI `from_overlay_test` treats the packet as received with.
     pub vni: u32,
+    /// The outer source address (the sending node, network order) `from_overlay_test`
+    /// treats the packet as received from.
+    pub remote_node: [u8; 4],
 }
 
 /// What a test hook saw of the skb after the program's decision, so tests can check side
@@ -257,8 +312,8 @@ pub const DROP_EVENTS_BYTE_SIZE: u32 = 256 * 1024;
 /// Why a program dropped a packet. The discriminant is the wire code used as the DROP_COUNTERS
 /// index and in [`DropEvent::reason`]; codes are stable (append only, never reuse).
 ///
-/// Codes 1..=15 are generic parsing/infrastructure reasons, 16..=31 ARP, 32.. routing
-/// (endpoint lookups, isolation, tunnels; later encryption and services).
+/// Codes 1..=15 are generic parsing/infrastructure reasons, 16..=31 ARP, 32..=47 routing
+/// (endpoint lookups, isolation, tunnels), 48.. load balancing (services, conntrack, mesh).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DropReason {
@@ -303,6 +358,20 @@ pub enum DropReason {
     NoTunnelKey = 38,
     /// A VXLAN packet whose VNI is not the network of its destination endpoint.
     WrongVni = 39,
+    /// A new connection to a service VIP or published port whose backend set is empty or
+    /// missing (no replica runs, or all are drained).
+    NoBackend = 48,
+    /// An IPv4 fragment to a service VIP or published port: only the first fragment carries
+    /// the ports that pick the backend, so fragments cannot be balanced consistently.
+    Fragmented = 49,
+    /// A protocol other than TCP or UDP to a service VIP (e.g. ping): VIPs balance ports,
+    /// nothing answers for the address itself (as with Docker's VIPs).
+    VipUnsupportedProtocol = 50,
+    /// A conntrack entry for a new connection could not be created.
+    ConntrackFailed = 51,
+    /// A reply of a routing-mesh flow must leave through the uplink but the config has no
+    /// uplink ifindex.
+    NoUplink = 52,
 }
 
 impl DropReason {
@@ -323,6 +392,11 @@ impl DropReason {
         DropReason::NoTunnelDevice,
         DropReason::NoTunnelKey,
         DropReason::WrongVni,
+        DropReason::NoBackend,
+        DropReason::Fragmented,
+        DropReason::VipUnsupportedProtocol,
+        DropReason::ConntrackFailed,
+        DropReason::NoUplink,
     ];
 
     /// The code stored in maps and events.
@@ -350,6 +424,11 @@ impl DropReason {
             37 => DropReason::NoTunnelDevice,
             38 => DropReason::NoTunnelKey,
             39 => DropReason::WrongVni,
+            48 => DropReason::NoBackend,
+            49 => DropReason::Fragmented,
+            50 => DropReason::VipUnsupportedProtocol,
+            51 => DropReason::ConntrackFailed,
+            52 => DropReason::NoUplink,
             _ => return None,
         })
     }
@@ -372,6 +451,11 @@ impl DropReason {
             DropReason::NoTunnelDevice => "no_tunnel_device",
             DropReason::NoTunnelKey => "no_tunnel_key",
             DropReason::WrongVni => "wrong_vni",
+            DropReason::NoBackend => "no_backend",
+            DropReason::Fragmented => "fragmented",
+            DropReason::VipUnsupportedProtocol => "vip_unsupported_protocol",
+            DropReason::ConntrackFailed => "conntrack_failed",
+            DropReason::NoUplink => "no_uplink",
         }
     }
 }
@@ -451,14 +535,398 @@ pub struct DropEvent {
     pub _pad: [u8; 6],
 }
 
+// ---------------------------------------------------------------------------------------------
+// Load balancing: services (VIPs), backends, round-robin, published ports, conntrack.
+//
+// How the maps fit together:
+//
+//   SERVICES[vip]            -> ServiceInfo { id, vni }        path 3: a VIP on one network
+//   PUBLISHED[port, proto]   -> PublishedInfo { id, target }   path 4: node_ip:port
+//   BACKEND_SETS[id]         -> BackendSet { count, bank }     which slots are live
+//   BACKENDS[id, bank, slot] -> Backend { ip }                 slot < count
+//   RR_CURSORS[id]           -> RrCursor { next }              atomically fetch-added
+//   CONNTRACK[5-tuple, dir]  -> CtEntry                        per-flow state
+//
+// `id` names a *backend set*: the addresses of a service's replicas on one network (a replica
+// on two networks has two addresses, so a service on two networks has two sets, one per VIP).
+// Published ports point at one of them.
+// ---------------------------------------------------------------------------------------------
+
+/// Inner Ethernet source address of routing-mesh packets that an ingress node tunnels to a
+/// backend's node (overlay traffic carries the router MAC there). It tells the receiving
+/// `from_overlay` "the source of this packet is an outside client, note where to send the
+/// replies" without a lookup of the source address. Locally administered, unicast, never a
+/// real interface's: only our programs put it into a frame, and `from_overlay` replaces it
+/// on delivery.
+pub const MESH_INNER_SRC_MAC: [u8; 6] = [0x02, 0x6d, 0x65, 0x73, 0x68, 0x00];
+
+/// Source address of hairpin connections: a container that connects to a VIP and is balanced
+/// to itself sees the connection come from this address (link-local, the same idea as
+/// Cilium's service loopback). Without it the packet would arrive with the container's own
+/// address as source, which its stack drops as a martian. The container reaches it through
+/// its default route (the overlay gateway), where `from_container` translates the replies.
+pub const HAIRPIN_SNAT_IP: [u8; 4] = [169, 254, 42, 1];
+
+/// IP protocol number of TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+
+/// The transport protocols the load balancer handles.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum L4Proto {
+    /// TCP (IP protocol 6).
+    Tcp = IPPROTO_TCP,
+    /// UDP (IP protocol 17).
+    Udp = IPPROTO_UDP,
+}
+
+impl L4Proto {
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        self as u8
+    }
+
+    /// Decodes an IP protocol number; `None` for anything but TCP and UDP.
+    pub const fn from_number(number: u8) -> Option<L4Proto> {
+        match number {
+            IPPROTO_TCP => Some(L4Proto::Tcp),
+            IPPROTO_UDP => Some(L4Proto::Udp),
+            _ => None,
+        }
+    }
+
+    /// "tcp" or "udp", as in `--publish 80:80/udp`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            L4Proto::Tcp => "tcp",
+            L4Proto::Udp => "udp",
+        }
+    }
+}
+
+/// Capacity of the SERVICES map (VIPs on this node's networks).
+pub const SERVICES_MAX_ENTRIES: u32 = 16384;
+
+/// Value of the SERVICES map, whose key is the VIP as four network-order octets (like
+/// [`EndpointKey`]).
+///
+/// A VIP is port-transparent, like Docker's: a TCP or UDP connection to any port of the VIP is
+/// balanced to the same port of a backend. Only clients on the VIP's own network (`vni`) may
+/// use it; others are dropped as [`DropReason::PolicyIsolation`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceInfo {
+    /// Backend set of this VIP (key of BACKEND_SETS, BACKENDS and RR_CURSORS). Never 0.
+    pub id: u32,
+    /// VNI of the network the VIP is on.
+    pub vni: u32,
+    /// `SERVICE_F_*` bits; none are defined yet, must be 0.
+    pub flags: u32,
+}
+
+/// All `SERVICE_F_*` bits this build knows.
+pub const SERVICE_F_ALL: u32 = 0;
+
+/// Capacity of the BACKEND_SETS and RR_CURSORS maps.
+pub const BACKEND_SETS_MAX_ENTRIES: u32 = 16384;
+
+/// Largest number of backends in one set.
+pub const BACKENDS_PER_SET_MAX: u32 = 4096;
+
+/// Capacity of the BACKENDS map: each set has two banks of slots (see [`BackendSet`]).
+pub const BACKENDS_MAX_ENTRIES: u32 = 65536;
+
+/// Value of BACKEND_SETS (key: the set id, `u32`): which backends new connections are
+/// spread over.
+///
+/// The live backends are the slots `0..count` of bank `bank` in BACKENDS. A writer fills the
+/// *other* bank, then replaces this value (one map update, atomic for readers), so a program
+/// sees either the whole old set or the whole new one, never a mix; and a shrunk set can never
+/// hand out a slot past its new count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendSet {
+    /// Number of live backends (slots `0..count`); 0 = new connections are dropped as
+    /// [`DropReason::NoBackend`] (existing ones continue on their conntrack entries).
+    pub count: u32,
+    /// The bank holding the live slots: 0 or 1.
+    pub bank: u32,
+}
+
+/// Key of the BACKENDS map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    /// The backend set.
+    pub service_id: u32,
+    /// Position in the set, `0..BackendSet::count`.
+    pub slot: u16,
+    /// 0 or 1, see [`BackendSet::bank`].
+    pub bank: u16,
+}
+
+/// Value of the BACKENDS map: one replica.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// The replica's address on the set's network (an ENDPOINTS key: the packet is routed to
+    /// it like any other packet after the rewrite).
+    pub ip: [u8; 4],
+    /// Reserved, 0.
+    pub flags: u32,
+}
+
+/// Value of RR_CURSORS (key: the set id, `u32`): the round-robin position of a set.
+///
+/// A new connection takes slot `next % count` and increments `next` with one
+/// `BPF_ATOMIC | BPF_FETCH | BPF_ADD` instruction (lock xadd on x86), so connections started
+/// concurrently on several CPUs get consecutive, distinct positions: N new connections over
+/// `count` unchanging backends give each exactly N / count (± 1). The agent creates the entry
+/// (0) and never writes it again, so no increment is lost to a map update.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RrCursor {
+    /// Number of backend selections made so far (wraps at 2^64).
+    pub next: u64,
+}
+
+/// Capacity of the PUBLISHED map.
+pub const PUBLISHED_MAX_ENTRIES: u32 = 8192;
+
+/// Key of the PUBLISHED map: a port published on the node's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublishedKey {
+    /// The published port, network order (as in the TCP/UDP header).
+    pub port: [u8; 2],
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    /// Explicit padding, 0.
+    pub _pad: u8,
+}
+
+impl PublishedKey {
+    /// The key for `port` (host order) and `proto`.
+    pub const fn new(port: u16, proto: L4Proto) -> Self {
+        Self {
+            port: port.to_be_bytes(),
+            proto: proto.number(),
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of the PUBLISHED map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PublishedInfo {
+    /// Backend set the port balances over.
+    pub service_id: u32,
+    /// Port on the backend (network order): `--publish 8080:80` has target 80.
+    pub target_port: [u8; 2],
+    /// Explicit padding, 0.
+    pub _pad: [u8; 2],
+}
+
+impl PublishedInfo {
+    /// Balances over set `service_id`, to `target_port` (host order) on the backends.
+    pub const fn new(service_id: u32, target_port: u16) -> Self {
+        Self {
+            service_id,
+            target_port: target_port.to_be_bytes(),
+            _pad: [0; 2],
+        }
+    }
+
+    /// The target port, host order.
+    pub const fn target(&self) -> u16 {
+        u16::from_be_bytes(self.target_port)
+    }
+}
+
+/// Capacity of the CONNTRACK LRU map. A balanced connection uses two entries (forward and
+/// reverse), so this tracks 131072 connections; beyond that the least recently used entries
+/// are evicted (and their connections' next packet is balanced anew).
+pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+
+/// [`CtKey::dir`] of an entry keyed by a packet from the client (client -> VIP or node
+/// address).
+pub const CT_DIR_ORIGINAL: u8 = 0;
+/// [`CtKey::dir`] of an entry keyed by a reply (backend -> client).
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Key of the CONNTRACK map: the 5-tuple of a packet as it is seen where the entry is looked
+/// up, plus the direction. Addresses and ports in network order.
+///
+/// `dir` keeps the two directions apart even if a tuple could read as both, and says which
+/// [`CtKind`]s can be found under the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    /// IPv4 source.
+    pub src_ip: [u8; 4],
+    /// IPv4 destination.
+    pub dst_ip: [u8; 4],
+    /// TCP/UDP source port.
+    pub src_port: [u8; 2],
+    /// TCP/UDP destination port.
+    pub dst_port: [u8; 2],
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    /// [`CT_DIR_ORIGINAL`] or [`CT_DIR_REPLY`].
+    pub dir: u8,
+    /// Explicit padding, 0 (part of the hashed key: must be zeroed).
+    pub _pad: [u8; 2],
+}
+
+impl CtKey {
+    /// Source address.
+    pub const fn src(&self) -> core::net::Ipv4Addr {
+        let [a, b, c, d] = self.src_ip;
+        core::net::Ipv4Addr::new(a, b, c, d)
+    }
+
+    /// Destination address.
+    pub const fn dst(&self) -> core::net::Ipv4Addr {
+        let [a, b, c, d] = self.dst_ip;
+        core::net::Ipv4Addr::new(a, b, c, d)
+    }
+
+    /// Source port, host order.
+    pub const fn sport(&self) -> u16 {
+        u16::from_be_bytes(self.src_port)
+    }
+
+    /// Destination port, host order.
+    pub const fn dport(&self) -> u16 {
+        u16::from_be_bytes(self.dst_port)
+    }
+}
+
+/// What a conntrack entry is for ([`CtEntry::kind`]). Where each kind lives and what its
+/// fields mean:
+///
+/// | kind | node | key (dir) | `nat_ip:nat_port` | `tunnel_node`, `vni` |
+/// |---|---|---|---|---|
+/// | `VipForward` | client's | client -> VIP (original) | backend:port (DNAT to) | -, client's VNI |
+/// | `VipReverse` | client's | backend -> client (reply; -> `HAIRPIN_SNAT_IP` for hairpin) | VIP:port (SNAT back to) | -, client's VNI |
+/// | `MeshForward` | ingress | client -> node_ip:published (original) | backend:target (DNAT) | -, backend's VNI |
+/// | `MeshReverse` | ingress | backend:target -> client (reply) | node_ip:published (SNAT) | -, backend's VNI |
+/// | `MeshReturn` | backend's | backend:target -> client (reply) | - | ingress node, backend's VNI |
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CtKind {
+    /// A connection from a container to a service VIP, on the client's node.
+    VipForward = 1,
+    /// The replies of a `VipForward` connection, delivered into the client with the VIP
+    /// restored as source.
+    VipReverse = 2,
+    /// A connection from outside to a published port, on the node it arrived at.
+    MeshForward = 3,
+    /// The replies of a `MeshForward` connection, sent out of the uplink with
+    /// `node_ip:published port` restored as source.
+    MeshReverse = 4,
+    /// On the backend's node: replies of a routing-mesh connection go back through the tunnel
+    /// to the ingress node (`tunnel_node`) with `vni`.
+    MeshReturn = 5,
+}
+
+impl CtKind {
+    /// Decodes [`CtEntry::kind`].
+    pub const fn from_code(code: u8) -> Option<CtKind> {
+        Some(match code {
+            1 => CtKind::VipForward,
+            2 => CtKind::VipReverse,
+            3 => CtKind::MeshForward,
+            4 => CtKind::MeshReverse,
+            5 => CtKind::MeshReturn,
+            _ => return None,
+        })
+    }
+}
+
+/// Set in [`CtEntry::flags`] of a forward TCP entry once the client sent FIN or RST: a SYN on
+/// the same tuple afterwards is a new connection (port reuse) and is balanced anew instead of
+/// sticking to the old backend.
+pub const CT_F_CLOSING: u8 = 1 << 0;
+
+/// Set in [`CtEntry::flags`] of both entries of a hairpin VIP connection (the client was
+/// balanced to itself): the forward direction also rewrites the source to
+/// [`HAIRPIN_SNAT_IP`], and the reverse entry is keyed backend:port -> `HAIRPIN_SNAT_IP`:port
+/// (the client and backend being the same address).
+pub const CT_F_HAIRPIN: u8 = 1 << 1;
+
+/// Value of the CONNTRACK map (see [`CtKind`] for the meaning of the fields per kind).
+///
+/// Idle expiry: an entry whose `last_seen_ns` is older than the protocol's timeout in
+/// [`Config`] counts as absent (a forward one is replaced by a new balancing decision).
+/// Programs refresh `last_seen_ns` at most a few times per timeout period (at most once a
+/// second) and always for both entries of a pair, so a one-way stream keeps its replies'
+/// entry alive too. The LRU evicts the least recently used entries when the map is full.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) when the flow was last seen.
+    pub last_seen_ns: u64,
+    /// Address to rewrite to (see [`CtKind`]), network order.
+    pub nat_ip: [u8; 4],
+    /// Port to rewrite to, network order.
+    pub nat_port: [u8; 2],
+    /// [`CtKind`] code.
+    pub kind: u8,
+    /// `CT_F_*` bits.
+    pub flags: u8,
+    /// `MeshReturn`: the ingress node to tunnel replies to (network order); else 0.
+    pub tunnel_node: [u8; 4],
+    /// VNI of the flow's network (see [`CtKind`]).
+    pub vni: u32,
+    /// Backend set the flow was balanced over (0 for `MeshReturn`, which is not balanced on
+    /// that node).
+    pub service_id: u32,
+    /// Explicit padding, 0.
+    pub _pad: u32,
+}
+
+impl CtEntry {
+    /// [`CtEntry::nat_ip`] as an address.
+    pub const fn nat_addr(&self) -> core::net::Ipv4Addr {
+        let [a, b, c, d] = self.nat_ip;
+        core::net::Ipv4Addr::new(a, b, c, d)
+    }
+
+    /// [`CtEntry::nat_port`], host order.
+    pub const fn nat_port(&self) -> u16 {
+        u16::from_be_bytes(self.nat_port)
+    }
+
+    /// [`CtEntry::tunnel_node`] as an address.
+    pub const fn tunnel_addr(&self) -> core::net::Ipv4Addr {
+        let [a, b, c, d] = self.tunnel_node;
+        core::net::Ipv4Addr::new(a, b, c, d)
+    }
+}
+
 /// The ring buffer hands out 8-byte aligned records; keep the event a multiple of that.
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 56);
 const _: () = assert!(core::mem::align_of::<DropEvent>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 32);
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 20);
 const _: () = assert!(core::mem::size_of::<NetworkInfo>() == 8);
 const _: () = assert!(core::mem::size_of::<TestObservation>() == 24);
-const _: () = assert!((DropReason::WrongVni as u32) < DROP_COUNTERS_MAX_ENTRIES);
+const _: () = assert!((DropReason::NoUplink as u32) < DROP_COUNTERS_MAX_ENTRIES);
+const _: () = assert!(core::mem::size_of::<TestInput>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 12);
+const _: () = assert!(core::mem::size_of::<BackendSet>() == 8);
+const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<RrCursor>() == 8);
+const _: () = assert!(core::mem::size_of::<PublishedKey>() == 4);
+const _: () = assert!(core::mem::size_of::<PublishedInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
+const _: () = assert!(BACKENDS_PER_SET_MAX <= u16::MAX as u32 + 1);
 
 #[cfg(feature = "user")]
 mod user {
@@ -479,6 +947,24 @@ mod user {
     unsafe impl aya::Pod for super::TestInput {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TestObservation {}
+    // SAFETY: as above (4+4+4, no implicit padding).
+    unsafe impl aya::Pod for super::ServiceInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BackendSet {}
+    // SAFETY: as above (4+2+2).
+    unsafe impl aya::Pod for super::BackendKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RrCursor {}
+    // SAFETY: as above (2+1+1).
+    unsafe impl aya::Pod for super::PublishedKey {}
+    // SAFETY: as above (4+2+2).
+    unsafe impl aya::Pod for super::PublishedInfo {}
+    // SAFETY: as above (4+4+2+2+1+1+2).
+    unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: as above (8+4+2+1+1+4+4+4+4).
+    unsafe impl aya::Pod for super::CtEntry {}
 
     struct Mac<'a>(&'a [u8; 6]);
 

@@ -15,11 +15,13 @@ use std::{
 
 use aya::{TestRun as _, TestRunOptions, programs::SchedClassifier};
 use netagent_datapath::{
-    Datapath, DatapathConfig, DropEvent, DropReason, EndpointInfo, NetworkInfo, TestObservation,
+    CtEntry, CtKey, CtKind, Datapath, DatapathConfig, DropEvent, DropReason, EndpointInfo,
+    LbConfig, NetworkInfo, ServiceInfo, TestObservation,
 };
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr,
+    EthernetRepr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr,
+    TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -65,6 +67,19 @@ pub const B_LOCAL_IP: Ipv4Address = Ipv4Address::new(10, 1, 0, 2);
 pub const B_LOCAL_IFINDEX: u32 = 43;
 pub const B_REMOTE_IP: Ipv4Address = Ipv4Address::new(10, 1, 0, 3);
 pub const B_MAC: [u8; 6] = [0x02, 0x42, 0x0a, 0x01, 0x00, 0x02];
+
+/// Services on network A: VIP 10.0.0.100 balances (set SVC_ID) over the local peer, the
+/// remote peer and a second local endpoint B3, in that order.
+pub const VIP: Ipv4Address = Ipv4Address::new(10, 0, 0, 100);
+pub const SVC_ID: u32 = 1;
+pub const B3_IP: Ipv4Address = Ipv4Address::new(10, 0, 0, 5);
+pub const B3_MAC: [u8; 6] = [0x02, 0x42, 0x0a, 0x00, 0x00, 0x05];
+pub const B3_IFINDEX: u32 = 45;
+/// The node's advertise address and uplink (routing mesh).
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const UPLINK_IFINDEX: u32 = 77;
+/// A host outside the overlay (a routing-mesh client).
+pub const OUTSIDE_CLIENT: Ipv4Address = Ipv4Address::new(198, 51, 100, 7);
 
 pub fn ip(addr: Ipv4Address) -> Ipv4Addr {
     Ipv4Addr::from(addr.octets())
@@ -165,6 +180,98 @@ impl Fixture {
             dp.upsert_network(subnet, &NetworkInfo { vni, flags: 0 })
                 .expect("upsert network");
         }
+    }
+
+    /// The routed topology plus the service VIP (set SVC_ID = [local peer, remote peer, B3])
+    /// and the mesh config (NODE_IP, UPLINK_IFINDEX).
+    pub fn with_services() -> Self {
+        let mut fx = Self::routed();
+        fx.dp
+            .upsert_endpoint(ip(B3_IP), &EndpointInfo::local(VNI_A, B3_IFINDEX, B3_MAC))
+            .expect("B3");
+        fx.dp
+            .upsert_service(
+                ip(VIP),
+                &ServiceInfo {
+                    id: SVC_ID,
+                    vni: VNI_A,
+                    flags: 0,
+                },
+            )
+            .expect("service");
+        fx.dp
+            .set_backends(SVC_ID, &[ip(LOCAL_PEER_IP), ip(REMOTE_PEER_IP), ip(B3_IP)])
+            .expect("backends");
+        fx.dp
+            .set_lb_config(LbConfig {
+                node_ip: Some(NODE_IP),
+                uplink_ifindex: UPLINK_IFINDEX,
+                ..LbConfig::default()
+            })
+            .expect("lb config");
+        fx
+    }
+
+    /// Moves the endpoint `addr` onto the test-run "veth" (ifindex 1) and `CONTAINER_IP` to
+    /// `elsewhere`, so `from_container` runs can send as `addr` (test runs always come in on
+    /// ifindex 1).
+    pub fn send_as(&mut self, addr: Ipv4Address, mac: [u8; 6], elsewhere: u32) {
+        self.dp
+            .upsert_endpoint(
+                ip(CONTAINER_IP),
+                &EndpointInfo::local(VNI_A, elsewhere, CONTAINER_MAC),
+            )
+            .expect("move client");
+        self.dp
+            .upsert_endpoint(ip(addr), &EndpointInfo::local(VNI_A, TEST_RUN_IFINDEX, mac))
+            .expect("move sender");
+    }
+
+    /// Runs the `from_uplink_test` hook.
+    pub fn run_uplink(&self, frame: &[u8]) -> (u32, Vec<u8>, TestObservation) {
+        let before = self.observation().runs;
+        let (verdict, out) = run(self.dp.from_uplink_test().expect("program"), frame);
+        let obs = self.observation();
+        assert_eq!(
+            obs.runs,
+            before.wrapping_add(1),
+            "the hook recorded this run"
+        );
+        assert_eq!(obs.verdict, verdict);
+        (verdict, out, obs)
+    }
+
+    /// Runs the `from_overlay_test` hook as if the frame arrived with `vni` from `node`.
+    pub fn run_overlay_from(
+        &mut self,
+        vni: u32,
+        node: Ipv4Addr,
+        frame: &[u8],
+    ) -> (u32, Vec<u8>, TestObservation) {
+        self.dp.set_test_tunnel(vni, node).expect("set test tunnel");
+        let before = self.observation().runs;
+        let (verdict, out) = run(self.dp.from_overlay_test().expect("program"), frame);
+        let obs = self.observation();
+        assert_eq!(
+            obs.runs,
+            before.wrapping_add(1),
+            "the hook recorded this run"
+        );
+        assert_eq!(obs.verdict, verdict);
+        (verdict, out, obs)
+    }
+
+    /// The conntrack entries.
+    pub fn ct(&self) -> Vec<(CtKey, CtEntry)> {
+        self.dp.conntrack_entries().expect("conntrack")
+    }
+
+    /// The conntrack entry under `key`, if any.
+    pub fn ct_entry(&self, key: &CtKey) -> Option<CtEntry> {
+        self.ct()
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, e)| e)
     }
 
     /// Runs `from_container`.
@@ -287,25 +394,179 @@ pub fn arp_request(target: Ipv4Address) -> Vec<u8> {
     arp(ArpOperation::Request, CONTAINER_IP, target)
 }
 
-/// Ethernet + IPv4 + `payload` (as UDP), checksummed, from the container.
+/// Ethernet + IPv4 + UDP (port 40000 -> 7) carrying `payload`, checksummed, from the
+/// container.
 pub fn ipv4(dst: Ipv4Address, payload: &[u8]) -> Vec<u8> {
     ipv4_from(CONTAINER_IP, dst, payload)
 }
 
-/// Ethernet + IPv4 + `payload` (as UDP), checksummed, from `src`.
+/// Ethernet + IPv4 + UDP (port 40000 -> 7) carrying `payload`, checksummed, from `src`.
 pub fn ipv4_from(src: Ipv4Address, dst: Ipv4Address, payload: &[u8]) -> Vec<u8> {
+    udp_frame(src, 40000, dst, 7, payload)
+}
+
+/// Ethernet (container -> router MAC) + IPv4 + `l4` (protocol `proto`, already built).
+pub fn ipv4_raw(src: Ipv4Address, dst: Ipv4Address, proto: IpProtocol, l4: &[u8]) -> Vec<u8> {
     let repr = Ipv4Repr {
         src_addr: src,
         dst_addr: dst,
-        next_header: IpProtocol::Udp,
-        payload_len: payload.len(),
+        next_header: proto,
+        payload_len: l4.len(),
         hop_limit: 64,
     };
-    let mut l3 = vec![0u8; repr.buffer_len() + payload.len()];
+    let mut l3 = vec![0u8; repr.buffer_len() + l4.len()];
     let mut packet = Ipv4Packet::new_unchecked(&mut l3[..]);
     repr.emit(&mut packet, &Default::default());
-    packet.payload_mut().copy_from_slice(payload);
+    packet.payload_mut().copy_from_slice(l4);
     ethernet(EthernetAddress(ROUTER_MAC), EthernetProtocol::Ipv4, &l3)
+}
+
+/// A UDP datagram in a frame, with a correct UDP checksum.
+pub fn udp_frame(
+    src: Ipv4Address,
+    sport: u16,
+    dst: Ipv4Address,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let repr = UdpRepr {
+        src_port: sport,
+        dst_port: dport,
+    };
+    let mut l4 = vec![0u8; repr.header_len() + payload.len()];
+    repr.emit(
+        &mut UdpPacket::new_unchecked(&mut l4[..]),
+        &src.into(),
+        &dst.into(),
+        payload.len(),
+        |buf| buf.copy_from_slice(payload),
+        &Default::default(),
+    );
+    ipv4_raw(src, dst, IpProtocol::Udp, &l4)
+}
+
+/// A TCP segment in a frame with `flags` set (seq 1000, ack 0 unless ACK), correct checksum.
+pub fn tcp_frame(
+    src: Ipv4Address,
+    sport: u16,
+    dst: Ipv4Address,
+    dport: u16,
+    flags: TcpFlags,
+    payload: &[u8],
+) -> Vec<u8> {
+    let repr = TcpRepr {
+        src_port: sport,
+        dst_port: dport,
+        control: match flags {
+            TcpFlags::Syn | TcpFlags::SynAck => TcpControl::Syn,
+            TcpFlags::Fin => TcpControl::Fin,
+            TcpFlags::Rst => TcpControl::Rst,
+            TcpFlags::Ack | TcpFlags::Psh => TcpControl::None,
+        },
+        seq_number: TcpSeqNumber(1000),
+        ack_number: match flags {
+            TcpFlags::Syn => None,
+            _ => Some(TcpSeqNumber(2000)),
+        },
+        window_len: 64240,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload,
+    };
+    let mut l4 = vec![0u8; repr.buffer_len()];
+    repr.emit(
+        &mut TcpPacket::new_unchecked(&mut l4[..]),
+        &src.into(),
+        &dst.into(),
+        &Default::default(),
+    );
+    if flags == TcpFlags::Psh {
+        let mut packet = TcpPacket::new_unchecked(&mut l4[..]);
+        packet.set_psh(true);
+        packet.fill_checksum(&src.into(), &dst.into());
+    }
+    ipv4_raw(src, dst, IpProtocol::Tcp, &l4)
+}
+
+/// The TCP segment kinds the tests send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpFlags {
+    Syn,
+    SynAck,
+    Ack,
+    Psh,
+    Fin,
+    Rst,
+}
+
+/// What a test needs to know about a TCP/UDP frame after the program ran, with every
+/// checksum recomputed from the bytes (not trusted from the program).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub src: Ipv4Address,
+    pub dst: Ipv4Address,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: IpProtocol,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    /// The L4 payload.
+    pub payload: Vec<u8>,
+    /// The UDP checksum field (0 = none).
+    pub udp_checksum: Option<u16>,
+}
+
+/// Parses an Ethernet/IPv4/TCP-or-UDP frame and asserts that the IPv4 header checksum and
+/// the L4 checksum (pseudo header included) are right.
+pub fn parse_checked(frame: &[u8]) -> Parsed {
+    let eth = EthernetFrame::new_checked(frame).expect("ethernet");
+    let ip = Ipv4Packet::new_checked(eth.payload()).expect("ipv4");
+    assert!(ip.verify_checksum(), "IPv4 header checksum");
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let proto = ip.next_header();
+    let (sport, dport, payload, udp_checksum) = match proto {
+        IpProtocol::Tcp => {
+            let tcp = TcpPacket::new_checked(ip.payload()).expect("tcp");
+            assert!(
+                tcp.verify_checksum(&src.into(), &dst.into()),
+                "TCP checksum of {src}:{} -> {dst}:{}",
+                tcp.src_port(),
+                tcp.dst_port()
+            );
+            (tcp.src_port(), tcp.dst_port(), tcp.payload().to_vec(), None)
+        }
+        IpProtocol::Udp => {
+            let udp = UdpPacket::new_checked(ip.payload()).expect("udp");
+            // verify_checksum accepts 0 ("no checksum"); callers check udp_checksum for that.
+            assert!(
+                udp.verify_checksum(&src.into(), &dst.into()),
+                "UDP checksum of {src}:{} -> {dst}:{}",
+                udp.src_port(),
+                udp.dst_port()
+            );
+            (
+                udp.src_port(),
+                udp.dst_port(),
+                udp.payload().to_vec(),
+                Some(udp.checksum()),
+            )
+        }
+        other => panic!("not TCP/UDP: {other}"),
+    };
+    Parsed {
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+        dst_mac: eth.dst_addr().0,
+        src_mac: eth.src_addr().0,
+        payload,
+        udp_checksum,
+    }
 }
 
 /// Asserts the frame was readdressed to `dst_mac` from the router and nothing else changed.
@@ -351,4 +612,33 @@ pub fn ifindex(ifname: &str) -> u32 {
     let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
     assert_ne!(index, 0, "{ifname}: {}", std::io::Error::last_os_error());
     index
+}
+
+/// A conntrack key (ports host order).
+pub fn ct_key(
+    src: Ipv4Address,
+    sport: u16,
+    dst: Ipv4Address,
+    dport: u16,
+    proto: u8,
+    dir: u8,
+) -> CtKey {
+    CtKey {
+        src_ip: src.octets(),
+        dst_ip: dst.octets(),
+        src_port: sport.to_be_bytes(),
+        dst_port: dport.to_be_bytes(),
+        proto,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+/// Asserts `entry` is of `kind` and rewrites to `nat:port`.
+pub fn assert_ct(entry: Option<CtEntry>, kind: CtKind, nat: Ipv4Address, port: u16) -> CtEntry {
+    let entry = entry.unwrap_or_else(|| panic!("no {kind:?} entry"));
+    assert_eq!(CtKind::from_code(entry.kind), Some(kind), "{entry:?}");
+    assert_eq!(entry.nat_ip, nat.octets(), "{kind:?} NAT address");
+    assert_eq!(entry.nat_port(), port, "{kind:?} NAT port");
+    entry
 }

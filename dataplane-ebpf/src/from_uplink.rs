@@ -1,0 +1,67 @@
+//! `from_uplink`: tc ingress (TCX) on the node's uplink, the ingress routing mesh (path 4).
+//!
+//! Only TCP/UDP to `node_ip:<published port>` is ours: it is balanced over the port's backend
+//! set with the client's address kept (`lb::to_published`). Everything else passes untouched
+//! (`TC_ACT_OK`) to the node's stack, which keeps the node's own services, its SSH, and the
+//! VXLAN underlay (UDP 4789 to the node) working; so does anything this program cannot parse,
+//! because it is not ours to judge. Drops are counted only for packets to a published port.
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use dataplane_common::{DropReason, Hook};
+
+use crate::{
+    drop,
+    eth::{ETH_HLEN, ETH_P_IP, EthHdr, ptr_at},
+    ipv4::{self, IPV4_HLEN},
+    l4, lb, maps,
+    verdict::TC_ACT_OK,
+};
+
+#[classifier]
+pub fn from_uplink(ctx: TcContext) -> i32 {
+    match try_from_uplink(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromUplink, 0),
+    }
+}
+
+/// The whole decision; also run by the `from_uplink_test` hook.
+#[inline(always)]
+pub fn try_from_uplink(ctx: &TcContext) -> Result<i32, DropReason> {
+    // Too short to be IPv4 to us: not ours (and not worth pulling anything for).
+    if (ctx.len() as usize) < ETH_HLEN + IPV4_HLEN {
+        return Ok(TC_ACT_OK);
+    }
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Ok(TC_ACT_OK);
+    };
+    // SAFETY: `ptr_at` checked the 14 bytes are inside the linear packet data.
+    if unsafe { (*eth).ether_type } != ETH_P_IP {
+        return Ok(TC_ACT_OK);
+    }
+    let Ok(ip) = ipv4::parse(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    let Ok(config) = maps::config() else {
+        return Ok(TC_ACT_OK);
+    };
+    if config.node_ip == [0; 4]
+        || ip.dst != config.node_ip
+        || !l4::is_tcp_or_udp(ip.proto)
+        // No ports to match on; the stack reassembles what is its own.
+        || ip.is_later_fragment()
+    {
+        return Ok(TC_ACT_OK);
+    }
+    let Ok(l4) = l4::parse(ctx, &ip) else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some(published) = lb::published(&l4) else {
+        return Ok(TC_ACT_OK);
+    };
+    // A first fragment to a published port: its later fragments could not follow it.
+    if ip.is_fragment() {
+        return Err(DropReason::Fragmented);
+    }
+    lb::to_published(ctx, &ip, &l4, &published, &config)
+}
