@@ -60,6 +60,13 @@ pub struct Args {
     /// gets `<prefix>web.1`. Lets several agents share a machine (the test lab does).
     #[arg(long, default_value = "")]
     pub netns_prefix: String,
+    /// Idle timeout of TCP connections through a VIP or published port, seconds. Far above
+    /// IPVS's 900 s, which resets idle connections in Docker's load balancer.
+    #[arg(long, default_value_t = 21600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ct_tcp_timeout: u64,
+    /// Idle timeout of UDP flows through a VIP or published port, seconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ct_udp_timeout: u64,
     /// Seconds without a refresh after which this node counts as down.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..=300))]
     pub lease_ttl: u64,
@@ -130,6 +137,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     datapath
         .attach_from_overlay(VXLAN_DEVICE)
         .context("attaching from_overlay")?;
+    let uplink_ifindex = netlink
+        .link_index(&uplink)
+        .await
+        .context("reading the uplink")?
+        .with_context(|| format!("uplink {uplink:?} does not exist"))?;
+    datapath
+        .set_lb_config(netagent_datapath::LbConfig {
+            node_ip: Some(args.advertise_addr),
+            uplink_ifindex,
+            tcp_timeout: Duration::from_secs(args.ct_tcp_timeout),
+            udp_timeout: Duration::from_secs(args.ct_udp_timeout),
+        })
+        .context("configuring the load balancer")?;
+    // The routing mesh: published ports answer on this node's address.
+    datapath
+        .attach_from_uplink(&uplink)
+        .context("attaching from_uplink")?;
     let datapath = Arc::new(Mutex::new(datapath));
 
     let dns = crate::dns::Dns::new(&args.dns_upstreams);

@@ -10,10 +10,12 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use netagent_datapath::{Datapath, DatapathError, EndpointInfo, NetworkInfo};
+use netagent_datapath::{
+    Datapath, DatapathError, EndpointInfo, L4Proto, NetworkInfo, PublishedInfo, ServiceInfo,
+};
 use tokio::sync::watch;
 
-use crate::model::{self, Network};
+use crate::model::{self, Availability, EndpointMode, Network, Protocol, Service};
 use crate::runtime::{Runtime, lock};
 use crate::view::ClusterView;
 
@@ -26,6 +28,75 @@ pub type Subnet = (Ipv4Addr, u8);
 pub struct Desired {
     pub endpoints: BTreeMap<Ipv4Addr, EndpointInfo>,
     pub networks: BTreeMap<Subnet, NetworkInfo>,
+    /// VIP -> its backend set.
+    pub services: BTreeMap<Ipv4Addr, ServiceInfo>,
+    /// Backend set id -> replicas taking new connections, in a stable order.
+    pub backend_sets: BTreeMap<u32, Vec<Ipv4Addr>>,
+    /// (published port, protocol) -> backend set and target port.
+    pub published: BTreeMap<(u16, u8), PublishedInfo>,
+}
+
+/// The datapath's backend set of a service on its `index`-th network: the replicas have a
+/// different address on each network, so each (service, network) is a set of its own.
+pub fn set_id(svc: &Service, index: usize) -> u32 {
+    (svc.num << 8) | (index as u32 & 0xff)
+}
+
+fn l4(p: Protocol) -> L4Proto {
+    match p {
+        Protocol::Tcp => L4Proto::Tcp,
+        Protocol::Udp => L4Proto::Udp,
+    }
+}
+
+/// Backend sets, VIPs and published ports. A replica takes new connections only while its node
+/// is alive and `active`: a drained or dead node's replicas keep their established flows
+/// (conntrack) and get no new ones.
+fn desired_services(view: &ClusterView, d: &mut Desired) {
+    for svc in view.services.values() {
+        if svc.endpoint_mode != EndpointMode::Vip {
+            continue;
+        }
+        for (i, sn) in svc.networks.iter().enumerate() {
+            let (Some(vip), Some(net)) = (sn.vip, view.networks.get(&sn.network)) else {
+                continue;
+            };
+            let id = set_id(svc, i);
+            let mut replicas: Vec<(&str, Ipv4Addr)> = view
+                .endpoints
+                .values()
+                .filter(|e| e.service.as_deref() == Some(svc.name.as_str()))
+                .filter(|e| e.network == sn.network && view.alive.contains(&e.node))
+                .filter(|e| {
+                    view.nodes
+                        .get(&e.node)
+                        .is_some_and(|n| n.availability == Availability::Active)
+                })
+                .filter(|e| d.endpoints.contains_key(&e.ip))
+                .map(|e| (e.container.as_str(), e.ip))
+                .collect();
+            replicas.sort();
+            d.backend_sets
+                .insert(id, replicas.into_iter().map(|(_, ip)| ip).collect());
+            d.services.insert(
+                vip,
+                ServiceInfo {
+                    id,
+                    vni: net.vni,
+                    flags: 0,
+                },
+            );
+        }
+        // The mesh balances over the replicas on the service's first network.
+        if svc.networks.first().is_some_and(|n| n.vip.is_some()) {
+            for p in &svc.ports {
+                d.published.insert(
+                    (p.published, l4(p.protocol) as u8),
+                    PublishedInfo::new(set_id(svc, 0), p.target),
+                );
+            }
+        }
+    }
 }
 
 pub fn network_info(net: &Network) -> NetworkInfo {
@@ -87,6 +158,7 @@ pub fn desired(view: &ClusterView, node: &str, local_ifindex: &HashMap<String, u
         };
         d.endpoints.insert(ep.ip, info);
     }
+    desired_services(view, &mut d);
     d
 }
 
@@ -118,6 +190,7 @@ pub fn apply(dp: &mut Datapath, want: &Desired) -> Result<Changes, DatapathError
             changes.removed += 1;
         }
     }
+    apply_services(dp, want, &mut changes)?;
     // Networks go last so no endpoint is ever left without its subnet.
     for subnet in have_nets.keys() {
         if !want.networks.contains_key(subnet) && dp.remove_network(*subnet)? {
@@ -125,6 +198,63 @@ pub fn apply(dp: &mut Datapath, want: &Desired) -> Result<Changes, DatapathError
         }
     }
     Ok(changes)
+}
+
+/// Sets first (a VIP or port never points at a set that does not exist), then VIPs and ports;
+/// removals the other way round.
+fn apply_services(
+    dp: &mut Datapath,
+    want: &Desired,
+    changes: &mut Changes,
+) -> Result<(), DatapathError> {
+    let have_sets: BTreeMap<u32, Vec<Ipv4Addr>> = dp.backend_sets()?.into_iter().collect();
+    for (id, ips) in &want.backend_sets {
+        if have_sets.get(id) != Some(ips) {
+            dp.set_backends(*id, ips)?;
+            changes.upserted += 1;
+        }
+    }
+    let have_svcs: BTreeMap<Ipv4Addr, ServiceInfo> = dp.services()?.into_iter().collect();
+    for (vip, info) in &want.services {
+        if have_svcs.get(vip) != Some(info) {
+            dp.upsert_service(*vip, info)?;
+            changes.upserted += 1;
+        }
+    }
+    let have_pub: BTreeMap<(u16, u8), (L4Proto, PublishedInfo)> = dp
+        .published()?
+        .into_iter()
+        .map(|(port, proto, info)| ((port, proto as u8), (proto, info)))
+        .collect();
+    for ((port, proto), info) in &want.published {
+        if have_pub.get(&(*port, *proto)).map(|(_, i)| i) != Some(info) {
+            let proto = if *proto == L4Proto::Udp as u8 {
+                L4Proto::Udp
+            } else {
+                L4Proto::Tcp
+            };
+            dp.upsert_published(*port, proto, info)?;
+            changes.upserted += 1;
+        }
+    }
+    for ((port, proto_num), (proto, _)) in &have_pub {
+        if !want.published.contains_key(&(*port, *proto_num))
+            && dp.remove_published(*port, *proto)?
+        {
+            changes.removed += 1;
+        }
+    }
+    for vip in have_svcs.keys() {
+        if !want.services.contains_key(vip) && dp.remove_service(*vip)? {
+            changes.removed += 1;
+        }
+    }
+    for id in have_sets.keys() {
+        if !want.backend_sets.contains_key(id) && dp.remove_backends(*id)? {
+            changes.removed += 1;
+        }
+    }
+    Ok(())
 }
 
 pub fn upsert_network(dp: &mut Datapath, net: &Network) -> Result<(), DatapathError> {
