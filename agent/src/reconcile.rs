@@ -380,6 +380,48 @@ mod tests {
     }
 
     #[test]
+    fn services_become_sets_vips_and_ports() {
+        let mut v = view();
+        v.alive.insert("n1".into());
+        v.alive.insert("n2".into());
+        for id in ["a/c1", "a/c2"] {
+            v.endpoints.get_mut(id).unwrap().service = Some("web".into());
+        }
+        v.services.insert(
+            "web".into(),
+            Service {
+                name: "web".into(),
+                id: "x".into(),
+                num: 3,
+                endpoint_mode: EndpointMode::Vip,
+                networks: vec![crate::model::ServiceNetwork {
+                    network: "a".into(),
+                    vip: Some("10.1.0.9".parse().unwrap()),
+                }],
+                ports: vec![crate::model::PortConfig::parse("8080:80").unwrap()],
+                created: String::new(),
+            },
+        );
+        let ifx = HashMap::from([("nac1".to_string(), 11u32)]);
+        let d = desired(&v, "n1", &ifx);
+        let id = 3 << 8;
+        let c1: Ipv4Addr = "10.1.0.2".parse().unwrap();
+        let c2: Ipv4Addr = "10.1.0.3".parse().unwrap();
+        assert_eq!(d.backend_sets[&id], vec![c1, c2]);
+        let vip = d.services[&"10.1.0.9".parse().unwrap()];
+        assert_eq!((vip.id, vip.vni), (id, 4096));
+        let p = d.published[&(8080, L4Proto::Tcp as u8)];
+        assert_eq!((p.service_id, p.target()), (id, 80));
+
+        // Draining n2 or losing its lease takes c2 out of new connections.
+        v.nodes.get_mut("n2").unwrap().availability = Availability::Drain;
+        assert_eq!(desired(&v, "n1", &ifx).backend_sets[&id], vec![c1]);
+        v.nodes.get_mut("n2").unwrap().availability = Availability::Active;
+        v.alive.remove("n2");
+        assert_eq!(desired(&v, "n1", &ifx).backend_sets[&id], vec![c1]);
+    }
+
+    #[test]
     fn desired_state_from_view() {
         let v = view();
         let ifx = HashMap::from([("nac1".to_string(), 11u32)]);
