@@ -175,7 +175,8 @@ fn reverse_key_of(key: &CtKey, entry: &CtEntry) -> CtKey {
 /// round-robin order, recorded in a new entry pair.
 ///
 /// A TCP SYN on an entry whose client already sent FIN or RST starts a new connection (the
-/// client reused the port) and is balanced anew.
+/// client reused the port) and is balanced anew, unless it is a retransmission of the SYN that
+/// created the entry (same sequence number; see `CT_F_CLOSING`).
 #[inline(always)]
 pub fn balance(
     key: &CtKey,
@@ -191,7 +192,7 @@ pub fn balance(
     let entry = unsafe { *entry_ptr };
     let reusable = entry.kind == flow.forward as u8
         && !clock.expired(entry.last_seen_ns)
-        && !(l4.is_syn() && entry.flags & CT_F_CLOSING != 0);
+        && !(l4.is_syn() && entry.flags & CT_F_CLOSING != 0 && !same_syn(&entry, l4));
     if !reusable {
         return create(key, l4, clock, flow, BPF_ANY, target);
     }
@@ -210,6 +211,12 @@ pub fn balance(
     }
     target.set(&entry);
     Ok(())
+}
+
+/// `l4` (a SYN) is a retransmission of the SYN that created the forward entry `entry`.
+#[inline(always)]
+fn same_syn(entry: &CtEntry, l4: &L4) -> bool {
+    entry.syn_seq != 0 && entry.syn_seq == l4.seq
 }
 
 /// Picks a backend and creates the entry pair. `flags`: `BPF_NOEXIST` when no entry was
@@ -243,7 +250,7 @@ fn create(
         tunnel_node: [0; 4],
         vni,
         service_id: flow.service_id,
-        _pad: 0,
+        syn_seq: if l4.is_syn() { l4.seq } else { 0 },
     };
     if CONNTRACK.insert(key, forward, flags).is_err() {
         if flags == BPF_NOEXIST {
@@ -279,7 +286,7 @@ fn reverse_of(key: &CtKey, forward: &CtEntry, kind: CtKind) -> CtEntry {
         tunnel_node: [0; 4],
         vni: forward.vni,
         service_id: forward.service_id,
-        _pad: 0,
+        syn_seq: 0,
     }
 }
 
@@ -353,7 +360,7 @@ pub fn reply(key: &CtKey, config: &Config) -> Option<CtEntry> {
                 tunnel_node: [0; 4],
                 vni: entry.vni,
                 service_id: entry.service_id,
-                _pad: 0,
+                syn_seq: 0,
             };
             refresh_partner(&forward_key, &clock, &forward);
         }
@@ -399,7 +406,7 @@ pub fn record_mesh_return(
         tunnel_node: node,
         vni,
         service_id: 0,
-        _pad: 0,
+        syn_seq: 0,
     };
     CONNTRACK
         .insert(key, entry, BPF_ANY)

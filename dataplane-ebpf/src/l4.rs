@@ -59,6 +59,9 @@ pub struct L4 {
     pub dport: [u8; 2],
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// TCP sequence number, the header's 4 bytes read as a native u32 (only ever compared for
+    /// equality); 0 for UDP.
+    pub seq: u32,
 }
 
 impl L4 {
@@ -108,6 +111,7 @@ pub fn parse(ctx: &TcContext, ip: &Ipv4) -> Result<L4, DropReason> {
             sport: tcp.source,
             dport: tcp.dest,
             tcp_flags: tcp.flags,
+            seq: u32::from_ne_bytes(tcp.seq),
         })
     } else {
         ensure_linear(ctx, off + UDP_HLEN)?;
@@ -120,6 +124,7 @@ pub fn parse(ctx: &TcContext, ip: &Ipv4) -> Result<L4, DropReason> {
             sport: udp.source,
             dport: udp.dest,
             tcp_flags: 0,
+            seq: 0,
         })
     }
 }

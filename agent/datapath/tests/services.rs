@@ -304,10 +304,42 @@ fn a_syn_after_the_client_closed_is_a_new_connection() {
     // The closing handshake still goes to the same backend...
     let ack = tcp_frame(CONTAINER_IP, 40000, VIP, 80, TcpFlags::Ack, b"");
     assert_eq!(balanced(&fx, &ack), BACKENDS[0]);
-    // ... but a new SYN on the same tuple (port reuse) is balanced anew.
-    assert_eq!(balanced(&fx, &syn(40000, 80)), BACKENDS[1]);
+    // ... but a new SYN on the same tuple (port reuse, a new initial sequence number) is
+    // balanced anew.
+    let reuse = tcp_frame_seq(CONTAINER_IP, 40000, VIP, 80, TcpFlags::Syn, 90_000, b"");
+    assert_eq!(balanced(&fx, &reuse), BACKENDS[1]);
     let fwd = fx.ct_entry(&ct_key(CONTAINER_IP, 40000, VIP, 80, TCP, CT_DIR_ORIGINAL));
     assert_eq!(assert_ct(fwd, CtKind::VipForward, BACKENDS[1], 80).flags, 0);
+}
+
+/// A backend socket in TIME_WAIT for the client's address and port (e.g. from the client's
+/// connection through another node's published port) answers the SYN with an ACK, the client
+/// answers that with a RST and retransmits its SYN: the same connection, which keeps its
+/// backend and takes one round-robin slot, not two.
+#[test]
+fn a_retransmitted_syn_after_the_client_reset_keeps_its_backend() {
+    if !have_root() {
+        return;
+    }
+    let fx = Fixture::with_services();
+    let cursor = fx.dp.rr_cursor(SVC_ID).expect("cursor").unwrap_or(0);
+    assert_eq!(balanced(&fx, &syn(40000, 80)), BACKENDS[0]);
+    let rst = tcp_frame_seq(CONTAINER_IP, 40000, VIP, 80, TcpFlags::Rst, 77_000, b"");
+    assert_eq!(balanced(&fx, &rst), BACKENDS[0]);
+    let fwd = fx.ct_entry(&ct_key(CONTAINER_IP, 40000, VIP, 80, TCP, CT_DIR_ORIGINAL));
+    assert_ne!(
+        assert_ct(fwd, CtKind::VipForward, BACKENDS[0], 80).flags,
+        0,
+        "closing"
+    );
+    assert_eq!(
+        balanced(&fx, &syn(40000, 80)),
+        BACKENDS[0],
+        "retransmission"
+    );
+    assert_eq!(fx.dp.rr_cursor(SVC_ID).expect("cursor"), Some(cursor + 1));
+    // The next connection gets the next slot.
+    assert_eq!(balanced(&fx, &syn(40001, 80)), BACKENDS[1]);
 }
 
 #[test]

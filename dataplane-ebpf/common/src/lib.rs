@@ -849,7 +849,16 @@ impl CtKind {
 
 /// Set in [`CtEntry::flags`] of a forward TCP entry once the client sent FIN or RST: a SYN on
 /// the same tuple afterwards is a new connection (port reuse) and is balanced anew instead of
-/// sticking to the old backend.
+/// sticking to the old backend, unless it carries the sequence number of the SYN that created
+/// the entry ([`CtEntry::syn_seq`]): that is a retransmission of the same connection's SYN,
+/// which keeps its backend.
+///
+/// (The RST can come before the connection exists: a backend socket in TIME_WAIT for the same
+/// client address and port, e.g. from that client's connection through another node's
+/// published port, answers a SYN it takes for an old duplicate with an ACK; the client
+/// answers that with a RST, which ends the TIME_WAIT, and soon retransmits the same SYN.
+/// Balancing the retransmission anew would spend a second round-robin slot on one
+/// connection.)
 pub const CT_F_CLOSING: u8 = 1 << 0;
 
 /// Set in [`CtEntry::flags`] of both entries of a hairpin VIP connection (the client was
@@ -885,8 +894,10 @@ pub struct CtEntry {
     /// Backend set the flow was balanced over (0 for `MeshReturn`, which is not balanced on
     /// that node).
     pub service_id: u32,
-    /// Explicit padding, 0.
-    pub _pad: u32,
+    /// Forward TCP entries created by a SYN: that SYN's sequence number, as the raw 4 bytes of
+    /// the header read as a native u32 (compared for equality only; see [`CT_F_CLOSING`]).
+    /// 0 otherwise (unknown; an ISN of 0 is then treated as a new connection).
+    pub syn_seq: u32,
 }
 
 impl CtEntry {

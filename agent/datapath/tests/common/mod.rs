@@ -454,6 +454,19 @@ pub fn tcp_frame(
     flags: TcpFlags,
     payload: &[u8],
 ) -> Vec<u8> {
+    tcp_frame_seq(src, sport, dst, dport, flags, 1000, payload)
+}
+
+/// [`tcp_frame`] with sequence number `seq`.
+pub fn tcp_frame_seq(
+    src: Ipv4Address,
+    sport: u16,
+    dst: Ipv4Address,
+    dport: u16,
+    flags: TcpFlags,
+    seq: i32,
+    payload: &[u8],
+) -> Vec<u8> {
     let repr = TcpRepr {
         src_port: sport,
         dst_port: dport,
@@ -463,7 +476,7 @@ pub fn tcp_frame(
             TcpFlags::Rst => TcpControl::Rst,
             TcpFlags::Ack | TcpFlags::Psh => TcpControl::None,
         },
-        seq_number: TcpSeqNumber(1000),
+        seq_number: TcpSeqNumber(seq),
         ack_number: match flags {
             TcpFlags::Syn => None,
             _ => Some(TcpSeqNumber(2000)),
