@@ -74,13 +74,19 @@ pub fn utc_now() -> Result<String> {
 
 /// First line a tool prints for its version (either stream), or "unknown".
 pub fn tool_version(argv: &[&str]) -> String {
+    tool_line(argv, "")
+}
+
+/// First line a tool prints (either stream) that contains `needle`, or
+/// "unknown": for tools that bury their version (`dnsperf -h` ends with it).
+pub fn tool_line(argv: &[&str], needle: &str) -> String {
     let mut c = Command::new(argv[0]);
     c.args(&argv[1..]);
     match netlab::run(&mut c, Duration::from_secs(5)) {
         Ok(out) => format!("{}\n{}", out.stdout, out.stderr)
             .lines()
             .map(str::trim)
-            .find(|l| !l.is_empty())
+            .find(|l| !l.is_empty() && l.contains(needle))
             .unwrap_or("unknown")
             .to_owned(),
         Err(_) => "unknown".to_owned(),

@@ -2,6 +2,12 @@
 //! against baselines built in the same run. Run through `cargo xtask bench
 //! NAME`, which installs the tools and builds netagent/netctl first; needs root.
 
+mod cluster;
+mod dns;
+mod dnslab;
+mod dnsperf;
+mod lb;
+mod lbsetup;
 mod machine;
 mod overlay;
 mod setups;
@@ -30,6 +36,35 @@ enum Bench {
     /// Container-to-container TCP throughput and RTT across two nodes:
     /// (a) netagent, (b) bridge + VXLAN, (c) plain routing
     Overlay(OverlayArgs),
+    /// DNS queries/s and latency at 127.0.0.11 in a container, for local and
+    /// forwarded names, against dnsmasq serving the same local names
+    Dns(DnsArgs),
+    /// Load balancer: new connections/s and keep-alive requests/s with p99
+    /// through (a) the VIP, (b) the routing mesh, against (c) iptables DNAT
+    /// and (d) HAProxy when installed, with and without 1000 other services
+    Lb(LbArgs),
+}
+
+#[derive(Args)]
+struct LbArgs {
+    /// Runs of each case (the median is quoted)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
+    runs: u16,
+    /// Seconds per run
+    #[arg(long, default_value_t = 2.0)]
+    secs: f64,
+    /// Concurrent client connections
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
+    /// Other services defined for the second phase
+    #[arg(long, default_value_t = 1000)]
+    services: usize,
+    /// Where to write the results as JSON
+    #[arg(long, default_value_os_t = default_json("lb"))]
+    json: PathBuf,
+    /// Print the table as Markdown (for the README)
+    #[arg(long)]
+    markdown: bool,
 }
 
 #[derive(Args)]
@@ -52,6 +87,33 @@ struct OverlayArgs {
     no_pin: bool,
     /// Where to write the results as JSON
     #[arg(long, default_value_os_t = default_json("overlay"))]
+    json: PathBuf,
+    /// Print the table as Markdown (for the README)
+    #[arg(long)]
+    markdown: bool,
+}
+
+#[derive(Args)]
+struct DnsArgs {
+    /// Rounds of runs (the median is quoted); each round runs every case
+    /// once saturated and once at --rate
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
+    runs: u16,
+    /// Seconds of each saturated run
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..=60))]
+    secs: u32,
+    /// Seconds of each fixed-rate run
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=60))]
+    rate_secs: u32,
+    /// Queries/s of the fixed-rate runs (latency without queueing: well
+    /// below either server's capacity)
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(100..=100_000))]
+    rate: u32,
+    /// Names on the network, queried in turn (10 services, 10 containers, the rest aliases)
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(dnslab::MIN_NAMES as i64..=10_000))]
+    names: u32,
+    /// Where to write the results as JSON
+    #[arg(long, default_value_os_t = default_json("dns"))]
     json: PathBuf,
     /// Print the table as Markdown (for the README)
     #[arg(long)]
@@ -114,6 +176,23 @@ fn main() -> ExitCode {
             json: a.json,
             markdown: a.markdown,
         }),
+        Bench::Dns(a) => dns::run(&dns::Options {
+            runs: a.runs.into(),
+            secs: a.secs,
+            rate_secs: a.rate_secs,
+            rate: a.rate,
+            names: a.names as usize,
+            json: a.json,
+            markdown: a.markdown,
+        }),
+        Bench::Lb(a) => lb::run(&lb::Options {
+            runs: a.runs.into(),
+            secs: a.secs,
+            workers: a.workers,
+            services: a.services,
+            json: a.json,
+            markdown: a.markdown,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -132,23 +211,63 @@ mod tests {
     fn overlay_arguments() {
         let cli =
             Cli::try_parse_from(["benches", "overlay", "--only", "b,c", "--runs", "5"]).unwrap();
-        let Bench::Overlay(a) = cli.bench;
+        let Bench::Overlay(a) = cli.bench else {
+            panic!("not overlay")
+        };
         assert_eq!(a.only, [Kind::B, Kind::C]);
         assert_eq!(a.runs, 5);
         assert!(a.json.ends_with("target/bench/overlay.json"));
         let cli = Cli::try_parse_from(["benches", "overlay"]).unwrap();
-        let Bench::Overlay(a) = cli.bench;
+        let Bench::Overlay(a) = cli.bench else {
+            panic!("not overlay")
+        };
         assert_eq!(a.only, Kind::ALL);
         assert!(Cli::try_parse_from(["benches", "overlay", "--only", "d"]).is_err());
         assert!(Cli::try_parse_from(["benches", "overlay", "--runs", "0"]).is_err());
         assert!(Cli::try_parse_from(["benches", "overlay", "--secs", "1"]).is_err());
         let cli = Cli::try_parse_from(["benches", "overlay", "--pin", "1,0"]).unwrap();
-        let Bench::Overlay(a) = cli.bench;
+        let Bench::Overlay(a) = cli.bench else {
+            panic!("not overlay")
+        };
         assert_eq!(pin(a.pin, a.no_pin), Some([1, 0]));
         assert_eq!(pin(None, true), None);
         let [client, server] = pin(None, false).unwrap();
         assert_eq!(client, server);
         assert!(Cli::try_parse_from(["benches", "overlay", "--pin", "1"]).is_err());
         assert!(Cli::try_parse_from(["benches", "overlay", "--pin", "0,1", "--no-pin"]).is_err());
+    }
+
+    #[test]
+    fn dns_arguments() {
+        let cli = Cli::try_parse_from(["benches", "dns"]).unwrap();
+        let Bench::Dns(a) = cli.bench else {
+            panic!("not dns")
+        };
+        assert_eq!(
+            (a.runs, a.secs, a.rate_secs, a.rate, a.names),
+            (3, 10, 3, 2000, 1000)
+        );
+        assert!(a.json.ends_with("target/bench/dns.json"));
+        assert!(!a.markdown);
+        let cli = Cli::try_parse_from([
+            "benches",
+            "dns",
+            "--runs",
+            "1",
+            "--secs",
+            "2",
+            "--rate",
+            "500",
+            "--markdown",
+        ])
+        .unwrap();
+        let Bench::Dns(a) = cli.bench else {
+            panic!("not dns")
+        };
+        assert_eq!((a.runs, a.secs, a.rate), (1, 2, 500));
+        assert!(a.markdown);
+        assert!(Cli::try_parse_from(["benches", "dns", "--names", "10"]).is_err());
+        assert!(Cli::try_parse_from(["benches", "dns", "--secs", "1"]).is_err());
+        assert!(Cli::try_parse_from(["benches", "dns", "--only", "a"]).is_err());
     }
 }

@@ -93,7 +93,7 @@ pub struct Ratio {
 }
 
 pub fn run(opts: &Options) -> Result<()> {
-    tools::check_tools()?;
+    tools::check_tools(&tools::OVERLAY_TOOLS)?;
     let started = Instant::now();
     let date = machine::utc_now()?;
 

@@ -11,15 +11,14 @@
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use netlab::{Background, Lab, LabConfig, StoreKind};
 use serde::Serialize;
-use serde_json::Value;
 
+use crate::cluster::{inspect, netctl, retry};
 use crate::tools::{self, QUICK, host, run_in};
 
 /// The fabric MTU of the lab (veths default to 1500).
@@ -191,42 +190,6 @@ fn product(server_cpu: Option<usize>) -> Result<Pair> {
         notes: Vec::new(),
         _servers: Vec::new(),
         lab,
-    })
-}
-
-/// Runs netctl against node `i`'s agent; an error unless it exits 0.
-fn netctl(lab: &Lab, i: usize, args: &[&str]) -> Result<String> {
-    Ok(lab.netctl(i, args)?.check()?.stdout)
-}
-
-struct Container {
-    netns: PathBuf,
-    ip: Ipv4Addr,
-}
-
-/// `netctl container inspect --format json NAME`: the `netns` path and the
-/// first endpoint's address (the contract of issue 3).
-fn inspect(lab: &Lab, i: usize, name: &str) -> Result<Container> {
-    let out = netctl(lab, i, &["--format", "json", "container", "inspect", name])?;
-    parse_inspect(&out).with_context(|| format!("container inspect {name}: {out}"))
-}
-
-fn parse_inspect(json: &str) -> Result<Container> {
-    let v: Value = serde_json::from_str(json).context("not JSON")?;
-    // One name gives one object; accept a one-element list as well.
-    let c = match &v {
-        Value::Array(items) if items.len() == 1 => &items[0],
-        other => other,
-    };
-    let netns = c["netns"].as_str().context("no netns field")?;
-    let ip = c["endpoints"][0]["ip"]
-        .as_str()
-        .context("no endpoints[0].ip field")?;
-    // Either a bare address or address/prefix.
-    let ip = ip.split('/').next().unwrap_or(ip);
-    Ok(Container {
-        netns: PathBuf::from(netns),
-        ip: ip.parse().with_context(|| format!("bad address {ip:?}"))?,
     })
 }
 
@@ -561,20 +524,6 @@ fn wait_ready(pair: &Pair) -> Result<()> {
     .with_context(|| format!("no ping from the client to {dest}"))
 }
 
-/// Calls `f` until it succeeds or `timeout` has passed; then its last error.
-fn retry<T>(timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(e.context(format!("still failing after {timeout:?}")));
-            }
-            Err(_) => thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,33 +531,5 @@ mod tests {
     #[test]
     fn docker_style_macs() {
         assert_eq!(mac_for(Ipv4Addr::new(10, 50, 0, 2)), "02:42:0a:32:00:02");
-    }
-
-    #[test]
-    fn inspect_contract() {
-        let obj = r#"{"name":"srv","node":"n2","netns":"/run/netns/p-n2-srv",
-            "endpoints":[{"network":"bench","ip":"10.50.0.3","mac":"02:00:00:00:00:01"}]}"#;
-        let c = parse_inspect(obj).unwrap();
-        assert_eq!(c.netns, PathBuf::from("/run/netns/p-n2-srv"));
-        assert_eq!(c.ip, Ipv4Addr::new(10, 50, 0, 3));
-        let list = r#"[{"netns":"/x","endpoints":[{"ip":"10.50.0.4/24"}]}]"#;
-        assert_eq!(parse_inspect(list).unwrap().ip, Ipv4Addr::new(10, 50, 0, 4));
-        assert!(parse_inspect(r#"{"netns":"/x","endpoints":[]}"#).is_err());
-    }
-
-    #[test]
-    fn retry_gives_the_last_error() {
-        let mut n = 0;
-        let err = retry::<()>(Duration::from_millis(300), || {
-            n += 1;
-            bail!("attempt {n}")
-        })
-        .unwrap_err();
-        assert!(n >= 2, "{n}");
-        assert!(
-            format!("{err:#}").contains(&format!("attempt {n}")),
-            "{err:#}"
-        );
-        assert_eq!(retry(Duration::ZERO, || Ok(5)).unwrap(), 5);
     }
 }

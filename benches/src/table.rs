@@ -1,4 +1,5 @@
-//! The result table, as plain text for the terminal and as Markdown for the README.
+//! The result tables, as plain text for the terminal and as Markdown for
+//! the README: the overlay benchmark's here, and the layout every table uses.
 
 use crate::overlay::{Medians, Ratio, Report};
 use crate::setups::Kind;
@@ -39,7 +40,7 @@ const METRICS: &[Metric] = &[
     },
 ];
 
-fn fmt(v: Option<f64>, places: usize) -> String {
+pub fn fmt(v: Option<f64>, places: usize) -> String {
     v.map_or("-".to_owned(), |v| format!("{v:.places$}"))
 }
 
@@ -116,10 +117,35 @@ fn legend(report: &Report) -> Vec<String> {
 
 pub fn plain(report: &Report) -> String {
     let (header, rows) = cells(report);
+    let mut out = preamble(report);
+    out.push(String::new());
+    out.extend(grid_plain(&header, &rows));
+    out.push(String::new());
+    out.extend(legend(report));
+    out.push(
+        "a/b, a/c: throughput higher is better (target a/b >= 1.10); RTT lower is better \
+         (target a/b <= 0.95)"
+            .to_owned(),
+    );
+    out.join("\n")
+}
+
+pub fn markdown(report: &Report) -> String {
+    let (header, rows) = cells(report);
+    let mut out: Vec<String> = preamble(report).into_iter().map(|l| l + "  ").collect();
+    out.push(String::new());
+    out.extend(grid_markdown(&header, &rows));
+    out.push(String::new());
+    out.extend(legend(report).into_iter().map(|l| format!("- {l}")));
+    out.join("\n")
+}
+
+/// Aligned columns: the first left-aligned (labels), the others right-aligned (numbers).
+pub fn grid_plain(header: &[String], rows: &[Vec<String>]) -> Vec<String> {
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
-            std::iter::once(&header)
-                .chain(&rows)
+            std::iter::once(header)
+                .chain(rows.iter().map(Vec::as_slice))
                 .map(|r| r[i].len())
                 .max()
                 .unwrap_or(0)
@@ -137,27 +163,15 @@ pub fn plain(report: &Report) -> String {
             .trim_end()
             .to_owned()
     };
-    let mut out = preamble(report);
-    out.push(String::new());
-    out.push(line(&header));
-    out.extend(rows.iter().map(|r| line(r)));
-    out.push(String::new());
-    out.extend(legend(report));
-    out.push(
-        "a/b, a/c: throughput higher is better (target a/b >= 1.10); RTT lower is better \
-         (target a/b <= 0.95)"
-            .to_owned(),
-    );
-    out.join("\n")
+    std::iter::once(line(header))
+        .chain(rows.iter().map(|r| line(r)))
+        .collect()
 }
 
-pub fn markdown(report: &Report) -> String {
-    let (header, rows) = cells(report);
+/// A Markdown table, numbers right-aligned.
+pub fn grid_markdown(header: &[String], rows: &[Vec<String>]) -> Vec<String> {
     let line = |r: &[String]| format!("| {} |", r.join(" | "));
-    let mut out: Vec<String> = preamble(report).into_iter().map(|l| l + "  ").collect();
-    out.push(String::new());
-    out.push(line(&header));
-    out.push(format!(
+    let rule = format!(
         "|{}|",
         header
             .iter()
@@ -165,9 +179,38 @@ pub fn markdown(report: &Report) -> String {
             .map(|(i, _)| if i == 0 { "---" } else { "---:" })
             .collect::<Vec<_>>()
             .join("|")
-    ));
-    out.extend(rows.iter().map(|r| line(r)));
-    out.push(String::new());
-    out.extend(legend(report).into_iter().map(|l| format!("- {l}")));
-    out.join("\n")
+    );
+    [line(header), rule]
+        .into_iter()
+        .chain(rows.iter().map(|r| line(r)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grids() {
+        let header = vec!["".to_owned(), "a".to_owned(), "bb".to_owned()];
+        let rows = vec![vec![
+            "long label".to_owned(),
+            "1.5".to_owned(),
+            "-".to_owned(),
+        ]];
+        assert_eq!(
+            grid_plain(&header, &rows),
+            ["               a   bb", "long label   1.5    -"]
+        );
+        assert_eq!(
+            grid_markdown(&header, &rows),
+            [
+                "|  | a | bb |",
+                "|---|---:|---:|",
+                "| long label | 1.5 | - |"
+            ]
+        );
+        assert_eq!(fmt(Some(2.0 / 3.0), 2), "0.67");
+        assert_eq!(fmt(None, 2), "-");
+    }
 }

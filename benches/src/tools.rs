@@ -1,6 +1,8 @@
 //! The measuring tools (iperf3, sockperf) and the few host commands the
-//! baselines need, each bounded in time, plus parsers for what the tools print.
+//! baselines need, each bounded in time, plus parsers for what the tools
+//! print (dnsperf's are in dnsperf.rs).
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
@@ -14,10 +16,25 @@ use serde_json::Value;
 pub const QUICK: Duration = Duration::from_secs(10);
 /// TCP port of `sockperf server` (its default).
 pub const SOCKPERF_PORT: u16 = 11111;
-/// What the measuring tools need besides iproute2 and ping.
-pub const TOOLS: &[&str] = &[
-    "iperf3", "sockperf", "nsenter", "ip", "bridge", "ping", "ss",
-];
+/// Commands a benchmark needs, and the Debian packages that bring them.
+pub struct Tools {
+    pub commands: &'static [&'static str],
+    pub packages: &'static str,
+}
+
+/// What the overlay benchmark runs.
+pub const OVERLAY_TOOLS: Tools = Tools {
+    commands: &[
+        "iperf3", "sockperf", "nsenter", "ip", "bridge", "ping", "ss",
+    ],
+    packages: "iperf3, sockperf, iproute2, iputils-ping, util-linux",
+};
+
+/// What the DNS benchmark runs (`getconf` turns /proc CPU ticks into seconds).
+pub const DNS_TOOLS: Tools = Tools {
+    commands: &["dnsperf", "dnsmasq", "dig", "nsenter", "getconf"],
+    packages: "dnsperf, dnsmasq-base, dnsutils, util-linux, libc-bin",
+};
 
 /// A command that runs `argv` in the network namespace at `netns` (a path
 /// under /run/netns or an agent's container netns path). `nsenter --net`
@@ -46,8 +63,9 @@ pub fn host(program: &str, args: &[&str]) -> Result<String> {
 
 /// Fails early, naming the package, if a tool is missing: otherwise the
 /// first symptom would be a baseline that "does not connect".
-pub fn check_tools() -> Result<()> {
-    let missing: Vec<&str> = TOOLS
+pub fn check_tools(tools: &Tools) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .commands
         .iter()
         .copied()
         .filter(|t| {
@@ -58,9 +76,9 @@ pub fn check_tools() -> Result<()> {
         .collect();
     if !missing.is_empty() {
         bail!(
-            "missing tools: {}; run `cargo xtask setup` (Debian iperf3, sockperf, iproute2, \
-             iputils-ping, util-linux)",
-            missing.join(" ")
+            "missing tools: {}; run `cargo xtask setup` (Debian {})",
+            missing.join(" "),
+            tools.packages
         );
     }
     Ok(())
@@ -242,6 +260,170 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
+/// Clock ticks per second of /proc's CPU times (`getconf CLK_TCK`, 100 on Linux).
+pub fn clock_ticks() -> Result<f64> {
+    let ticks = host("getconf", &["CLK_TCK"])?;
+    let ticks: f64 = ticks
+        .trim()
+        .parse()
+        .with_context(|| format!("getconf CLK_TCK printed {ticks:?}"))?;
+    if ticks <= 0.0 {
+        bail!("getconf CLK_TCK printed {ticks}");
+    }
+    Ok(ticks)
+}
+
+/// CPU seconds (user + system, all threads) process `pid` has used so far.
+pub fn process_cpu_secs(pid: u32, ticks_per_sec: f64) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_stat_cpu(&stat)
+        .map(|ticks| ticks as f64 / ticks_per_sec)
+        .with_context(|| format!("no utime/stime in {path}: {stat}"))
+}
+
+/// A process as /proc/PID/stat shows it: enough to follow its CPU time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcCpu {
+    /// May change over a process's life (kernel workers name their current work).
+    pub comm: String,
+    /// Start time since boot, in ticks: tells a reused pid from the same process.
+    pub start: u64,
+    /// utime + stime so far, in ticks.
+    pub ticks: u64,
+}
+
+/// Every process in /proc; processes that vanish while being read are skipped.
+pub fn all_processes_cpu() -> HashMap<u32, ProcCpu> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return HashMap::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            Some((pid, parse_proc_cpu(&stat)?))
+        })
+        .collect()
+}
+
+fn parse_proc_cpu(stat: &str) -> Option<ProcCpu> {
+    let comm = stat[stat.find('(')? + 1..stat.rfind(')')?].to_owned();
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // Field 22 (starttime), counted from field 3 (state), the first after comm.
+    let start = after_comm.split_whitespace().nth(22 - 3)?.parse().ok()?;
+    Some(ProcCpu {
+        comm,
+        start,
+        ticks: parse_stat_cpu(stat)?,
+    })
+}
+
+/// CPU used between two [`all_processes_cpu`] snapshots by the processes
+/// other than `skip` pids and `skip_comm` names.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OtherProcesses {
+    /// Their total, in ticks.
+    pub ticks: u64,
+    /// The one that used the most: `(pid, name, ticks)`.
+    pub busiest: Option<(u32, String, u64)>,
+}
+
+/// A process started in between counts with all its time; one that exited
+/// in between is not seen at all.
+pub fn other_processes(
+    before: &HashMap<u32, ProcCpu>,
+    after: &HashMap<u32, ProcCpu>,
+    skip: &[u32],
+    skip_comm: &[&str],
+) -> OtherProcesses {
+    let used: Vec<(u32, &str, u64)> = after
+        .iter()
+        .filter(|(pid, p)| !skip.contains(pid) && !skip_comm.contains(&p.comm.as_str()))
+        .map(|(&pid, p)| {
+            let earlier = before
+                .get(&pid)
+                .filter(|b| b.start == p.start)
+                .map_or(0, |b| b.ticks);
+            (pid, p.comm.as_str(), p.ticks.saturating_sub(earlier))
+        })
+        .filter(|&(_, _, ticks)| ticks > 0)
+        .collect();
+    OtherProcesses {
+        ticks: used.iter().map(|&(_, _, t)| t).sum(),
+        busiest: used
+            .iter()
+            .max_by_key(|&&(_, _, t)| t)
+            .map(|&(pid, comm, t)| (pid, comm.to_owned(), t)),
+    }
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/PID/stat line. The command
+/// name (field 2) may hold spaces and parentheses, so count from its end.
+fn parse_stat_cpu(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_comm.split_whitespace().skip(14 - 3);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Machine-wide CPU time by kind, in ticks (the `cpu` line of /proc/stat;
+/// guest time is already inside user).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTimes {
+    pub user: u64,
+    pub system: u64,
+    pub idle: u64,
+    pub irq: u64,
+    pub softirq: u64,
+    pub steal: u64,
+}
+
+impl CpuTimes {
+    pub fn total(&self) -> u64 {
+        self.user + self.system + self.idle + self.irq + self.softirq + self.steal
+    }
+
+    /// Time spent between `earlier` and `self`.
+    pub fn since(&self, earlier: &CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+            idle: self.idle.saturating_sub(earlier.idle),
+            irq: self.irq.saturating_sub(earlier.irq),
+            softirq: self.softirq.saturating_sub(earlier.softirq),
+            steal: self.steal.saturating_sub(earlier.steal),
+        }
+    }
+}
+
+/// All CPUs' time so far, from /proc/stat.
+pub fn machine_cpu_times() -> Result<CpuTimes> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    parse_proc_stat(&stat).context("no cpu line in /proc/stat")
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal ...`: nice counts as
+/// user and iowait as idle.
+fn parse_proc_stat(stat: &str) -> Option<CpuTimes> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    Some(CpuTimes {
+        user: at(0) + at(1),
+        system: at(2),
+        idle: at(3) + at(4),
+        irq: at(5),
+        softirq: at(6),
+        steal: at(7),
+    })
+}
+
 /// The MTU of the interface `netns` uses to reach `dest`.
 pub fn path_mtu(netns: &Path, dest: &str) -> Result<u32> {
     let route = run_in(netns, &["ip", "-o", "route", "get", dest], QUICK)?;
@@ -331,6 +513,82 @@ sockperf: ---> <MIN> observation =   13.099
         let link = "7: eth0@if8: <BROADCAST,UP> mtu 1450 qdisc noqueue state UP";
         assert_eq!(word_after(link, "mtu").as_deref(), Some("1450"));
         assert_eq!(word_after(link, "nothing"), None);
+    }
+
+    #[test]
+    fn cpu_time_from_proc_stat() {
+        let stat = "4242 (net agent) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 567 0 0 20 0 \
+                    9 0 100 2000000 3000 18446744073709551615";
+        assert_eq!(parse_stat_cpu(stat), Some(1234 + 567));
+        assert_eq!(parse_stat_cpu("4242 (x"), None);
+    }
+
+    #[test]
+    fn busiest_other_process() {
+        let snap = |v: &[(u32, &str, u64, u64)]| -> HashMap<u32, ProcCpu> {
+            v.iter()
+                .map(|&(pid, comm, start, ticks)| {
+                    let comm = comm.to_owned();
+                    (pid, ProcCpu { comm, start, ticks })
+                })
+                .collect()
+        };
+        let before = snap(&[
+            (1, "netagent", 5, 100),
+            (2, "kworker/u8:2-flush", 1, 500),
+            (3, "etcd", 5, 10),
+            (4, "rustc", 7, 900),
+        ]);
+        let after = snap(&[
+            (1, "netagent", 5, 900),
+            // Renamed by its work item, still the same worker.
+            (2, "kworker/u8:2-ext4", 1, 540),
+            (3, "etcd", 5, 12),
+            // Pid 4 reused by a new process.
+            (4, "cc1", 90, 60),
+            (5, "dnsperf", 95, 700),
+        ]);
+        assert_eq!(
+            other_processes(&before, &after, &[1], &["dnsperf"]),
+            OtherProcesses {
+                ticks: 40 + 2 + 60,
+                busiest: Some((4, "cc1".to_owned(), 60))
+            }
+        );
+        assert_eq!(
+            other_processes(&before, &before, &[], &[]),
+            OtherProcesses::default()
+        );
+        assert!(!all_processes_cpu().is_empty());
+    }
+
+    #[test]
+    fn proc_stat_start_time() {
+        let stat = "4242 (kworker/u8:2-ext4 (x)) I 2 0 0 0 -1 69238880 0 0 0 0 12 34 0 0 20 \
+                    0 1 0 777 0 0";
+        let p = parse_proc_cpu(stat).unwrap();
+        assert_eq!(p.comm, "kworker/u8:2-ext4 (x)");
+        assert_eq!((p.start, p.ticks), (777, 46));
+    }
+
+    #[test]
+    fn machine_cpu_from_proc_stat() {
+        let stat = "cpu  100 5 50 1000 7 3 20 9 0 0\ncpu0 50 2 25 500 3 1 10 4 0 0\n";
+        let t = parse_proc_stat(stat).unwrap();
+        assert_eq!(
+            t,
+            CpuTimes {
+                user: 105,
+                system: 50,
+                idle: 1007,
+                irq: 3,
+                softirq: 20,
+                steal: 9
+            }
+        );
+        assert_eq!(t.total(), 1194);
+        assert_eq!(t.since(&t), CpuTimes::default());
+        assert_eq!(parse_proc_stat("intr 1 2\n"), None);
     }
 
     #[test]

@@ -45,6 +45,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("procps", "pgrep/sysctl, used by tests and the lab"),
     ("util-linux", "nsenter, runs agents in node namespaces"),
+    ("iptables", "the load-balancer benchmark's kube-proxy-style DNAT baseline"),
+    ("haproxy", "the load-balancer benchmark's HAProxy TCP baseline"),
 ];
 
 /// The nightly aya-build compiles the eBPF crate with (DESIGN.md section 10).
