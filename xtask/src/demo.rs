@@ -24,6 +24,14 @@ struct Step {
 const NODES: usize = 3;
 const RETRY_FOR: Duration = Duration::from_secs(10);
 
+/// The replicas' HTTP server: socat hands each connection to a shell that answers with the
+/// replica's name and the client address it sees (the routing mesh keeps it).
+const HTTP_REPLICA: &str = "socat TCP-LISTEN:80,fork,reuseaddr \
+     SYSTEM:'echo HTTP/1.0 200 OK; echo; echo $NETAGENT_CONTAINER sees $SOCAT_PEERADDR'";
+
+/// Node 0 means: run the command in the fabric namespace, a host on the physical network.
+const FABRIC: usize = 0;
+
 const STEPS: &[Step] = &[
     Step {
         what: "create an overlay network from n1",
@@ -181,7 +189,7 @@ const STEPS: &[Step] = &[
         expect: &[],
     },
     Step {
-        what: "a replica of web on n2",
+        what: "a replica of web on n2: a tiny HTTP server answering with its name and the client's address",
         node: 2,
         args: &[
             "container",
@@ -194,10 +202,51 @@ const STEPS: &[Step] = &[
             "--service",
             "web",
             "--",
-            "sleep",
-            "3600",
+            "sh",
+            "-c",
+            HTTP_REPLICA,
         ],
         expect: &["web.1"],
+    },
+    Step {
+        what: "a replica of web on n3: a tiny HTTP server answering with its name and the client's address",
+        node: 3,
+        args: &[
+            "container",
+            "run",
+            "-d",
+            "--name",
+            "web.2",
+            "--network",
+            "services",
+            "--service",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            HTTP_REPLICA,
+        ],
+        expect: &["web.2"],
+    },
+    Step {
+        what: "a replica of web on n1: a tiny HTTP server answering with its name and the client's address",
+        node: 1,
+        args: &[
+            "container",
+            "run",
+            "-d",
+            "--name",
+            "web.3",
+            "--network",
+            "services",
+            "--service",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            HTTP_REPLICA,
+        ],
+        expect: &["web.3"],
     },
     Step {
         what: "the service: VIP, published port, backends",
@@ -225,6 +274,48 @@ const STEPS: &[Step] = &[
             "c",
         ],
         expect: &["10.10.1.4"],
+    },
+    Step {
+        what: "curl the published port on n1 from a host on the physical network: round-robin, client address kept",
+        node: FABRIC,
+        args: &[
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5 6; do curl -s --max-time 2 http://198.18.0.11:8080/; done",
+        ],
+        expect: &[
+            "web.1 sees 198.18.0.1",
+            "web.2 sees 198.18.0.1",
+            "web.3 sees 198.18.0.1",
+        ],
+    },
+    Step {
+        what: "the same port on n2 and n3 (every node answers, replica or not)",
+        node: FABRIC,
+        args: &[
+            "sh",
+            "-c",
+            "for n in 12 13; do for i in 1 2 3; do curl -s --max-time 2 http://198.18.0.$n:8080/; done; done",
+        ],
+        expect: &["web.1", "web.2", "web.3"],
+    },
+    Step {
+        what: "and through the VIP from container a (DNS name web)",
+        node: 1,
+        args: &[
+            "container",
+            "exec",
+            "a",
+            "--",
+            "sh",
+            "-c",
+            "for i in 1 2 3; do curl -s --max-time 2 http://web/; done",
+        ],
+        expect: &[
+            "web.1 sees 10.10.1.2",
+            "web.2 sees 10.10.1.2",
+            "web.3 sees 10.10.1.2",
+        ],
     },
     Step {
         what: "n1's datapath counters (drops by reason)",
@@ -260,14 +351,22 @@ pub fn run(keep: bool) -> Result<()> {
 
 fn run_step(lab: &Lab, step: &Step) -> Result<()> {
     println!("\n== {}", step.what);
-    println!(
-        "$ netctl -H {} {}",
-        lab.host(step.node),
-        step.args.join(" ")
-    );
+    if step.node == FABRIC {
+        println!("(fabric)$ {}", step.args.join(" "));
+    } else {
+        println!(
+            "$ netctl -H {} {}",
+            lab.host(step.node),
+            step.args.join(" ")
+        );
+    }
     let deadline = Instant::now() + RETRY_FOR;
     loop {
-        let out = lab.netctl(step.node, step.args)?;
+        let out = if step.node == FABRIC {
+            lab.exec_in_fabric(step.args)?
+        } else {
+            lab.netctl(step.node, step.args)?
+        };
         let missing: Vec<&str> = step
             .expect
             .iter()

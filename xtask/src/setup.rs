@@ -39,14 +39,21 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("dnsperf", "the DNS benchmark's load generator"),
     ("iputils-ping", "ping, for reachability tests"),
+    ("curl", "HTTP requests to published ports in the demo"),
     (
         "socat",
         "TCP and UDP echo servers and clients in containers",
     ),
     ("procps", "pgrep/sysctl, used by tests and the lab"),
     ("util-linux", "nsenter, runs agents in node namespaces"),
-    ("iptables", "the load-balancer benchmark's kube-proxy-style DNAT baseline"),
-    ("haproxy", "the load-balancer benchmark's HAProxy TCP baseline"),
+    (
+        "iptables",
+        "the load-balancer benchmark's kube-proxy-style DNAT baseline",
+    ),
+    (
+        "haproxy",
+        "the load-balancer benchmark's HAProxy TCP baseline",
+    ),
 ];
 
 /// The nightly aya-build compiles the eBPF crate with (DESIGN.md section 10).
