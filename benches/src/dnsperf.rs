@@ -120,13 +120,23 @@ impl Finished {
     /// What dnsperf wrote, with its CPU time from the shell's `times`.
     pub fn parse(self) -> Result<DnsperfRun> {
         let shell = &self.shell;
-        let context = || format!("`{}`: {}", shell.command, shell.stderr.trim());
+        // The shell's status is dnsperf's (128 + N: killed by signal N).
+        let context = || {
+            format!(
+                "`{}` exited with {}: {}",
+                shell.command,
+                shell.status,
+                shell.stderr.trim()
+            )
+        };
         let text = fs::read_to_string(&self.out)
             .with_context(|| format!("reading {}", self.out.display()))
             .with_context(context)?;
-        let mut run = parse(&text).with_context(context)?;
+        let mut run = parse(&text)
+            .with_context(|| format!("{} ({} bytes)", self.out.display(), text.len()))
+            .with_context(context)?;
         if !shell.success() {
-            return Err(anyhow!("dnsperf exited with {}", shell.status)).with_context(context);
+            return Err(anyhow!("dnsperf failed")).with_context(context);
         }
         run.client_cpu_secs = parse_times(&shell.stdout);
         Ok(run)

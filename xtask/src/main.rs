@@ -4,7 +4,7 @@
 //! - `test`:  setup, build, run every test, fail if tests left anything behind
 //! - `lab`:   bring a test lab up (left running), down, or show its status
 //! - `demo`:  a 3-node lab with etcd and a short netctl session
-//! - `bench`: setup, build, run a benchmark against its baselines (`bench overlay`)
+//! - `bench`: setup, build, run a benchmark against its baselines (`bench overlay|lb|dns`)
 
 mod bench;
 mod cargo;
