@@ -43,20 +43,29 @@ pub fn run(extra: &[String]) -> Result<ExitCode> {
     }
     args.extend(extra.iter().map(String::as_str));
     let status = cargo::run(&args, TEST_TIMEOUT)?;
-    let leaks = Snapshot::take()?.leaks_since(&before);
+    // Labs that a live process still owns (a benchmark, `lab up`) are not the tests' leftovers:
+    // leave them, and everything carrying their prefix, alone.
+    let foreign = foreign_labs();
+    let leaks: Vec<String> = Snapshot::take()?
+        .leaks_since(&before)
+        .into_iter()
+        .filter(|leak| !foreign.iter().any(|p| belongs_to(leak, p)))
+        .collect();
 
     if !leaks.is_empty() {
         eprintln!("error: the tests left things behind:");
         for leak in &leaks {
             eprintln!("  {leak}");
         }
-        // Clean up what we can so the next run starts clean; this run still fails.
-        match netlab::Lab::down_all() {
-            Ok(removed) if !removed.is_empty() => {
-                eprintln!("removed labs: {}", removed.join(" "));
+        // Clean up the tests' own labs so the next run starts clean; this run still fails.
+        for lab in netlab::Lab::status_all().unwrap_or_default() {
+            if foreign.contains(&lab.prefix) || before.labs.contains(&lab.prefix) {
+                continue;
             }
-            Ok(_) => {}
-            Err(e) => eprintln!("cleaning up labs failed: {e:#}"),
+            match netlab::Lab::down(&lab.prefix) {
+                Ok(()) => eprintln!("removed lab {}", lab.prefix),
+                Err(e) => eprintln!("cleaning up lab {} failed: {e:#}", lab.prefix),
+            }
         }
     }
     if !status.success() {
@@ -72,6 +81,30 @@ pub fn run(extra: &[String]) -> Result<ExitCode> {
     }
     println!("tests passed; nothing left behind");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prefixes of labs whose owner process is still running (or that were detached on purpose).
+/// Test processes have all exited when this runs, so these belong to someone else.
+fn foreign_labs() -> BTreeSet<String> {
+    netlab::Lab::status_all()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|lab| lab.owner.is_some_and(|o| o.is_alive()))
+        .map(|lab| lab.prefix)
+        .collect()
+}
+
+/// Whether a leak description names something of lab `prefix`: its namespaces, pins and run
+/// dir carry the prefix in their names, its processes in their command lines.
+fn belongs_to(leak: &str, prefix: &str) -> bool {
+    if leak.contains(prefix) {
+        return true;
+    }
+    let pid = leak
+        .strip_prefix("process ")
+        .and_then(|rest| rest.split_whitespace().next());
+    pid.and_then(|pid| fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .is_some_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(prefix))
 }
 
 /// True if cargo's own options (before `--`) pick packages.
