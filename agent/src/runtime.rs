@@ -245,6 +245,15 @@ impl Runtime {
                 tracing::warn!(container = %c.name, error = %e, "stopping process");
             }
         }
+        // Whatever the main process left running in the namespace goes with it. Only for our
+        // own sandboxes: an external namespace's processes belong to whoever made it.
+        if c.kind == ContainerKind::Sandbox {
+            match sandbox::kill_namespace_processes(Path::new(&c.netns)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(container = %c.name, n, "killed leftover processes"),
+                Err(e) => tracing::debug!(container = %c.name, error = %e, "no namespace to sweep"),
+            }
+        }
         for ep in &rec.endpoints {
             {
                 let mut dp = lock(&self.datapath);

@@ -223,7 +223,32 @@ fn containers_talk_across_nodes_and_stay_isolated() {
     // Removal leaves nothing behind: namespace, veth, process, address.
     let netns = a["netns"].as_str().unwrap().to_string();
     let pid = a["pid"].as_u64().unwrap();
+    // The shell and its two socat servers (and their children) all live in a's namespace.
+    let ns_name = netns.rsplit('/').next().unwrap().to_string();
+    let in_ns = std::process::Command::new("ip")
+        .args(["netns", "pids", &ns_name])
+        .output()
+        .unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&in_ns.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert!(
+        pids.len() >= 3,
+        "expected sh and two socat in {ns_name}: {pids:?}"
+    );
     netctl(&lab, 1, &["container", "rm", "a"]);
+    // Gone, or a zombie waiting for init to reap it: nothing runs any more.
+    let running = |p: &String| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+            st.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    };
+    for p in &pids {
+        assert!(!running(p), "process {p} of a survived rm");
+    }
     assert!(
         !std::path::Path::new(&netns).exists(),
         "{netns} still there"

@@ -27,6 +27,8 @@ const WATCHED: &[&str] = &[
     "iperf3",
     "ping",
     "dig",
+    "socat",
+    "dnsmasq",
     "nsenter",
 ];
 

@@ -414,3 +414,38 @@ pub async fn stop(handle: &ProcessHandle, grace: Duration) -> Result<bool> {
         secs: KILL_WAIT.as_secs(),
     })
 }
+
+/// SIGKILLs every process whose network namespace is the one at `netns` and waits (bounded)
+/// for them to go. A container's main process may leave children behind (a shell's background
+/// jobs, daemons that left its process group); they all share the container's namespace, and
+/// once the namespace's name is gone nobody could find them any more. Returns how many were
+/// signalled.
+pub async fn kill_namespace_processes(netns: &std::path::Path) -> Result<usize> {
+    use std::os::unix::fs::MetadataExt as _;
+    let target = std::fs::metadata(netns).map_err(|source| SandboxError::Io {
+        op: "stat",
+        path: netns.to_path_buf(),
+        source,
+    })?;
+    let same_ns = |pid: i32| {
+        std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .is_ok_and(|m| m.ino() == target.ino() && m.dev() == target.dev())
+    };
+    let pids: Vec<i32> = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|&pid| pid != std::process::id() as i32 && same_ns(pid))
+                .collect()
+        })
+        .unwrap_or_default();
+    for &pid in &pids {
+        // SAFETY: plain kill(2); ESRCH (already gone) is fine.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = tokio::time::Instant::now() + KILL_WAIT;
+    while pids.iter().any(|&p| same_ns(p)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(pids.len())
+}
