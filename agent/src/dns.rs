@@ -28,16 +28,14 @@ pub fn dns_view(view: &ClusterView) -> DnsView {
             names.insert_alias(alias, ep.ip);
         }
     }
+    let replicas = view.live_replicas();
     for svc in view.services.values() {
         for sn in &svc.networks {
             // Only replicas whose node is alive: a dead node's tasks must not be handed out.
-            let mut tasks: Vec<Ipv4Addr> = view
-                .endpoints
-                .values()
-                .filter(|e| e.service.as_deref() == Some(svc.name.as_str()))
-                .filter(|e| e.network == sn.network && view.alive.contains(&e.node))
-                .map(|e| e.ip)
-                .collect();
+            let mut tasks: Vec<Ipv4Addr> = replicas
+                .get(&(svc.name.as_str(), sn.network.as_str()))
+                .map(|eps| eps.iter().map(|e| e.ip).collect())
+                .unwrap_or_default();
             tasks.sort();
             let endpoint = match (svc.endpoint_mode, sn.vip) {
                 (EndpointMode::Vip, Some(vip)) => netagent_dns::Endpoint::Vip(vip),

@@ -53,6 +53,7 @@ fn l4(p: Protocol) -> L4Proto {
 /// is alive and `active`: a drained or dead node's replicas keep their established flows
 /// (conntrack) and get no new ones.
 fn desired_services(view: &ClusterView, d: &mut Desired) {
+    let live = view.live_replicas();
     for svc in view.services.values() {
         if svc.endpoint_mode != EndpointMode::Vip {
             continue;
@@ -62,22 +63,19 @@ fn desired_services(view: &ClusterView, d: &mut Desired) {
                 continue;
             };
             let id = set_id(svc, i);
-            let mut replicas: Vec<(&str, Ipv4Addr)> = view
-                .endpoints
-                .values()
-                .filter(|e| e.service.as_deref() == Some(svc.name.as_str()))
-                .filter(|e| e.network == sn.network && view.alive.contains(&e.node))
+            let replicas: Vec<Ipv4Addr> = live
+                .get(&(svc.name.as_str(), sn.network.as_str()))
+                .into_iter()
+                .flatten()
                 .filter(|e| {
                     view.nodes
                         .get(&e.node)
                         .is_some_and(|n| n.availability == Availability::Active)
                 })
                 .filter(|e| d.endpoints.contains_key(&e.ip))
-                .map(|e| (e.container.as_str(), e.ip))
+                .map(|e| e.ip)
                 .collect();
-            replicas.sort();
-            d.backend_sets
-                .insert(id, replicas.into_iter().map(|(_, ip)| ip).collect());
+            d.backend_sets.insert(id, replicas);
             d.services.insert(
                 vip,
                 ServiceInfo {

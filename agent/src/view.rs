@@ -26,6 +26,23 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    /// Replicas per (service, network) whose node is alive, each list in container-name order.
+    /// One pass over the endpoints, so callers that walk every service stay linear.
+    pub fn live_replicas(&self) -> BTreeMap<(&str, &str), Vec<&Endpoint>> {
+        let mut out: BTreeMap<(&str, &str), Vec<&Endpoint>> = BTreeMap::new();
+        for e in self.endpoints.values() {
+            if let Some(svc) = e.service.as_deref()
+                && self.alive.contains(&e.node)
+            {
+                out.entry((svc, e.network.as_str())).or_default().push(e);
+            }
+        }
+        for list in out.values_mut() {
+            list.sort_by(|a, b| a.container.cmp(&b.container));
+        }
+        out
+    }
+
     fn from_list(kvs: &[KeyValue], revision: Revision) -> Self {
         let mut view = ClusterView {
             revision,
