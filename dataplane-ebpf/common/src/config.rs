@@ -1,0 +1,56 @@
+//! The node-wide config the agent writes and every program reads.
+
+/// The only index of the CONFIG array map.
+pub const CONFIG_KEY: u32 = 0;
+
+/// Set by the agent when it has written a complete [`Config`]. The programs refuse to answer
+/// ARP until then, because a zeroed router MAC would poison the containers' neighbour caches.
+pub const CONFIG_F_READY: u32 = 1 << 0;
+
+/// Node-wide settings written by the agent, read by every program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// MAC address the node's programs use as "the router": ARP replies to containers carry
+    /// it, and every routed frame gets it as Ethernet source.
+    pub router_mac: [u8; 6],
+    /// Explicit padding so the layout has no uninitialised bytes (required for `Pod`).
+    pub _pad: [u8; 2],
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+    /// ifindex of the node's collect-metadata (`external`) VXLAN device, where traffic to
+    /// remote endpoints is redirected after the tunnel key is set. 0 while the agent has not
+    /// created it yet: remote destinations are then dropped as
+    /// [`DropReason::NoTunnelDevice`].
+    pub vxlan_ifindex: u32,
+    /// The node's advertise address (network order): `from_uplink` balances packets to
+    /// `node_ip:<published port>` and replies of those flows leave with it as source.
+    /// 0.0.0.0 turns the routing mesh off (`from_uplink` passes everything).
+    pub node_ip: [u8; 4],
+    /// ifindex of the uplink (the device `node_ip` is on): replies of routing-mesh flows are
+    /// sent out of it with `bpf_redirect_neigh`. 0: such replies are dropped as
+    /// [`DropReason::NoUplink`].
+    pub uplink_ifindex: u32,
+    /// Idle timeout of TCP conntrack entries in seconds (0 is read as the default,
+    /// [`CT_TCP_TIMEOUT_DEFAULT_S`]).
+    pub ct_tcp_timeout_s: u32,
+    /// Idle timeout of UDP conntrack entries in seconds (0 is read as the default,
+    /// [`CT_UDP_TIMEOUT_DEFAULT_S`]).
+    pub ct_udp_timeout_s: u32,
+}
+
+/// Default idle timeout of a TCP connection (6 hours). IPVS, behind Docker's VIPs, forgets an
+/// idle established connection after 900 s, which silently breaks long-lived idle
+/// connections (database pools, ...); ours outlives the usual TCP keepalive of 2 hours.
+pub const CT_TCP_TIMEOUT_DEFAULT_S: u32 = 21_600;
+
+/// Default idle timeout of a UDP flow (5 minutes).
+pub const CT_UDP_TIMEOUT_DEFAULT_S: u32 = 300;
+
+impl Config {
+    /// True once the agent has written the config (see [`CONFIG_F_READY`]).
+    #[inline(always)]
+    pub const fn is_ready(&self) -> bool {
+        self.flags & CONFIG_F_READY != 0
+    }
+}

@@ -1,0 +1,113 @@
+//! Routing state: endpoints (ENDPOINTS), overlay networks (NETWORKS), nodes (NODES).
+
+/// Key of the ENDPOINTS map: the endpoint's IPv4 address as the four octets in network order
+/// (`Ipv4Addr::octets()`; the bytes as they appear in the IPv4 header), so the programs look
+/// up the header bytes without any conversion.
+///
+/// One key space for the whole cluster: overlay subnets never overlap across networks (the
+/// control plane guarantees it), so an address alone identifies an endpoint.
+pub type EndpointKey = [u8; 4];
+
+/// Capacity of the ENDPOINTS map (local and remote endpoints of every network this node has
+/// endpoints on).
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 65536;
+
+/// Set in [`EndpointInfo::flags`] for endpoints on this node. Redundant with `ifindex != 0`
+/// on purpose (an entry says what it is when dumped); the agent's `upsert_endpoint` rejects
+/// entries where the two disagree, and the programs decide by `ifindex`.
+pub const ENDPOINT_F_LOCAL: u16 = 1 << 0;
+
+/// All `ENDPOINT_F_*` bits this build knows.
+pub const ENDPOINT_F_ALL: u16 = ENDPOINT_F_LOCAL;
+
+/// An endpoint (container interface) of an overlay network, local or on another node.
+///
+/// Local: `ifindex` != 0, `node_ip` == 0, `ENDPOINT_F_LOCAL` set. Remote: `ifindex` == 0,
+/// `node_ip` != 0, `ENDPOINT_F_LOCAL` clear. Use [`Self::local`] / [`Self::remote`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointInfo {
+    /// VXLAN network identifier of the endpoint's network (24 bits used, 0 is invalid).
+    pub vni: u32,
+    /// Local endpoint: ifindex of the host side of its veth (traffic for the endpoint is
+    /// `bpf_redirect_peer`ed there; traffic from it must arrive there). 0 for remote endpoints.
+    pub ifindex: u32,
+    /// Remote endpoint: address of the node it runs on (outer destination of the VXLAN
+    /// packet) in **network byte order** (`__be32`: the u32's bytes in memory are the octets;
+    /// convert with [`node_ip_to_abi`] / [`node_ip_from_abi`]). 0 for local endpoints.
+    pub node_ip: u32,
+    /// The endpoint's own MAC address: Ethernet destination of frames delivered to it.
+    pub mac: [u8; 6],
+    /// `ENDPOINT_F_*` bits.
+    pub flags: u16,
+}
+
+/// [`EndpointInfo::node_ip`] for `addr` (network byte order).
+pub const fn node_ip_to_abi(addr: core::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// The address stored in [`EndpointInfo::node_ip`].
+pub const fn node_ip_from_abi(node_ip: u32) -> core::net::Ipv4Addr {
+    let [a, b, c, d] = node_ip.to_ne_bytes();
+    core::net::Ipv4Addr::new(a, b, c, d)
+}
+
+impl EndpointInfo {
+    /// An endpoint on this node behind the veth whose host side is `ifindex`.
+    pub const fn local(vni: u32, ifindex: u32, mac: [u8; 6]) -> Self {
+        Self {
+            vni,
+            ifindex,
+            node_ip: 0,
+            mac,
+            flags: ENDPOINT_F_LOCAL,
+        }
+    }
+
+    /// An endpoint on the node with address `node`.
+    pub const fn remote(vni: u32, node: core::net::Ipv4Addr, mac: [u8; 6]) -> Self {
+        Self {
+            vni,
+            ifindex: 0,
+            node_ip: node_ip_to_abi(node),
+            mac,
+            flags: 0,
+        }
+    }
+
+    /// True if the endpoint is on this node.
+    #[inline(always)]
+    pub const fn is_local(&self) -> bool {
+        self.ifindex != 0
+    }
+
+    /// The node a remote endpoint is on (0.0.0.0 for local ones).
+    pub const fn node_addr(&self) -> core::net::Ipv4Addr {
+        node_ip_from_abi(self.node_ip)
+    }
+}
+
+/// Capacity of the NETWORKS trie (overlay networks known to the node).
+pub const NETWORKS_MAX_ENTRIES: u32 = 4096;
+
+/// Set in [`NetworkInfo::flags`] for `--opt encrypted` networks. Reserved: the datapath does
+/// not act on it yet.
+pub const NETWORK_F_ENCRYPTED: u32 = 1 << 0;
+
+/// An overlay network, the value of the NETWORKS LPM trie.
+///
+/// The trie key is the kernel's LPM key: `prefix_len: u32` (host order, 0..=32) followed by
+/// the subnet's four octets in network order, 8 bytes packed (`aya::maps::lpm_trie::Key<[u8;
+/// 4]>` / `aya_ebpf::maps::lpm_trie::Key<[u8; 4]>`). Host bits of the address are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NetworkInfo {
+    /// VXLAN network identifier of the network.
+    pub vni: u32,
+    /// `NETWORK_F_*` bits.
+    pub flags: u32,
+}
+
+/// Largest VXLAN network identifier (the VNI field is 24 bits).
+pub const VNI_MAX: u32 = (1 << 24) - 1;
