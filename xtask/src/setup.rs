@@ -25,6 +25,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "protobuf-compiler",
         "etcd-client generates its gRPC code with protoc",
     ),
+    (
+        "libprotobuf-dev",
+        "protoc's well-known .proto files (only a Recommends of protobuf-compiler)",
+    ),
     ("etcd-server", "the real etcd the test lab runs"),
     ("etcd-client", "etcdctl, to check etcd from tests"),
     ("iproute2", "ip: namespaces, veths, bridge of the lab"),
@@ -54,6 +58,26 @@ const PACKAGES: &[(&str, &str)] = &[
         "haproxy",
         "the load-balancer benchmark's HAProxy TCP baseline",
     ),
+    (
+        "wireguard-go",
+        "the encrypted benchmark's userspace WireGuard baseline",
+    ),
+    ("wireguard-tools", "wg, configures the wireguard-go baseline"),
+    (
+        "prometheus",
+        "a real Prometheus scrapes the agent; promtool checks the metrics",
+    ),
+    ("podman", "a real container runtime drives the CNI plugin"),
+    ("runc", "the OCI runtime podman uses here (crun refuses this host)"),
+    (
+        "containernetworking-plugins",
+        "portmap/bandwidth/tuning chained after the CNI plugin",
+    ),
+    (
+        "busybox-static",
+        "busybox: the demo's replicas and podman's --rootfs (conflicts with busybox)",
+    ),
+    ("wrk", "HTTP load through VIPs and the routing mesh"),
 ];
 
 /// The nightly aya-build compiles the eBPF crate with (DESIGN.md section 10).
