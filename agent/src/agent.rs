@@ -67,6 +67,23 @@ pub struct Args {
     /// Idle timeout of UDP flows through a VIP or published port, seconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub ct_udp_timeout: u64,
+    /// Idle timeout of a TCP connection through a VIP or published port whose handshake has
+    /// not completed, seconds.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ct_syn_timeout: u64,
+    /// Idle timeout of a TCP connection after FIN or RST, seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ct_close_timeout: u64,
+    /// Entries of the established-connection table (two per balanced connection). A flood of
+    /// new connections cannot push these out.
+    #[arg(long, default_value_t = netagent_datapath::CONNTRACK_MAX_ENTRIES,
+          value_parser = clap::value_parser!(u32).range(64..=(1 << 24)))]
+    pub ct_max: u32,
+    /// Entries of the table of connections being set up (two per connection); when full,
+    /// the oldest half-open ones make room.
+    #[arg(long, default_value_t = netagent_datapath::CT_NEW_MAX_ENTRIES,
+          value_parser = clap::value_parser!(u32).range(64..=(1 << 24)))]
+    pub ct_new_max: u32,
     /// Seconds without a refresh after which this node counts as down.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..=300))]
     pub lease_ttl: u64,
@@ -121,11 +138,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         )
         .await
         .context("creating the VXLAN device")?;
-    let mut datapath = netagent_datapath::Datapath::load(
+    let mut datapath = netagent_datapath::Datapath::load_with(
         &args.bpf_dir,
         netagent_datapath::DatapathConfig {
             router_mac: ROUTER_MAC,
             vxlan_ifindex,
+        },
+        &netagent_datapath::Limits {
+            conntrack: args.ct_max,
+            ct_new: args.ct_new_max,
         },
     )
     .with_context(|| {
@@ -148,6 +169,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             uplink_ifindex,
             tcp_timeout: Duration::from_secs(args.ct_tcp_timeout),
             udp_timeout: Duration::from_secs(args.ct_udp_timeout),
+            syn_timeout: Duration::from_secs(args.ct_syn_timeout),
+            close_timeout: Duration::from_secs(args.ct_close_timeout),
         })
         .context("configuring the load balancer")?;
     // The routing mesh: published ports answer on this node's address.
@@ -209,6 +232,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     background.spawn(view::follow(store.clone(), view_tx));
     background.spawn(dns.follow(view_rx.clone()));
     background.spawn(reconcile::run(view_rx, runtime.clone()));
+    background.spawn(reconcile::conntrack_gc(datapath.clone()));
 
     let state = ApiState {
         store: store.clone(),

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use netagent_datapath::{
-    Datapath, DatapathError, EndpointInfo, L4Proto, NetworkInfo, PublishedInfo, ServiceInfo,
+    Datapath, DatapathError, EndpointInfo, L4Proto, NetworkInfo, NodeInfo, PublishedInfo,
+    ServiceInfo,
 };
 use tokio::sync::watch;
 
@@ -34,6 +35,9 @@ pub struct Desired {
     pub backend_sets: BTreeMap<u32, Vec<Ipv4Addr>>,
     /// (published port, protocol) -> backend set and target port.
     pub published: BTreeMap<(u16, u8), PublishedInfo>,
+    /// Advertise addresses of every node of the cluster: the only senders of overlay traffic
+    /// the datapath accepts.
+    pub nodes: BTreeMap<Ipv4Addr, NodeInfo>,
 }
 
 /// The datapath's backend set of a service on its `index`-th network: the replicas have a
@@ -132,6 +136,9 @@ pub fn remote_endpoint(vni: u32, node: Ipv4Addr, mac: [u8; 6]) -> EndpointInfo {
 /// ifindex; a local endpoint whose interface does not exist (yet) gets no entry.
 pub fn desired(view: &ClusterView, node: &str, local_ifindex: &HashMap<String, u32>) -> Desired {
     let mut d = Desired::default();
+    for n in view.nodes.values() {
+        d.nodes.insert(n.address, NodeInfo::default());
+    }
     for net in view.networks.values() {
         d.networks.insert(
             (net.subnet.network(), net.subnet.prefix_len()),
@@ -169,6 +176,13 @@ pub struct Changes {
 /// Writes the difference between `want` and the maps.
 pub fn apply(dp: &mut Datapath, want: &Desired) -> Result<Changes, DatapathError> {
     let mut changes = Changes::default();
+    let have_nodes: BTreeMap<Ipv4Addr, NodeInfo> = dp.nodes()?.into_iter().collect();
+    for (addr, info) in &want.nodes {
+        if have_nodes.get(addr) != Some(info) {
+            dp.upsert_node(*addr, info)?;
+            changes.upserted += 1;
+        }
+    }
     let have_nets: BTreeMap<Subnet, NetworkInfo> = dp.networks()?.into_iter().collect();
     for (subnet, info) in &want.networks {
         if have_nets.get(subnet) != Some(info) {
@@ -192,6 +206,11 @@ pub fn apply(dp: &mut Datapath, want: &Desired) -> Result<Changes, DatapathError
     // Networks go last so no endpoint is ever left without its subnet.
     for subnet in have_nets.keys() {
         if !want.networks.contains_key(subnet) && dp.remove_network(*subnet)? {
+            changes.removed += 1;
+        }
+    }
+    for addr in have_nodes.keys() {
+        if !want.nodes.contains_key(addr) && dp.remove_node(*addr)? {
             changes.removed += 1;
         }
     }
@@ -270,6 +289,36 @@ pub fn upsert_local_endpoint(
     mac: [u8; 6],
 ) -> Result<(), DatapathError> {
     dp.upsert_endpoint(ip, &local_endpoint(vni, ifindex, mac))
+}
+
+/// How often idle established connections are removed from CONNTRACK. The shortest timeout
+/// there is the close timeout (10 s by default); a few seconds of overstay cost nothing.
+const CT_GC_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs forever: removes established connections that went idle past their timeout (the
+/// programs never delete; CT_NEW is an LRU and needs no help).
+pub async fn conntrack_gc(datapath: Arc<std::sync::Mutex<Datapath>>) {
+    let mut tick = tokio::time::interval(CT_GC_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = netagent_datapath::monotonic_coarse_ns();
+        // The walk happens under the lock, like every other map write: it is bounded by the
+        // table size and runs on a blocking thread so the runtime keeps serving.
+        let dp = datapath.clone();
+        let result = tokio::task::spawn_blocking(move || lock(&dp).conntrack_gc(now)).await;
+        match result {
+            Ok(Ok(stats)) if stats.expired > 0 => tracing::debug!(
+                expired = stats.expired,
+                live = stats.live,
+                new = stats.new,
+                "conntrack garbage collected"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "conntrack garbage collection failed"),
+            Err(e) => tracing::warn!(error = %e, "conntrack garbage collection panicked"),
+        }
+    }
 }
 
 /// Runs forever: on every view change (and every `RESYNC`), bring the maps in line.

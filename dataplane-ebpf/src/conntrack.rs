@@ -1,20 +1,37 @@
 //! Connection tracking for the load balancer: which backend a flow was given, and how its
-//! replies are translated back. Layout and kinds of entries: `dataplane_common::CtKind`.
+//! replies are translated back. Layout and kinds of entries: `dataplane_common::CtKind`; the two
+//! tables (CT_NEW for connections being set up, CONNTRACK for established ones):
+//! `dataplane_common::conntrack`.
 //!
 //! Every balanced connection has two entries created together on the node that balanced it:
 //! the forward one, keyed by the client's packets, and the reverse one, keyed by the
-//! backend's replies. They are refreshed together, so a flow whose packets only go one way
-//! (a UDP stream, a long download) keeps both alive, and either entry can recreate the other
-//! if the LRU evicted it.
+//! backend's replies. They live in the same table, move together from CT_NEW to CONNTRACK
+//! ("promotion": TCP when the client sends its first packet after the SYN, UDP when the first
+//! reply comes back), and are refreshed together, so a flow whose packets only go one way (a
+//! UDP stream, a long download) keeps both alive.
+//!
+//! Only a TCP SYN (or any UDP packet) creates a connection. A TCP packet of an unknown
+//! connection is refused (`NoConntrack`): balancing it anew would send it to a backend that
+//! knows nothing of it.
+//!
+//! Timeouts per state: half-open TCP (in CT_NEW) `ct_syn_timeout_s`, established TCP
+//! `ct_tcp_timeout_s`, TCP after a FIN or RST `ct_close_timeout_s`, UDP `ct_udp_timeout_s`. An
+//! entry idle for longer counts as absent; the agent deletes expired CONNTRACK entries, CT_NEW
+//! recycles its own.
 
 use aya_ebpf::{bindings, helpers::bpf_ktime_get_coarse_ns};
 use dataplane_common::{
-    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING, CT_F_HAIRPIN, CT_TCP_TIMEOUT_DEFAULT_S,
-    CT_UDP_TIMEOUT_DEFAULT_S, Config, CtEntry, CtKey, CtKind, DropReason, HAIRPIN_SNAT_IP,
-    IPPROTO_TCP,
+    CT_CLOSE_TIMEOUT_DEFAULT_S, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING, CT_F_HAIRPIN,
+    CT_SYN_TIMEOUT_DEFAULT_S, CT_TCP_TIMEOUT_DEFAULT_S, CT_UDP_TIMEOUT_DEFAULT_S, Config, CtEntry,
+    CtKey, CtKind, DropReason, HAIRPIN_SNAT_IP, IPPROTO_TCP,
 };
 
-use crate::{ipv4::Ipv4, l4::L4, lb, maps::CONNTRACK};
+use crate::{
+    ipv4::Ipv4,
+    l4::L4,
+    lb,
+    maps::{CONNTRACK, CT_NEW},
+};
 
 // The bindings' integer types differ between architectures (see verdict.rs).
 #[allow(clippy::unnecessary_cast)]
@@ -27,54 +44,115 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// a busy flow does not write its entries on every packet.
 const REFRESH_MAX_NS: u64 = NS_PER_S;
 
-/// The time and the idle timeout that apply to one packet.
-#[derive(Clone, Copy)]
-pub struct Clock {
-    now: u64,
-    timeout: u64,
-    refresh: u64,
+/// Which table an entry was found in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// CONNTRACK: established.
+    Live,
+    /// CT_NEW: being set up.
+    New,
 }
 
-impl Clock {
-    /// The clock for a packet of protocol `proto`. The coarse clock (jiffies resolution) is
-    /// plenty for timeouts in seconds and cheaper than `bpf_ktime_get_ns`.
-    #[inline(always)]
-    pub fn new(config: &Config, proto: u8) -> Self {
-        let secs = if proto == IPPROTO_TCP {
-            nonzero_or(config.ct_tcp_timeout_s, CT_TCP_TIMEOUT_DEFAULT_S)
-        } else {
-            nonzero_or(config.ct_udp_timeout_s, CT_UDP_TIMEOUT_DEFAULT_S)
-        };
-        let timeout = u64::from(secs) * NS_PER_S;
-        let quarter = timeout / 4;
-        Self {
-            // SAFETY: helper without arguments.
-            now: unsafe { bpf_ktime_get_coarse_ns() },
-            timeout,
-            refresh: if quarter < REFRESH_MAX_NS {
-                quarter
-            } else {
-                REFRESH_MAX_NS
-            },
-        }
-    }
+/// An entry found by [`lookup`]: where it lives and a copy of it.
+#[derive(Clone, Copy)]
+struct Found {
+    ptr: *mut CtEntry,
+    table: Table,
+    entry: CtEntry,
+}
 
-    /// Idle for longer than the timeout. Saturating: another CPU may have stored a
-    /// timestamp a tick newer than the one this CPU read.
-    #[inline(always)]
-    fn expired(&self, last_seen: u64) -> bool {
-        self.now.saturating_sub(last_seen) > self.timeout
-    }
-
-    #[inline(always)]
-    fn refresh_due(&self, last_seen: u64) -> bool {
-        self.now.saturating_sub(last_seen) >= self.refresh
-    }
+/// The entry under `key`, established table first.
+#[inline(always)]
+fn lookup(key: &CtKey) -> Option<Found> {
+    let (ptr, table) = match CONNTRACK.get_ptr_mut(key) {
+        Some(ptr) => (ptr, Table::Live),
+        None => (CT_NEW.get_ptr_mut(key)?, Table::New),
+    };
+    // SAFETY: a valid map value pointer; copied at once (see maps.rs on element reuse).
+    let entry = unsafe { *ptr };
+    Some(Found { ptr, table, entry })
 }
 
 #[inline(always)]
-fn nonzero_or(value: u32, default: u32) -> u32 {
-    if value == 0 { default } else { value }
+fn remove(key: &CtKey, table: Table) {
+    // Best effort: an entry that is already gone is what we wanted.
+    let _ = match table {
+        Table::Live => CONNTRACK.remove(key),
+        Table::New => CT_NEW.remove(key),
+    };
+}
+
+#[inline(always)]
+fn insert(key: &CtKey, entry: &CtEntry, table: Table, flags: u64) -> Result<(), DropReason> {
+    let r = match table {
+        Table::Live => CONNTRACK.insert(key, entry, flags),
+        Table::New => CT_NEW.insert(key, entry, flags),
+    };
+    r.map_err(|_| DropReason::ConntrackFailed)
+}
+
+/// The time and the idle timeouts that apply to one packet.
+#[derive(Clone, Copy)]
+pub struct Clock {
+    now: u64,
+    tcp: u64,
+    syn: u64,
+    close: u64,
+    udp: u64,
+}
+
+#[inline(always)]
+fn secs_or(value: u32, default: u32) -> u64 {
+    u64::from(if value == 0 { default } else { value }) * NS_PER_S
+}
+
+impl Clock {
+    /// The coarse clock (jiffies resolution) is plenty for timeouts in seconds and cheaper
+    /// than `bpf_ktime_get_ns`.
+    #[inline(always)]
+    pub fn new(config: &Config) -> Self {
+        Self {
+            // SAFETY: helper without arguments.
+            now: unsafe { bpf_ktime_get_coarse_ns() },
+            tcp: secs_or(config.ct_tcp_timeout_s, CT_TCP_TIMEOUT_DEFAULT_S),
+            syn: secs_or(config.ct_syn_timeout_s, CT_SYN_TIMEOUT_DEFAULT_S),
+            close: secs_or(config.ct_close_timeout_s, CT_CLOSE_TIMEOUT_DEFAULT_S),
+            udp: secs_or(config.ct_udp_timeout_s, CT_UDP_TIMEOUT_DEFAULT_S),
+        }
+    }
+
+    /// The idle timeout of an entry of protocol `proto` with `flags`, in `table`.
+    #[inline(always)]
+    fn timeout(&self, proto: u8, flags: u8, table: Table) -> u64 {
+        if proto != IPPROTO_TCP {
+            self.udp
+        } else if flags & CT_F_CLOSING != 0 {
+            self.close
+        } else if table == Table::New {
+            self.syn
+        } else {
+            self.tcp
+        }
+    }
+
+    /// Idle for longer than its timeout. Saturating: another CPU may have stored a timestamp
+    /// a tick newer than the one this CPU read.
+    #[inline(always)]
+    fn expired(&self, proto: u8, found: &Found) -> bool {
+        let timeout = self.timeout(proto, found.entry.flags, found.table);
+        self.now.saturating_sub(found.entry.last_seen_ns) > timeout
+    }
+
+    #[inline(always)]
+    fn refresh_due(&self, proto: u8, found: &Found) -> bool {
+        let quarter = self.timeout(proto, found.entry.flags, found.table) / 4;
+        let every = if quarter < REFRESH_MAX_NS {
+            quarter
+        } else {
+            REFRESH_MAX_NS
+        };
+        self.now.saturating_sub(found.entry.last_seen_ns) >= every
+    }
 }
 
 /// The key of a packet from a client: its tuple as seen, direction original.
@@ -170,13 +248,86 @@ fn reverse_key_of(key: &CtKey, entry: &CtEntry) -> CtKey {
     }
 }
 
+/// The reverse entry matching the forward entry `forward` stored under `key`: replies get the
+/// address the client sent to back as their source.
+#[inline(always)]
+fn reverse_of(key: &CtKey, forward: &CtEntry, kind: CtKind) -> CtEntry {
+    CtEntry {
+        last_seen_ns: forward.last_seen_ns,
+        nat_ip: key.dst_ip,
+        nat_port: key.dst_port,
+        kind: kind as u8,
+        flags: forward.flags & (CT_F_HAIRPIN | CT_F_CLOSING),
+        tunnel_node: [0; 4],
+        vni: forward.vni,
+        service_id: forward.service_id,
+        syn_seq: 0,
+    }
+}
+
+/// The forward key and entry matching the reverse entry `entry` found under the reply key
+/// `key`: the client is the reply's destination, or for a hairpin connection its source.
+#[inline(always)]
+fn forward_of(key: &CtKey, entry: &CtEntry, kind: CtKind) -> (CtKey, CtEntry) {
+    let hairpin = entry.flags & CT_F_HAIRPIN != 0;
+    let forward_key = CtKey {
+        src_ip: if hairpin { key.src_ip } else { key.dst_ip },
+        dst_ip: entry.nat_ip,
+        src_port: key.dst_port,
+        dst_port: entry.nat_port,
+        proto: key.proto,
+        dir: CT_DIR_ORIGINAL,
+        _pad: [0; 2],
+    };
+    let forward = CtEntry {
+        last_seen_ns: entry.last_seen_ns,
+        nat_ip: key.src_ip,
+        nat_port: key.src_port,
+        kind: kind as u8,
+        flags: entry.flags & (CT_F_HAIRPIN | CT_F_CLOSING),
+        tunnel_node: [0; 4],
+        vni: entry.vni,
+        service_id: entry.service_id,
+        syn_seq: 0,
+    };
+    (forward_key, forward)
+}
+
+/// Moves a connection's entry pair from CT_NEW to CONNTRACK. If CONNTRACK is full the pair
+/// stays where it is: the connection still works, it is only not protected from eviction.
+#[inline(always)]
+fn promote(key_a: &CtKey, a: &CtEntry, key_b: &CtKey, b: &CtEntry) {
+    if insert(key_a, a, Table::Live, BPF_ANY).is_err() {
+        return;
+    }
+    if insert(key_b, b, Table::Live, BPF_ANY).is_err() {
+        remove(key_a, Table::Live);
+        return;
+    }
+    remove(key_a, Table::New);
+    remove(key_b, Table::New);
+}
+
+/// Sets `CT_F_CLOSING` on the entry behind `found` and on its partner under `partner` (the
+/// two entries of a connection share one state, so they expire together).
+#[inline(always)]
+fn mark_closing(found: &Found, partner: &CtKey) {
+    // SAFETY: a valid map value pointer; a byte store, racing only with identical stores.
+    unsafe { (*found.ptr).flags = found.entry.flags | CT_F_CLOSING };
+    if let Some(p) = lookup(partner) {
+        // SAFETY: as above.
+        unsafe { (*p.ptr).flags = p.entry.flags | CT_F_CLOSING };
+    }
+}
+
 /// Sets `target` to the backend of the connection the client packet with `key` belongs to:
-/// the one in its live forward entry, or for a new connection the next one of the set in
-/// round-robin order, recorded in a new entry pair.
+/// the one in its live forward entry, or for a new connection (a TCP SYN, any UDP packet)
+/// the next one of the set in round-robin order, recorded in a new entry pair in CT_NEW.
 ///
 /// A TCP SYN on an entry whose client already sent FIN or RST starts a new connection (the
 /// client reused the port) and is balanced anew, unless it is a retransmission of the SYN that
-/// created the entry (same sequence number; see `CT_F_CLOSING`).
+/// created the entry (same sequence number; see `CT_F_CLOSING`). Any other TCP packet without
+/// a live entry is `NoConntrack`.
 #[inline(always)]
 pub fn balance(
     key: &CtKey,
@@ -185,28 +336,49 @@ pub fn balance(
     flow: &Flow,
     target: &mut Target,
 ) -> Result<(), DropReason> {
-    let Some(entry_ptr) = CONNTRACK.get_ptr_mut(key) else {
+    let tcp = l4.proto == IPPROTO_TCP;
+    let Some(found) = lookup(key) else {
+        if tcp && !l4.is_syn() {
+            return Err(DropReason::NoConntrack);
+        }
         return create(key, l4, clock, flow, BPF_NOEXIST, target);
     };
-    // SAFETY: a valid map value pointer; copied at once (see maps.rs on LRU reuse).
-    let entry = unsafe { *entry_ptr };
+    let entry = found.entry;
     let reusable = entry.kind == flow.forward as u8
-        && !clock.expired(entry.last_seen_ns)
+        && !clock.expired(l4.proto, &found)
         && !(l4.is_syn() && entry.flags & CT_F_CLOSING != 0 && !same_syn(&entry, l4));
     if !reusable {
+        if tcp && !l4.is_syn() {
+            return Err(DropReason::NoConntrack);
+        }
+        // An old connection on this tuple: both of its entries go, wherever they are.
+        remove(&reverse_key_of(key, &entry), found.table);
+        remove(key, found.table);
         return create(key, l4, clock, flow, BPF_ANY, target);
     }
+    let reverse_key = reverse_key_of(key, &entry);
     if l4.is_closing() && entry.flags & CT_F_CLOSING == 0 {
-        // SAFETY: as above; a byte store, racing only with identical stores.
-        unsafe { (*entry_ptr).flags = entry.flags | CT_F_CLOSING };
-    }
-    if clock.refresh_due(entry.last_seen_ns) {
-        // SAFETY: as above; an aligned u64 store.
-        unsafe { (*entry_ptr).last_seen_ns = clock.now };
+        mark_closing(&found, &reverse_key);
+    } else if found.table == Table::New && tcp && !l4.is_syn() {
+        // The client's first packet after its SYN: the handshake is done.
+        let forward = CtEntry {
+            last_seen_ns: clock.now,
+            ..entry
+        };
+        promote(
+            key,
+            &forward,
+            &reverse_key,
+            &reverse_of(key, &forward, flow.reverse),
+        );
+    } else if clock.refresh_due(l4.proto, &found) {
+        // SAFETY: as in `lookup`; an aligned u64 store.
+        unsafe { (*found.ptr).last_seen_ns = clock.now };
         refresh_partner(
-            &reverse_key_of(key, &entry),
+            &reverse_key,
             clock,
             &reverse_of(key, &entry, flow.reverse),
+            found.table,
         );
     }
     target.set(&entry);
@@ -219,8 +391,8 @@ fn same_syn(entry: &CtEntry, l4: &L4) -> bool {
     entry.syn_seq != 0 && entry.syn_seq == l4.seq
 }
 
-/// Picks a backend and creates the entry pair. `flags`: `BPF_NOEXIST` when no entry was
-/// there (so of two CPUs racing on the first packets of one flow, the second follows the
+/// Picks a backend and creates the entry pair in CT_NEW. `flags`: `BPF_NOEXIST` when no entry
+/// was there (so of two CPUs racing on the first packets of one flow, the second follows the
 /// first's choice), `BPF_ANY` to replace an expired or finished one.
 #[inline(always)]
 fn create(
@@ -252,20 +424,20 @@ fn create(
         service_id: flow.service_id,
         syn_seq: if l4.is_syn() { l4.seq } else { 0 },
     };
-    if CONNTRACK.insert(key, forward, flags).is_err() {
+    if CT_NEW.insert(key, &forward, flags).is_err() {
         if flags == BPF_NOEXIST {
             // SAFETY: copied at once.
-            if let Some(winner) = unsafe { CONNTRACK.get(key) } {
+            if let Some(winner) = unsafe { CT_NEW.get(key) } {
                 target.set(winner);
                 return Ok(());
             }
         }
         return Err(DropReason::ConntrackFailed);
     }
-    CONNTRACK
+    CT_NEW
         .insert(
-            reverse_key_of(key, &forward),
-            reverse_of(key, &forward, flow.reverse),
+            &reverse_key_of(key, &forward),
+            &reverse_of(key, &forward, flow.reverse),
             BPF_ANY,
         )
         .map_err(|_| DropReason::ConntrackFailed)?;
@@ -273,35 +445,16 @@ fn create(
     Ok(())
 }
 
-/// The reverse entry matching the forward entry `forward` stored under `key`: replies get the
-/// address the client sent to back as their source.
+/// Refreshes the other entry of a pair, recreating it as `expected` in `table` if it is gone
+/// or no longer belongs to this connection (evicted, or replaced by a newer connection reusing
+/// the tuple: then the newer one wins and is left alone).
 #[inline(always)]
-fn reverse_of(key: &CtKey, forward: &CtEntry, kind: CtKind) -> CtEntry {
-    CtEntry {
-        last_seen_ns: forward.last_seen_ns,
-        nat_ip: key.dst_ip,
-        nat_port: key.dst_port,
-        kind: kind as u8,
-        flags: forward.flags & CT_F_HAIRPIN,
-        tunnel_node: [0; 4],
-        vni: forward.vni,
-        service_id: forward.service_id,
-        syn_seq: 0,
-    }
-}
-
-/// Refreshes the other entry of a pair, recreating it as `expected` if it is gone or no
-/// longer belongs to this connection (evicted, or replaced by a newer connection reusing the
-/// tuple: then the newer one wins and is left alone).
-#[inline(always)]
-fn refresh_partner(key: &CtKey, clock: &Clock, expected: &CtEntry) {
-    match CONNTRACK.get_ptr_mut(key) {
-        Some(ptr) => {
-            // SAFETY: a valid map value pointer; fields read and an aligned u64 stored.
-            unsafe {
-                if (*ptr).kind == expected.kind && (*ptr).nat_ip == expected.nat_ip {
-                    (*ptr).last_seen_ns = clock.now;
-                }
+fn refresh_partner(key: &CtKey, clock: &Clock, expected: &CtEntry, table: Table) {
+    match lookup(key) {
+        Some(p) => {
+            if p.entry.kind == expected.kind && p.entry.nat_ip == expected.nat_ip {
+                // SAFETY: a valid map value pointer; an aligned u64 store.
+                unsafe { (*p.ptr).last_seen_ns = clock.now };
             }
         }
         None => {
@@ -310,59 +463,70 @@ fn refresh_partner(key: &CtKey, clock: &Clock, expected: &CtEntry) {
                 ..*expected
             };
             // Best effort: failing leaves the pair as it was.
-            let _ = CONNTRACK.insert(key, entry, BPF_NOEXIST);
+            let _ = insert(key, &entry, table, BPF_NOEXIST);
         }
     }
 }
 
-/// The live entry for the reply with `key` (any of the reply kinds: `VipReverse`,
-/// `MeshReverse`, `MeshReturn`), refreshed if due, together with its forward partner.
+/// The live entry for the reply `l4` with `key` (any of the reply kinds: `VipReverse`,
+/// `MeshReverse`, `MeshReturn`), refreshed if due, together with its forward partner. A FIN or
+/// RST marks the connection closing; the first reply of a UDP flow promotes it.
 ///
 /// Every local delivery of TCP/UDP asks this, and most of them are not replies of balanced
 /// connections: the clock is read only once an entry is found.
 #[inline(always)]
-pub fn reply(key: &CtKey, config: &Config) -> Option<CtEntry> {
-    let ptr = CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: a valid map value pointer, copied at once.
-    let entry = unsafe { *ptr };
-    let clock = Clock::new(config, key.proto);
+pub fn reply(key: &CtKey, l4: &L4, config: &Config) -> Option<CtEntry> {
+    let found = lookup(key)?;
+    let entry = found.entry;
     let forward_kind = match entry.kind {
         VIP_REVERSE => Some(CtKind::VipForward),
         MESH_REVERSE => Some(CtKind::MeshForward),
         MESH_RETURN => None,
         _ => return None,
     };
-    if clock.expired(entry.last_seen_ns) {
+    let clock = Clock::new(config);
+    if clock.expired(key.proto, &found) {
         return None;
     }
-    if clock.refresh_due(entry.last_seen_ns) {
-        // SAFETY: as above; an aligned u64 store.
-        unsafe { (*ptr).last_seen_ns = clock.now };
-        if let Some(forward_kind) = forward_kind {
-            // The forward entry: client -> what it connected to, DNAT to the replying backend.
-            // The client is the reply's destination, or for a hairpin connection its source.
-            let hairpin = entry.flags & CT_F_HAIRPIN;
-            let forward_key = CtKey {
-                src_ip: if hairpin != 0 { key.src_ip } else { key.dst_ip },
-                dst_ip: entry.nat_ip,
-                src_port: key.dst_port,
-                dst_port: entry.nat_port,
-                proto: key.proto,
-                dir: CT_DIR_ORIGINAL,
-                _pad: [0; 2],
-            };
-            let forward = CtEntry {
-                last_seen_ns: clock.now,
-                nat_ip: key.src_ip,
-                nat_port: key.src_port,
-                kind: forward_kind as u8,
-                flags: hairpin,
-                tunnel_node: [0; 4],
-                vni: entry.vni,
-                service_id: entry.service_id,
-                syn_seq: 0,
-            };
-            refresh_partner(&forward_key, &clock, &forward);
+    let tcp = key.proto == IPPROTO_TCP;
+    match forward_kind {
+        Some(kind) => {
+            let (forward_key, forward) = forward_of(key, &entry, kind);
+            if l4.is_closing() && entry.flags & CT_F_CLOSING == 0 {
+                mark_closing(&found, &forward_key);
+            } else if found.table == Table::New && !tcp {
+                let forward = CtEntry {
+                    last_seen_ns: clock.now,
+                    ..forward
+                };
+                let reverse = CtEntry {
+                    last_seen_ns: clock.now,
+                    ..entry
+                };
+                promote(&forward_key, &forward, key, &reverse);
+            } else if clock.refresh_due(key.proto, &found) {
+                // SAFETY: as in `lookup`; an aligned u64 store.
+                unsafe { (*found.ptr).last_seen_ns = clock.now };
+                refresh_partner(&forward_key, &clock, &forward, found.table);
+            }
+        }
+        None => {
+            // A mesh return entry has no partner on this node.
+            if l4.is_closing() && entry.flags & CT_F_CLOSING == 0 {
+                // SAFETY: as in `mark_closing`.
+                unsafe { (*found.ptr).flags = entry.flags | CT_F_CLOSING };
+            } else if found.table == Table::New && !tcp {
+                let live = CtEntry {
+                    last_seen_ns: clock.now,
+                    ..entry
+                };
+                if insert(key, &live, Table::Live, BPF_ANY).is_ok() {
+                    remove(key, Table::New);
+                }
+            } else if clock.refresh_due(key.proto, &found) {
+                // SAFETY: as above.
+                unsafe { (*found.ptr).last_seen_ns = clock.now };
+            }
         }
     }
     Some(entry)
@@ -372,43 +536,68 @@ pub const VIP_REVERSE: u8 = CtKind::VipReverse as u8;
 pub const MESH_REVERSE: u8 = CtKind::MeshReverse as u8;
 pub const MESH_RETURN: u8 = CtKind::MeshReturn as u8;
 
-/// On a backend's node: records that replies with `key` (backend -> outside client) go back
-/// through the tunnel to `node` with `vni`, where the client's connection came in. Writes the
-/// map only when the entry is missing, different or due for a refresh.
+/// On a backend's node, for a routing-mesh packet `l4` (client -> backend) that arrived from
+/// the ingress node `node` with `vni`: records that the replies with `key` (backend -> client)
+/// go back through the tunnel to `node`.
+///
+/// The backend cannot tell two connections with the same tuple apart, so a live entry for the
+/// same tuple through another node is not overwritten: the packet is refused
+/// (`MeshTupleConflict`) until that connection closes or goes idle. A SYN records the entry in
+/// CT_NEW, anything later in CONNTRACK (the ingress node only forwards packets of connections
+/// it tracks, and only nodes can send us overlay packets).
 #[inline(always)]
 pub fn record_mesh_return(
     key: &CtKey,
+    l4: &L4,
     clock: &Clock,
     node: [u8; 4],
     vni: u32,
 ) -> Result<(), DropReason> {
-    if let Some(ptr) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: a valid map value pointer, copied at once.
-        let entry = unsafe { *ptr };
-        if entry.kind == CtKind::MeshReturn as u8
-            && entry.tunnel_node == node
-            && entry.vni == vni
-            && !clock.expired(entry.last_seen_ns)
-        {
-            if clock.refresh_due(entry.last_seen_ns) {
+    let syn = l4.is_syn();
+    if let Some(found) = lookup(key) {
+        let entry = found.entry;
+        let live = entry.kind == MESH_RETURN && !clock.expired(key.proto, &found);
+        if live && entry.tunnel_node == node && entry.vni == vni {
+            if l4.is_closing() && entry.flags & CT_F_CLOSING == 0 {
+                // SAFETY: a valid map value pointer; a byte store.
+                unsafe { (*found.ptr).flags = entry.flags | CT_F_CLOSING };
+            } else if found.table == Table::New && !syn {
+                let promoted = CtEntry {
+                    last_seen_ns: clock.now,
+                    ..entry
+                };
+                if insert(key, &promoted, Table::Live, BPF_ANY).is_ok() {
+                    remove(key, Table::New);
+                }
+            } else if clock.refresh_due(key.proto, &found) {
                 // SAFETY: as above; an aligned u64 store.
-                unsafe { (*ptr).last_seen_ns = clock.now };
+                unsafe { (*found.ptr).last_seen_ns = clock.now };
             }
             return Ok(());
         }
+        // A SYN after the old connection's FIN or RST reuses the tuple; anything else while
+        // the tuple is live through another node would hijack that connection.
+        if live && entry.tunnel_node != node && entry.flags & CT_F_CLOSING == 0 {
+            return Err(DropReason::MeshTupleConflict);
+        }
+        // Expired, closed, or another kind of entry: the new connection takes the tuple.
+        remove(key, found.table);
     }
     let entry = CtEntry {
         last_seen_ns: clock.now,
         nat_ip: [0; 4],
         nat_port: [0; 2],
         kind: CtKind::MeshReturn as u8,
-        flags: 0,
+        flags: if l4.is_closing() { CT_F_CLOSING } else { 0 },
         tunnel_node: node,
         vni,
         service_id: 0,
         syn_seq: 0,
     };
-    CONNTRACK
-        .insert(key, entry, BPF_ANY)
-        .map_err(|_| DropReason::ConntrackFailed)
+    let table = if syn || key.proto != IPPROTO_TCP {
+        Table::New
+    } else {
+        Table::Live
+    };
+    insert(key, &entry, table, BPF_ANY)
 }

@@ -28,6 +28,15 @@ fn count(index: u32) {
 /// BPF-to-BPF subprogram keeps the hot path small for the verifier and the icache.
 #[inline(never)]
 pub fn drop_packet(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) -> i32 {
+    report(ctx, reason, hook, vni);
+    TC_ACT_SHOT
+}
+
+/// Counts and reports a packet the program consumed for `reason` without simply dropping it
+/// (it answered it instead, e.g. with a TCP reset). Call before the packet is rewritten, so
+/// the event shows what arrived.
+#[inline(never)]
+pub fn report(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) {
     count(reason.code());
 
     let mut event = DropEvent {
@@ -68,5 +77,4 @@ pub fn drop_packet(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) ->
     if DROP_EVENTS.output::<DropEvent>(&event, 0).is_err() {
         count(DROP_COUNTER_EVENTS_LOST);
     }
-    TC_ACT_SHOT
 }

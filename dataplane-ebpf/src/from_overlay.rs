@@ -2,9 +2,9 @@
 //! packet another node tunnelled to us, already decapsulated: the data is the inner Ethernet
 //! frame and the VNI and outer addresses are in the skb's tunnel metadata.
 //!
-//! A packet is delivered only to a local endpoint of the network its VNI says it belongs to:
-//! a peer (or anyone who can send UDP to port 4789) cannot reach a container of another
-//! network by picking the destination address. Before delivery the load balancer gets its say
+//! A packet is accepted only from a node of the cluster (its outer source is in NODES), and
+//! delivered only to a local endpoint of the network its VNI says it belongs to: a peer
+//! cannot reach a container of another network by picking the destination address. Before delivery the load balancer gets its say
 //! (`lb::on_overlay_delivery`: VIP replies get the VIP back, routing-mesh connections note
 //! their ingress node). The only packets not for a local endpoint that are accepted are
 //! replies of routing-mesh connections that came in through this node: they leave through
@@ -41,6 +41,11 @@ pub fn from_overlay(ctx: TcContext) -> i32 {
 /// cannot attach tunnel metadata.
 #[inline(always)]
 pub fn try_from_overlay(ctx: &TcContext, vni: u32, remote: [u8; 4]) -> Result<i32, DropReason> {
+    // Only nodes of the cluster may send into the overlay (from_uplink also stops VXLAN from
+    // other hosts before the VXLAN socket sees it; this holds whatever way a packet came in).
+    if !maps::is_node(&remote) {
+        return Err(DropReason::UnknownNode);
+    }
     ensure_linear(ctx, ETH_HLEN)?;
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: `ptr_at` checked the 14 bytes are inside the linear packet data.

@@ -4,10 +4,15 @@
 //! set with the client's address kept (`lb::to_published`). Everything else passes untouched
 //! (`TC_ACT_OK`) to the node's stack, which keeps the node's own services, its SSH, and the
 //! VXLAN underlay (UDP 4789 to the node) working; so does anything this program cannot parse,
-//! because it is not ours to judge. Drops are counted only for packets to a published port.
+//! because it is not ours to judge.
+//!
+//! Two checks guard the node before that: VXLAN to the node is accepted only from nodes of the
+//! cluster (anyone else could inject frames into any network), and a packet to the node whose
+//! source lies inside an overlay subnet is dropped (overlay addresses exist only behind the
+//! nodes' programs, never on the wire outside).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use dataplane_common::{DropReason, Hook};
+use dataplane_common::{DropReason, Hook, IPPROTO_UDP};
 
 use crate::{
     drop,
@@ -16,6 +21,9 @@ use crate::{
     l4, lb, maps,
     verdict::TC_ACT_OK,
 };
+
+/// The overlay's VXLAN port (IANA's), network order.
+const VXLAN_PORT: [u8; 2] = 4789u16.to_be_bytes();
 
 #[classifier]
 pub fn from_uplink(ctx: TcContext) -> i32 {
@@ -45,15 +53,28 @@ pub fn try_from_uplink(ctx: &TcContext) -> Result<i32, DropReason> {
     let Ok(config) = maps::config() else {
         return Ok(TC_ACT_OK);
     };
-    if config.node_ip == [0; 4]
-        || ip.dst != config.node_ip
-        || !l4::is_tcp_or_udp(ip.proto)
-        // No ports to match on; the stack reassembles what is its own.
-        || ip.is_later_fragment()
-    {
+    if config.node_ip == [0; 4] || ip.dst != config.node_ip {
         return Ok(TC_ACT_OK);
     }
-    let Ok(l4) = l4::parse(ctx, &ip) else {
+    // No ports to match on in later fragments; the stack reassembles what is its own.
+    let l4 = if l4::is_tcp_or_udp(ip.proto) && !ip.is_later_fragment() {
+        l4::parse(ctx, &ip).ok()
+    } else {
+        None
+    };
+    if let Some(l4) = &l4
+        && l4.proto == IPPROTO_UDP
+        && l4.dport == VXLAN_PORT
+    {
+        if !maps::is_node(&ip.src) {
+            return Err(DropReason::UnknownNode);
+        }
+        return Ok(TC_ACT_OK);
+    }
+    if maps::network_of(ip.src).is_some() {
+        return Err(DropReason::OverlaySourceOutside);
+    }
+    let Some(l4) = l4 else {
         return Ok(TC_ACT_OK);
     };
     let Some(published) = lb::published(&l4) else {

@@ -21,16 +21,17 @@ const UDP_CSUM_OFF: usize = 6;
 
 /// The fixed TCP header.
 #[repr(C)]
-struct TcpHdr {
-    source: [u8; 2],
-    dest: [u8; 2],
-    seq: [u8; 4],
-    ack_seq: [u8; 4],
-    doff_res: u8,
-    flags: u8,
-    window: [u8; 2],
-    check: [u8; 2],
-    urg_ptr: [u8; 2],
+#[derive(Clone, Copy)]
+pub struct TcpHdr {
+    pub source: [u8; 2],
+    pub dest: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack_seq: [u8; 4],
+    pub doff_res: u8,
+    pub flags: u8,
+    pub window: [u8; 2],
+    pub check: [u8; 2],
+    pub urg_ptr: [u8; 2],
 }
 
 const _: () = assert!(core::mem::size_of::<TcpHdr>() == TCP_HLEN);

@@ -17,13 +17,15 @@
 
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    BackendKey, CT_F_HAIRPIN, Config, CtKind, DropReason, EndpointInfo, HAIRPIN_SNAT_IP,
+    BackendKey, CT_F_HAIRPIN, Config, CtKind, DropReason, EndpointInfo, HAIRPIN_SNAT_IP, Hook,
     MESH_INNER_SRC_MAC, PublishedInfo, PublishedKey, RrCursor, ServiceInfo,
 };
 
 use crate::{
     atomic,
     conntrack::{self, Clock, Flow, MESH_RETURN, MESH_REVERSE, Target, VIP_REVERSE},
+    drop, reset,
+    verdict::TC_ACT_OK,
     eth::{EthHdr, ptr_at},
     forward,
     ipv4::Ipv4,
@@ -95,7 +97,7 @@ pub fn to_vip(
         return Err(DropReason::Fragmented);
     }
     let l4 = l4::parse(ctx, ip)?;
-    let clock = Clock::new(config, l4.proto);
+    let clock = Clock::new(config);
     let flow = Flow {
         service_id: svc.id,
         // Port-transparent: the backend gets the port the client connected to.
@@ -105,13 +107,21 @@ pub fn to_vip(
         vni,
     };
     let mut target = Target::default();
-    conntrack::balance(
+    match conntrack::balance(
         &conntrack::original_key(ip, &l4),
         &l4,
         &clock,
         &flow,
         &mut target,
-    )?;
+    ) {
+        Ok(()) => {}
+        Err(DropReason::NoConntrack) if reset::can_answer(ip, &l4) => {
+            // Mid-connection packet of a connection we do not know (any more): reset it.
+            drop::report(ctx, DropReason::NoConntrack, Hook::FromContainer, vni);
+            return reset::to_sender(ctx, ip, config.router_mac);
+        }
+        Err(e) => return Err(e),
+    }
     nat::rewrite(
         ctx,
         &l4,
@@ -153,7 +163,7 @@ pub fn to_vip(
 /// fragments disagree on the source cannot be reassembled anyway.
 #[inline(always)]
 pub fn reverse_vip(ctx: &TcContext, ip: &Ipv4, l4: &L4, config: &Config) -> Result<(), DropReason> {
-    if let Some(entry) = conntrack::reply(&conntrack::reply_key(ip, l4), config)
+    if let Some(entry) = conntrack::reply(&conntrack::reply_key(ip, l4), l4, config)
         && entry.kind == VIP_REVERSE
     {
         nat::rewrite(
@@ -193,7 +203,7 @@ pub fn to_outside(
     let Some(l4) = balanced_l4(ctx, ip)? else {
         return Err(DropReason::NoRoute);
     };
-    let Some(entry) = conntrack::reply(&conntrack::reply_key(ip, &l4), config) else {
+    let Some(entry) = conntrack::reply(&conntrack::reply_key(ip, &l4), &l4, config) else {
         return Err(DropReason::NoRoute);
     };
     // The entry was made for the backend's network; the key already pins the backend's
@@ -259,9 +269,9 @@ pub fn on_overlay_delivery(
     if unsafe { (*eth).src } != MESH_INNER_SRC_MAC {
         return reverse_vip(ctx, ip, &l4, config);
     }
-    let clock = Clock::new(config, l4.proto);
+    let clock = Clock::new(config);
     let key = conntrack::reply_key_of(&conntrack::original_key(ip, &l4));
-    conntrack::record_mesh_return(&key, &clock, remote, vni)
+    conntrack::record_mesh_return(&key, &l4, &clock, remote, vni)
 }
 
 /// `from_overlay`, for a packet whose destination is not a local endpoint: a backend's reply
@@ -277,7 +287,7 @@ pub fn overlay_to_outside(
     let Some(l4) = balanced_l4(ctx, ip)? else {
         return Err(DropReason::UnknownEndpoint);
     };
-    let entry = match conntrack::reply(&conntrack::reply_key(ip, &l4), config) {
+    let entry = match conntrack::reply(&conntrack::reply_key(ip, &l4), &l4, config) {
         Some(entry) if entry.kind == MESH_REVERSE => entry,
         _ => return Err(DropReason::UnknownEndpoint),
     };
@@ -306,7 +316,7 @@ pub fn to_published(
     published: &PublishedInfo,
     config: &Config,
 ) -> Result<i32, DropReason> {
-    let clock = Clock::new(config, l4.proto);
+    let clock = Clock::new(config);
     let flow = Flow {
         service_id: published.service_id,
         backend_port: published.target_port,
@@ -315,13 +325,19 @@ pub fn to_published(
         vni: 0,
     };
     let mut target = Target::default();
-    conntrack::balance(
+    match conntrack::balance(
         &conntrack::original_key(ip, l4),
         l4,
         &clock,
         &flow,
         &mut target,
-    )?;
+    ) {
+        Ok(()) => {}
+        // Not a connection we balance: the node's own stack answers it (with a reset, as
+        // nothing of the node listens on a published port).
+        Err(DropReason::NoConntrack) => return Ok(TC_ACT_OK),
+        Err(e) => return Err(e),
+    }
     // Destination only: the backend sees the real client address.
     nat::rewrite(ctx, l4, Side::Dst, ip.dst, target.ip, l4.dport, target.port)?;
     let ep = maps::endpoint(&target.ip).ok_or(DropReason::UnknownEndpoint)?;

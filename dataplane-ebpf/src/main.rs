@@ -27,6 +27,7 @@ mod l4;
 mod lb;
 mod maps;
 mod nat;
+mod reset;
 mod test_hooks;
 mod tunnel;
 mod verdict;

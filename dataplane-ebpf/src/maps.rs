@@ -11,15 +11,17 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     BACKEND_SETS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, Backend, BackendKey, BackendSet, CONFIG_KEY,
-    CONNTRACK_MAX_ENTRIES, Config, CtEntry, CtKey, DROP_COUNTERS_MAX_ENTRIES,
+    CONNTRACK_MAX_ENTRIES, CT_NEW_MAX_ENTRIES, Config, CtEntry, CtKey, DROP_COUNTERS_MAX_ENTRIES,
     DROP_EVENTS_BYTE_SIZE, DropReason, ENDPOINTS_MAX_ENTRIES, EndpointInfo, EndpointKey,
-    NETWORKS_MAX_ENTRIES, NetworkInfo, PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey,
-    RrCursor, SERVICES_MAX_ENTRIES, ServiceInfo, TestInput, TestObservation,
+    NETWORKS_MAX_ENTRIES, NODES_MAX_ENTRIES, NetworkInfo, NodeInfo, NodeKey,
+    PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor, SERVICES_MAX_ENTRIES,
+    ServiceInfo, TestInput, TestObservation,
 };
 
-/// Node-wide settings, one entry at `CONFIG_KEY`.
+/// Node-wide settings, one entry at `CONFIG_KEY`. A hash map without preallocation, not an
+/// array, so an update replaces the whole value at once (see `dataplane_common::Config`).
 #[map(name = "CONFIG")]
-pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+pub static CONFIG: HashMap<u32, Config> = HashMap::pinned(1, BPF_F_NO_PREALLOC);
 
 /// Per-CPU packet counters indexed by drop reason code (per CPU so increments need no atomics;
 /// the agent sums the CPUs).
@@ -76,11 +78,24 @@ pub static RR_CURSORS: HashMap<u32, RrCursor> =
 pub static PUBLISHED: HashMap<PublishedKey, PublishedInfo> =
     HashMap::pinned(PUBLISHED_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// Connection tracking of balanced flows. LRU: when full, the least recently used entries
-/// make room, so a burst of new connections can never make balancing fail. (LRU maps are
-/// always preallocated; the programs copy what they need out of an entry right away.)
+/// Established connections of balanced flows (see `dataplane_common::conntrack`). A plain
+/// hash, so a flood of new connections cannot evict them; the agent removes idle ones. Sized
+/// by the agent (`--ct-max`).
 #[map(name = "CONNTRACK")]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+pub static CONNTRACK: HashMap<CtKey, CtEntry> =
+    HashMap::pinned(CONNTRACK_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Connections being set up. LRU: when full, the least recently used half-open entries make
+/// room, so a burst of new connections never makes balancing fail. (LRU maps are always
+/// preallocated; the programs copy what they need out of an entry right away.) Sized by the
+/// agent (`--ct-new-max`).
+#[map(name = "CT_NEW")]
+pub static CT_NEW: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_NEW_MAX_ENTRIES, 0);
+
+/// The nodes of the cluster by advertise address.
+#[map(name = "NODES")]
+pub static NODES: HashMap<NodeKey, NodeInfo> =
+    HashMap::pinned(NODES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Test-hook input (see `test_hooks`); unpinned, private to one load.
 #[map(name = "TEST_INPUT")]
@@ -95,15 +110,23 @@ pub static TEST_OBSERVED: Array<TestObservation> = Array::with_max_entries(1, 0)
 #[allow(clippy::unnecessary_cast)]
 const BPF_F_NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC as u32;
 
-/// The config, once the agent has written a complete one. Programs copy it (32 bytes) rather
-/// than hold the map pointer, so a concurrent `set_config` cannot be seen half-written
-/// field by field across the function.
+/// The config, once the agent has written a complete one. Copied out at once: the element
+/// stays valid (RCU) while it is copied even if the agent replaces it meanwhile.
 #[inline(always)]
 pub fn config() -> Result<Config, DropReason> {
-    match CONFIG.get(CONFIG_KEY) {
+    // SAFETY: copied immediately; with BPF_F_NO_PREALLOC the element is freed only after
+    // every program that could see it has finished.
+    match unsafe { CONFIG.get(&CONFIG_KEY) } {
         Some(cfg) if cfg.is_ready() => Ok(*cfg),
         _ => Err(DropReason::NotReady),
     }
+}
+
+/// Whether `ip` (network-order octets) is the address of a node of the cluster.
+#[inline(always)]
+pub fn is_node(ip: &NodeKey) -> bool {
+    // SAFETY: only presence is tested; nothing is read through the pointer.
+    unsafe { NODES.get(ip).is_some() }
 }
 
 /// The endpoint with address `ip` (network-order octets), copied out of the map.

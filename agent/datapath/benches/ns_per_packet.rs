@@ -80,13 +80,13 @@ fn main() {
             median_ns(fc_hook, &remote, TC_ACT_REDIRECT),
         ),
     ];
-    fx.dp.set_test_vni(VNI_A).expect("vni");
+    fx.dp.set_test_tunnel(VNI_A, REMOTE_NODE).expect("vni");
     let fo_hook = fx.dp.from_overlay_test().expect("program");
     rows.push((
         "from_overlay (hook) deliver",
         median_ns(fo_hook, &from_afar, TC_ACT_REDIRECT),
     ));
-    fx.dp.set_test_vni(VNI_B).expect("vni");
+    fx.dp.set_test_tunnel(VNI_B, REMOTE_NODE).expect("vni");
     let fo_hook = fx.dp.from_overlay_test().expect("program");
     rows.push((
         "from_overlay (hook) wrong VNI drop",
@@ -191,7 +191,7 @@ fn lb_rows() -> Vec<(&'static str, f64)> {
             median_ns(fu, &unpublished, TC_ACT_OK),
         ),
     ];
-    fx.dp.set_test_vni(VNI_A).expect("vni");
+    fx.dp.set_test_tunnel(VNI_A, REMOTE_NODE).expect("vni");
     let fo_hook = fx.dp.from_overlay_test().expect("program");
     rows.push((
         "from_overlay (hook) deliver TCP",

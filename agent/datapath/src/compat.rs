@@ -33,7 +33,7 @@ fn expected_type(raw: u32) -> Option<MapType> {
         .and_then(|t| MapType::try_from(t).ok())
 }
 
-fn mismatch(pinned: &MapInfo, want: &aya_obj::Map) -> Option<String> {
+fn mismatch(pinned: &MapInfo, want: &aya_obj::Map, max_entries: u32) -> Option<String> {
     let have_type = pinned.map_type().ok();
     let want_type = expected_type(want.map_type());
     if have_type.is_none() || have_type != want_type {
@@ -42,7 +42,7 @@ fn mismatch(pinned: &MapInfo, want: &aya_obj::Map) -> Option<String> {
     let fields = [
         ("key size", pinned.key_size(), want.key_size()),
         ("value size", pinned.value_size(), want.value_size()),
-        ("max entries", pinned.max_entries(), want.max_entries()),
+        ("max entries", pinned.max_entries(), max_entries),
         ("flags", pinned.map_flags(), want.map_flags()),
     ];
     fields
@@ -52,7 +52,12 @@ fn mismatch(pinned: &MapInfo, want: &aya_obj::Map) -> Option<String> {
 }
 
 /// Unpins incompatible maps under `bpf_dir`; see the module docs.
-pub(crate) fn check_pins(bpf_dir: &Path, object: &[u8]) -> Result<PinReport, DatapathError> {
+/// `sizes` are the capacities the loader will give maps instead of the object's.
+pub(crate) fn check_pins(
+    bpf_dir: &Path,
+    object: &[u8],
+    sizes: &[(&str, u32)],
+) -> Result<PinReport, DatapathError> {
     let obj = aya_obj::Object::parse(object).map_err(DatapathError::Object)?;
     let mut report = PinReport::default();
     let mut names: Vec<_> = obj.maps.iter().collect();
@@ -73,7 +78,11 @@ pub(crate) fn check_pins(bpf_dir: &Path, object: &[u8]) -> Result<PinReport, Dat
         // An unreadable pin (not a map, or not a BPF object at all) is not ours to delete.
         let info = MapInfo::from_pin(&path)
             .map_err(|e| DatapathError::io("reading pinned map", &path, io::Error::other(e)))?;
-        match mismatch(&info, map) {
+        let max_entries = sizes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(map.max_entries(), |(_, size)| *size);
+        match mismatch(&info, map, max_entries) {
             None => {
                 debug!(map = %name, path = %path.display(), "reusing pinned map");
                 report.reused.push(name.clone());

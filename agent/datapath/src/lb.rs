@@ -10,8 +10,8 @@ use std::{collections::HashSet, io, net::Ipv4Addr};
 
 use aya::maps::{HashMap, MapData, MapError};
 use dataplane_common::{
-    BACKENDS_PER_SET_MAX, Backend, BackendKey, BackendSet, CtEntry, CtKey, L4Proto, PublishedInfo,
-    PublishedKey, RrCursor, SERVICE_F_ALL, ServiceInfo, VNI_MAX, map_names,
+    BACKENDS_PER_SET_MAX, Backend, BackendKey, BackendSet, L4Proto, PublishedInfo, PublishedKey,
+    RrCursor, SERVICE_F_ALL, ServiceInfo, VNI_MAX, map_names,
 };
 
 use crate::{Datapath, DatapathError};
@@ -35,7 +35,7 @@ fn check_set_id(what: &dyn std::fmt::Display, id: u32) -> Result<(), DatapathErr
 }
 
 /// ENOENT from the kernel ("was not there") is not a failure for removals and lookups.
-fn not_found(e: &MapError) -> bool {
+pub(crate) fn not_found(e: &MapError) -> bool {
     match e {
         MapError::KeyNotFound => true,
         MapError::SyscallError(e) => e.io_error.kind() == io::ErrorKind::NotFound,
@@ -43,7 +43,10 @@ fn not_found(e: &MapError) -> bool {
     }
 }
 
-fn removed(name: &'static str, result: Result<(), MapError>) -> Result<bool, DatapathError> {
+pub(crate) fn removed(
+    name: &'static str,
+    result: Result<(), MapError>,
+) -> Result<bool, DatapathError> {
     match result {
         Ok(()) => Ok(true),
         Err(e) if not_found(&e) => Ok(false),
@@ -63,7 +66,7 @@ fn get<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-fn list<K: aya::Pod, V: aya::Pod>(
+pub(crate) fn list<K: aya::Pod, V: aya::Pod>(
     name: &'static str,
     map: &HashMap<&MapData, K, V>,
 ) -> Result<Vec<(K, V)>, DatapathError> {
@@ -73,14 +76,14 @@ fn list<K: aya::Pod, V: aya::Pod>(
 }
 
 impl Datapath {
-    fn lb_map<K: aya::Pod, V: aya::Pod>(
+    pub(crate) fn lb_map<K: aya::Pod, V: aya::Pod>(
         &self,
         name: &'static str,
     ) -> Result<HashMap<&MapData, K, V>, DatapathError> {
         HashMap::try_from(self.map(name)?).map_err(|e| DatapathError::map(name, e))
     }
 
-    fn lb_map_mut<K: aya::Pod, V: aya::Pod>(
+    pub(crate) fn lb_map_mut<K: aya::Pod, V: aya::Pod>(
         &mut self,
         name: &'static str,
     ) -> Result<HashMap<&mut MapData, K, V>, DatapathError> {
@@ -386,39 +389,6 @@ impl Datapath {
         all.sort_by_key(|(port, proto, _)| (*port, *proto));
         all.dedup_by_key(|(port, proto, _)| (*port, *proto));
         Ok(all)
-    }
-
-    /// Every conntrack entry, sorted by key (for tests and inspection: a snapshot of a map the
-    /// programs keep changing). Includes idle entries that have expired but not been evicted
-    /// or replaced yet: compare [`CtEntry::last_seen_ns`] with `CLOCK_MONOTONIC_COARSE` and
-    /// the timeouts to tell.
-    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
-        let name = map_names::CONNTRACK;
-        let mut all = list(name, &self.lb_map::<CtKey, CtEntry>(name)?)?;
-        all.sort_by_key(|(key, _)| *key);
-        all.dedup_by_key(|(key, _)| *key);
-        Ok(all)
-    }
-
-    /// Deletes every conntrack entry; returns how many there were. Established balanced
-    /// connections are then balanced anew on their next packet (and most break): for tests
-    /// and for an operator's "reset", not for routine reconciliation.
-    pub fn flush_conntrack(&mut self) -> Result<usize, DatapathError> {
-        let name = map_names::CONNTRACK;
-        let keys: Vec<CtKey> = {
-            let map = self.lb_map::<CtKey, CtEntry>(name)?;
-            map.keys()
-                .collect::<Result<_, _>>()
-                .map_err(|e| DatapathError::map(name, e))?
-        };
-        let mut map = self.lb_map_mut::<CtKey, CtEntry>(name)?;
-        let mut n = 0;
-        for key in keys {
-            if removed(name, map.remove(&key))? {
-                n += 1;
-            }
-        }
-        Ok(n)
     }
 }
 

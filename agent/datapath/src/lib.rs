@@ -35,6 +35,7 @@
 
 mod bpffs;
 mod compat;
+mod conntrack;
 mod error;
 mod events;
 mod lb;
@@ -51,7 +52,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
@@ -61,13 +62,15 @@ use aya::{
 };
 pub use bpffs::{is_bpffs, mount_bpffs, remove_pins};
 pub use compat::PinReport;
+pub use conntrack::{CtGcStats, live_entry_expired, monotonic_coarse_ns};
 pub use dataplane_common::{
     BACKEND_SETS_MAX_ENTRIES, BACKENDS_PER_SET_MAX, Backend, BackendKey, BackendSet,
-    CONFIG_F_READY, CONNTRACK_MAX_ENTRIES, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING,
-    CT_F_HAIRPIN, CT_TCP_TIMEOUT_DEFAULT_S, CT_UDP_TIMEOUT_DEFAULT_S, Config, CtEntry, CtKey,
-    CtKind, DropEvent, DropReason, ENDPOINT_F_LOCAL, ENDPOINTS_MAX_ENTRIES, EndpointInfo,
-    HAIRPIN_SNAT_IP, Hook, L4Proto, MESH_INNER_SRC_MAC, NETWORK_F_ENCRYPTED, NETWORKS_MAX_ENTRIES,
-    NetworkInfo, PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor,
+    CONFIG_F_READY, CONNTRACK_MAX_ENTRIES, CT_CLOSE_TIMEOUT_DEFAULT_S, CT_DIR_ORIGINAL,
+    CT_DIR_REPLY, CT_F_CLOSING, CT_F_HAIRPIN, CT_NEW_MAX_ENTRIES, CT_SYN_TIMEOUT_DEFAULT_S,
+    CT_TCP_TIMEOUT_DEFAULT_S, CT_UDP_TIMEOUT_DEFAULT_S, Config, CtEntry, CtKey, CtKind, DropEvent,
+    DropReason, ENDPOINT_F_LOCAL, ENDPOINTS_MAX_ENTRIES, EndpointInfo, HAIRPIN_SNAT_IP, Hook,
+    L4Proto, MESH_INNER_SRC_MAC, NETWORK_F_ENCRYPTED, NETWORKS_MAX_ENTRIES, NODES_MAX_ENTRIES,
+    NetworkInfo, NodeInfo, PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor,
     SERVICES_MAX_ENTRIES, ServiceInfo, TestInput, TestObservation, VNI_MAX, map_names,
     node_ip_from_abi, node_ip_to_abi, program_names,
 };
@@ -117,6 +120,10 @@ pub struct LbConfig {
     pub tcp_timeout: Duration,
     /// Idle timeout of UDP flows (as above). Default 5 minutes.
     pub udp_timeout: Duration,
+    /// Idle timeout of a TCP connection whose handshake has not completed. Default 60 s.
+    pub syn_timeout: Duration,
+    /// Idle timeout of a TCP connection after FIN or RST. Default 10 s.
+    pub close_timeout: Duration,
 }
 
 impl Default for LbConfig {
@@ -126,6 +133,8 @@ impl Default for LbConfig {
             uplink_ifindex: 0,
             tcp_timeout: Duration::from_secs(CT_TCP_TIMEOUT_DEFAULT_S.into()),
             udp_timeout: Duration::from_secs(CT_UDP_TIMEOUT_DEFAULT_S.into()),
+            syn_timeout: Duration::from_secs(CT_SYN_TIMEOUT_DEFAULT_S.into()),
+            close_timeout: Duration::from_secs(CT_CLOSE_TIMEOUT_DEFAULT_S.into()),
         }
     }
 }
@@ -146,6 +155,8 @@ impl LbConfig {
         };
         abi.ct_tcp_timeout_s = secs("TCP", self.tcp_timeout)?;
         abi.ct_udp_timeout_s = secs("UDP", self.udp_timeout)?;
+        abi.ct_syn_timeout_s = secs("TCP handshake", self.syn_timeout)?;
+        abi.ct_close_timeout_s = secs("TCP close", self.close_timeout)?;
         abi.node_ip = match self.node_ip {
             None => [0; 4],
             Some(ip) if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() => {
@@ -169,7 +180,52 @@ impl LbConfig {
             uplink_ifindex: abi.uplink_ifindex,
             tcp_timeout: or_default(abi.ct_tcp_timeout_s, CT_TCP_TIMEOUT_DEFAULT_S),
             udp_timeout: or_default(abi.ct_udp_timeout_s, CT_UDP_TIMEOUT_DEFAULT_S),
+            syn_timeout: or_default(abi.ct_syn_timeout_s, CT_SYN_TIMEOUT_DEFAULT_S),
+            close_timeout: or_default(abi.ct_close_timeout_s, CT_CLOSE_TIMEOUT_DEFAULT_S),
         }
+    }
+}
+
+/// Capacities of the maps the agent sizes per node (`--ct-max`, `--ct-new-max`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Entries of CONNTRACK, the established connections (two per connection).
+    pub conntrack: u32,
+    /// Entries of CT_NEW, the connections being set up (two per connection).
+    pub ct_new: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            conntrack: CONNTRACK_MAX_ENTRIES,
+            ct_new: CT_NEW_MAX_ENTRIES,
+        }
+    }
+}
+
+/// Smallest table the limits accept: a handful of connections.
+const CT_MIN_ENTRIES: u32 = 64;
+/// Largest: 16 Mi entries is about 1.5 GiB of kernel memory for CONNTRACK alone.
+const CT_MAX_ENTRIES: u32 = 1 << 24;
+
+impl Limits {
+    fn validate(&self) -> Result<(), DatapathError> {
+        for (what, n) in [("conntrack", self.conntrack), ("ct-new", self.ct_new)] {
+            if !(CT_MIN_ENTRIES..=CT_MAX_ENTRIES).contains(&n) {
+                return Err(DatapathError::InvalidConfig(format!(
+                    "{what} table size {n} is outside {CT_MIN_ENTRIES}..={CT_MAX_ENTRIES}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn overrides(&self) -> Vec<(&'static str, u32)> {
+        vec![
+            (map_names::CONNTRACK, self.conntrack),
+            (map_names::CT_NEW, self.ct_new),
+        ]
     }
 }
 
@@ -229,17 +285,33 @@ impl Datapath {
     /// is given, 0 included. The load-balancer settings ([`LbConfig`]) of a pinned config are
     /// kept too (on a fresh node they are the defaults: mesh off, default timeouts).
     pub fn load(bpf_dir: &Path, config: DatapathConfig) -> Result<Self, DatapathError> {
+        Self::load_with(bpf_dir, config, &Limits::default())
+    }
+
+    /// [`Datapath::load`] with the capacities of the maps that are sized per node. A pinned
+    /// map of another capacity is replaced (its contents are lost), as for any other change.
+    pub fn load_with(
+        bpf_dir: &Path,
+        config: DatapathConfig,
+        limits: &Limits,
+    ) -> Result<Self, DatapathError> {
         // Validates the config before anything is touched; rebuilt below with the pinned
         // load-balancer settings once the maps are open.
         let mut abi_config = config.to_abi(&LbConfig::default())?;
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
+        limits.validate()?;
         bpffs::prepare_dir(bpf_dir)?;
-        let pins = compat::check_pins(bpf_dir, EBPF_OBJECT)?;
+        let sizes = limits.overrides();
+        let pins = compat::check_pins(bpf_dir, EBPF_OBJECT, &sizes)?;
 
-        let ebpf = EbpfLoader::new()
-            .default_map_pin_directory(bpf_dir)
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(bpf_dir);
+        for (name, size) in &sizes {
+            loader.map_max_entries(name, *size);
+        }
+        let ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 bpf_dir: bpf_dir.to_path_buf(),
@@ -264,7 +336,7 @@ impl Datapath {
         }
         datapath.write_config(abi_config)?;
 
-        for &name in program_names::ALL {
+        for &name in program_names::ATTACHED {
             datapath
                 .classifier_mut(name)?
                 .load()
@@ -311,20 +383,26 @@ impl Datapath {
         Ok(LbConfig::from_abi(&self.config()?))
     }
 
-    /// The config as the programs see it.
+    /// The config as the programs see it (all zeros, i.e. not ready, before the first
+    /// write).
     pub fn config(&self) -> Result<Config, DatapathError> {
         let name = map_names::CONFIG;
-        let map: Array<&MapData, Config> =
-            Array::try_from(self.map(name)?).map_err(|e| DatapathError::map(name, e))?;
-        map.get(&CONFIG_KEY, 0)
-            .map_err(|e| DatapathError::map(name, e))
+        let map: HashMap<&MapData, u32, Config> =
+            HashMap::try_from(self.map(name)?).map_err(|e| DatapathError::map(name, e))?;
+        match map.get(&CONFIG_KEY, 0) {
+            Ok(config) => Ok(config),
+            Err(e) if lb::not_found(&e) => Ok(Config::default()),
+            Err(e) => Err(DatapathError::map(name, e)),
+        }
     }
 
+    /// One map update: the programs see the old config or the new one, never a mix (see
+    /// `dataplane_common::Config`).
     fn write_config(&mut self, config: Config) -> Result<(), DatapathError> {
         let name = map_names::CONFIG;
-        let mut map: Array<&mut MapData, Config> =
-            Array::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
-        map.set(CONFIG_KEY, config, 0)
+        let mut map: HashMap<&mut MapData, u32, Config> =
+            HashMap::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
+        map.insert(CONFIG_KEY, config, 0)
             .map_err(|e| DatapathError::map(name, e))
     }
 
@@ -608,10 +686,13 @@ mod tests {
             uplink_ifindex: 3,
             tcp_timeout: Duration::from_secs(7),
             udp_timeout: Duration::from_millis(2500),
+            syn_timeout: Duration::from_secs(3),
+            close_timeout: Duration::from_secs(4),
         };
         let abi = dp.to_abi(&lb).expect("valid");
         assert_eq!(abi.node_ip, [198, 18, 0, 1]);
         assert_eq!((abi.ct_tcp_timeout_s, abi.ct_udp_timeout_s), (7, 2));
+        assert_eq!((abi.ct_syn_timeout_s, abi.ct_close_timeout_s), (3, 4));
         assert_eq!(
             LbConfig::from_abi(&abi),
             LbConfig {

@@ -12,7 +12,7 @@ use std::{io, net::Ipv4Addr};
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use dataplane_common::{
     ENDPOINT_F_ALL, ENDPOINT_F_LOCAL, EndpointInfo, EndpointKey, NETWORK_F_ENCRYPTED, NetworkInfo,
-    VNI_MAX, map_names,
+    NodeInfo, NodeKey, VNI_MAX, map_names,
 };
 
 use crate::{Datapath, DatapathError};
@@ -232,6 +232,56 @@ impl Datapath {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| DatapathError::map(map_names::NETWORKS, e))?;
         all.sort_by_key(|(subnet, _)| *subnet);
+        Ok(all)
+    }
+}
+
+impl Datapath {
+    fn nodes_map(&self) -> Result<HashMap<&MapData, NodeKey, NodeInfo>, DatapathError> {
+        let name = map_names::NODES;
+        HashMap::try_from(self.map(name)?).map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// Installs or replaces the node with advertise address `addr`: overlay packets from it
+    /// are accepted.
+    pub fn upsert_node(&mut self, addr: Ipv4Addr, info: &NodeInfo) -> Result<(), DatapathError> {
+        if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+            return Err(invalid(
+                format_args!("node {addr}"),
+                "not a unicast address",
+            ));
+        }
+        if info.flags != 0 {
+            return Err(invalid(
+                format_args!("node {addr}"),
+                format_args!("unknown flags {:#x}", info.flags),
+            ));
+        }
+        let name = map_names::NODES;
+        let mut map: HashMap<&mut MapData, NodeKey, NodeInfo> =
+            HashMap::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
+        map.insert(addr.octets(), *info, 0)
+            .map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// Removes the node with address `addr`; returns whether it was there.
+    pub fn remove_node(&mut self, addr: Ipv4Addr) -> Result<bool, DatapathError> {
+        let name = map_names::NODES;
+        let mut map: HashMap<&mut MapData, NodeKey, NodeInfo> =
+            HashMap::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
+        removed(name, map.remove(&addr.octets()))
+    }
+
+    /// Every installed node, sorted by address.
+    pub fn nodes(&self) -> Result<Vec<(Ipv4Addr, NodeInfo)>, DatapathError> {
+        let map = self.nodes_map()?;
+        let mut all = map
+            .iter()
+            .map(|entry| entry.map(|(ip, info)| (Ipv4Addr::from(ip), info)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| DatapathError::map(map_names::NODES, e))?;
+        all.sort_by_key(|(ip, _)| *ip);
+        all.dedup_by_key(|(ip, _)| *ip);
         Ok(all)
     }
 }

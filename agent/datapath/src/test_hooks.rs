@@ -12,6 +12,19 @@ use dataplane_common::{TestInput, TestObservation, map_names, program_names};
 use crate::{Datapath, DatapathError};
 
 impl Datapath {
+    /// Loads (verifies) the test-hook programs, which [`Datapath::load`] leaves out: a node
+    /// never runs them. Idempotent.
+    pub fn load_test_hooks(&mut self) -> Result<(), DatapathError> {
+        for &name in program_names::TEST_HOOKS {
+            let prog = self.classifier_mut(name)?;
+            if prog.fd().is_ok() {
+                continue;
+            }
+            prog.load().map_err(|e| DatapathError::program(name, e))?;
+        }
+        Ok(())
+    }
+
     /// `from_container` plus a record of the skb's tunnel key and packet type after the
     /// decision, readable with [`Datapath::test_observation`].
     pub fn from_container_test(&self) -> Result<&SchedClassifier, DatapathError> {
@@ -19,18 +32,14 @@ impl Datapath {
     }
 
     /// `from_overlay`'s decision for a packet received with the VNI set by
-    /// [`Datapath::set_test_vni`]; records like [`Datapath::from_container_test`].
+    /// [`Datapath::set_test_tunnel`]; records like [`Datapath::from_container_test`].
     pub fn from_overlay_test(&self) -> Result<&SchedClassifier, DatapathError> {
         self.classifier(program_names::FROM_OVERLAY_TEST)
     }
 
-    /// Sets the VNI `from_overlay_test` pretends packets arrived with (from node 0.0.0.0).
-    pub fn set_test_vni(&mut self, vni: u32) -> Result<(), DatapathError> {
-        self.set_test_tunnel(vni, Ipv4Addr::UNSPECIFIED)
-    }
-
     /// Sets the VNI and the sending node (outer source) `from_overlay_test` pretends packets
-    /// arrived with.
+    /// arrived with. The node must be in NODES (see [`Datapath::upsert_node`]) for packets to
+    /// be accepted.
     pub fn set_test_tunnel(
         &mut self,
         vni: u32,

@@ -265,9 +265,11 @@ fn arp_is_not_answered_before_config_is_written() {
             .ebpf_mut()
             .map_mut(map_names::CONFIG)
             .expect("CONFIG map");
-        let mut config: aya::maps::Array<_, Config> =
-            aya::maps::Array::try_from(map).expect("array");
-        config.set(0, Config::default(), 0).expect("write config");
+        let mut config: aya::maps::HashMap<_, u32, Config> =
+            aya::maps::HashMap::try_from(map).expect("hash map");
+        config
+            .insert(0, Config::default(), 0)
+            .expect("write config");
     }
     let (verdict, _) = fx.run(&arp_request(GATEWAY_IP));
     assert_eq!(verdict, TC_ACT_SHOT);

@@ -106,7 +106,10 @@ fn non_ipv4_inner_frames_are_dropped() {
     if !have_root() {
         return;
     }
-    let fx = Fixture::routed();
+    let mut fx = Fixture::routed();
+    fx.dp
+        .set_test_tunnel(VNI_A, REMOTE_NODE)
+        .expect("test tunnel");
     let mut arp = arp_request(LOCAL_PEER_IP);
     arp.resize(60, 0);
     let v6 = ethernet(
@@ -178,4 +181,30 @@ fn real_program_without_tunnel_metadata_drops_no_tunnel_key() {
     let events = fx.events();
     assert_eq!(events[0].hook, Hook::FromOverlay as u8);
     assert_eq!(events[0].vni, 0);
+}
+
+#[test]
+fn packets_from_hosts_that_are_not_nodes_are_dropped() {
+    if !have_root() {
+        return;
+    }
+    let mut fx = Fixture::routed();
+    let frame = tunnelled(LOCAL_PEER_IP, b"injected");
+    // Right VNI, right destination, but the outer source is not a node of the cluster.
+    let stranger = std::net::Ipv4Addr::new(198, 18, 0, 200);
+    let (verdict, out, _) = fx.run_overlay_from(VNI_A, stranger, &frame);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(out, frame);
+    fx.assert_only_drops(Some(DropReason::UnknownNode), 1);
+    // Once it is a node, the same packet is delivered.
+    fx.dp
+        .upsert_node(stranger, &netagent_datapath::NodeInfo::default())
+        .expect("node");
+    assert_eq!(
+        fx.run_overlay_from(VNI_A, stranger, &frame).0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(fx.dp.nodes().expect("nodes").len(), 2);
+    assert!(fx.dp.remove_node(stranger).expect("remove"));
+    assert_eq!(fx.run_overlay_from(VNI_A, stranger, &frame).0, TC_ACT_SHOT);
 }

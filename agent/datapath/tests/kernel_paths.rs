@@ -18,7 +18,9 @@ use std::{
 };
 
 use common::*;
-use netagent_datapath::{Datapath, DatapathConfig, DropReason, EndpointInfo, NetworkInfo};
+use netagent_datapath::{
+    Datapath, DatapathConfig, DropReason, EndpointInfo, NetworkInfo, NodeInfo,
+};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -188,9 +190,12 @@ impl Node {
     }
 }
 
+/// A container on another node; that node becomes a known node (NODES), as the reconciler
+/// does for every node of the cluster.
 fn add_remote(dp: &mut Datapath, c: &Container, vni: u32, on: &Node) {
     dp.upsert_endpoint(c.ip, &EndpointInfo::remote(vni, on.addr, c.mac))
         .expect("remote endpoint");
+    dp.upsert_node(on.addr, &NodeInfo::default()).expect("node");
 }
 
 #[test]

@@ -221,6 +221,8 @@ fn lb_config_is_separate_and_survives_a_reload() {
         uplink_ifindex: 5,
         tcp_timeout: Duration::from_secs(3600),
         udp_timeout: Duration::from_secs(60),
+        syn_timeout: Duration::from_secs(30),
+        close_timeout: Duration::from_secs(5),
     };
     {
         let mut dp = Datapath::load(dir.path(), config()).expect("load");

@@ -104,3 +104,25 @@ fn networks_upsert_list_remove() {
     assert!(!dp.remove_network(SUBNET_A).expect("remove A again"));
     assert_eq!(dp.networks().expect("list"), [(SUBNET_B, b), (single, a)]);
 }
+
+/// The config is read by every program while the agent may rewrite it: it lives in a hash
+/// map without preallocation, whose updates replace the element as a whole (RCU), so a
+/// program never copies half an old and half a new config (an array update is an in-place
+/// memcpy). And the test hooks are not loaded by a plain `load`.
+#[test]
+fn config_updates_are_whole_and_test_hooks_are_not_loaded_by_default() {
+    if !have_root() {
+        return;
+    }
+    let dir = BpfDir::new();
+    let dp = netagent_datapath::Datapath::load(dir.path(), config()).expect("load");
+    let info = aya::maps::MapInfo::from_pin(dir.path().join("CONFIG")).expect("CONFIG pinned");
+    assert_eq!(info.map_type().expect("type"), aya::maps::MapType::Hash);
+    assert_eq!(info.map_flags() & 1, 1, "BPF_F_NO_PREALLOC");
+    assert!(dp.config().expect("config").is_ready());
+    assert!(
+        dp.from_container_test().expect("program").fd().is_err(),
+        "test hooks stay unloaded in production"
+    );
+    assert!(dp.from_container().expect("program").fd().is_ok());
+}

@@ -18,7 +18,7 @@ use std::net::Ipv4Addr;
 use common::*;
 use netagent_datapath::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKind, DropReason, Hook, L4Proto, LbConfig, MESH_INNER_SRC_MAC,
-    PublishedInfo,
+    NodeInfo, PublishedInfo,
 };
 use smoltcp::wire::{EthernetProtocol, IpProtocol, Ipv4Address};
 
@@ -38,6 +38,9 @@ fn published() -> Fixture {
     fx.dp
         .upsert_published(5353, L4Proto::Udp, &PublishedInfo::new(SVC_ID, 53))
         .expect("publish udp");
+    fx.dp
+        .upsert_node(INGRESS_NODE, &NodeInfo::default())
+        .expect("ingress node");
     fx
 }
 
@@ -147,13 +150,7 @@ fn everything_else_on_the_uplink_passes_untouched() {
         // A published port number, but for the other protocol.
         udp_frame(OUTSIDE_CLIENT, 50000, NODE, 8080, b"x"),
         // The VXLAN underlay.
-        udp_frame(
-            Ipv4Address::new(198, 18, 0, 2),
-            41000,
-            NODE,
-            4789,
-            &[0u8; 50],
-        ),
+        udp_frame(ip4(REMOTE_NODE), 41000, NODE, 4789, &[0u8; 50]),
         // A published port on an address that is not the node's.
         tcp_frame(OUTSIDE_CLIENT, 50000, other_host, 8080, TcpFlags::Syn, b""),
         // Not TCP/UDP, not IPv4, not parseable, no ports.
@@ -256,11 +253,6 @@ fn the_backends_node_sends_replies_back_through_the_ingress_node() {
         (obs.tunnel_id, obs.tunnel_remote),
         (VNI_A, INGRESS_NODE.octets())
     );
-
-    // Another connection of a newer ingress node replaces the route.
-    fx.run_overlay_from(VNI_A, Ipv4Addr::new(198, 18, 0, 10), &inbound_eth);
-    let (_, _, obs) = fx.run_container_hook(&reply);
-    assert_eq!(obs.tunnel_remote, [198, 18, 0, 10]);
 
     // Packets to outside addresses that are not such replies still have no route.
     let other = tcp_frame(
@@ -371,4 +363,76 @@ fn the_ingress_node_restores_the_published_address_on_replies() {
 
 fn ip4(addr: Ipv4Addr) -> Ipv4Address {
     Ipv4Address::from_octets(addr.octets())
+}
+
+#[test]
+fn vxlan_from_hosts_that_are_not_nodes_is_dropped_on_the_uplink() {
+    if !have_root() {
+        return;
+    }
+    let mut fx = published();
+    let stranger = Ipv4Address::new(198, 18, 0, 200);
+    let vxlan = udp_frame(stranger, 41000, NODE, 4789, &[0u8; 50]);
+    let (verdict, _, _) = fx.run_uplink(&vxlan);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    // The same from a node passes to the VXLAN socket.
+    let from_node = udp_frame(ip4(INGRESS_NODE), 41000, NODE, 4789, &[0u8; 50]);
+    assert_eq!(fx.run_uplink(&from_node).0, TC_ACT_OK);
+    fx.assert_only_drops(Some(DropReason::UnknownNode), 1);
+    assert_eq!(fx.events()[0].src_ip, stranger.octets());
+}
+
+#[test]
+fn outside_packets_with_an_overlay_source_are_dropped() {
+    if !have_root() {
+        return;
+    }
+    let fx = published();
+    // Claims to come from a container of network A, to a published port and to anything else.
+    for frame in [
+        tcp_frame(CONTAINER_IP, 50000, NODE, 8080, TcpFlags::Syn, b""),
+        tcp_frame(REMOTE_PEER_IP, 50000, NODE, 22, TcpFlags::Syn, b""),
+        udp_frame(B_LOCAL_IP, 53, NODE, 53, b"q"),
+    ] {
+        assert_eq!(fx.run_uplink(&frame).0, TC_ACT_SHOT);
+    }
+    fx.assert_only_drops(Some(DropReason::OverlaySourceOutside), 3);
+    assert!(fx.ct().is_empty(), "nothing was balanced");
+}
+
+#[test]
+fn a_tuple_live_through_one_node_is_not_taken_over_through_another() {
+    if !have_root() {
+        return;
+    }
+    let mut fx = published();
+    let marked = |flags: TcpFlags| {
+        let mut f = tcp_frame(OUTSIDE_CLIENT, 50000, LOCAL_PEER_IP, 80, flags, b"");
+        f[0..6].copy_from_slice(&LOCAL_PEER_MAC);
+        f[6..12].copy_from_slice(&MESH_INNER_SRC_MAC);
+        f
+    };
+    let key = ct_key(LOCAL_PEER_IP, 80, OUTSIDE_CLIENT, 50000, TCP, CT_DIR_REPLY);
+    // Established through INGRESS_NODE (SYN, then the handshake's ACK).
+    for flags in [TcpFlags::Syn, TcpFlags::Ack] {
+        let (verdict, _, _) = fx.run_overlay_from(VNI_A, INGRESS_NODE, &marked(flags));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+    }
+    let tables = fx.dp.conntrack_tables().expect("tables");
+    assert_eq!(tables.len(), 1);
+    assert!(tables[0].2, "promoted to the established table");
+    // The same tuple through another node: refused, the first connection keeps its route.
+    for flags in [TcpFlags::Syn, TcpFlags::Ack] {
+        let (verdict, _, _) = fx.run_overlay_from(VNI_A, REMOTE_NODE, &marked(flags));
+        assert_eq!(verdict, TC_ACT_SHOT);
+    }
+    let entry = fx.ct_entry(&key).expect("return entry");
+    assert_eq!(entry.tunnel_addr(), INGRESS_NODE);
+    fx.assert_only_drops(Some(DropReason::MeshTupleConflict), 2);
+    // Once the first connection closes, the tuple may be reused through the other node.
+    let (verdict, _, _) = fx.run_overlay_from(VNI_A, INGRESS_NODE, &marked(TcpFlags::Fin));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (verdict, _, _) = fx.run_overlay_from(VNI_A, REMOTE_NODE, &marked(TcpFlags::Syn));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(fx.ct_entry(&key).expect("entry").tunnel_addr(), REMOTE_NODE);
 }

@@ -243,10 +243,10 @@ fn routing_waits_for_the_config() {
             .ebpf_mut()
             .map_mut(netagent_datapath::map_names::CONFIG)
             .expect("CONFIG map");
-        let mut config: aya::maps::Array<_, netagent_datapath::Config> =
-            aya::maps::Array::try_from(map).expect("array");
+        let mut config: aya::maps::HashMap<_, u32, netagent_datapath::Config> =
+            aya::maps::HashMap::try_from(map).expect("hash map");
         config
-            .set(0, netagent_datapath::Config::default(), 0)
+            .insert(0, netagent_datapath::Config::default(), 0)
             .expect("write config");
     }
     // Without a router MAC there is nothing to put in the rewritten frame.

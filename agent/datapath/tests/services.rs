@@ -508,12 +508,17 @@ fn an_idle_entry_expires_and_an_active_one_does_not() {
     assert_eq!(parse_checked(&out).src, VIP);
     fx.send_as(CONTAINER_IP, CONTAINER_MAC, TEST_RUN_IFINDEX);
 
-    // Idle for longer than the timeout: the entry is a miss, the next packet is a new
-    // connection and takes the next backend; the same for UDP.
+    // Idle for longer than the timeout: the entry is a miss. A mid-connection TCP packet is
+    // answered with a reset (a new backend would not know the connection); the client's next
+    // SYN is a new connection and takes the next backend. A UDP packet is simply balanced
+    // anew.
     let dns = udp_frame(CONTAINER_IP, 5353, VIP, 53, b"q");
     assert_eq!(balanced(&fx, &dns), BACKENDS[1]);
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(balanced(&fx, &ack), BACKENDS[2]);
+    let (verdict, out, _) = fx.run_container_hook(&ack);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "reset sent back");
+    assert_reset(&out, &ack);
+    assert_eq!(balanced(&fx, &syn(40000, 80)), BACKENDS[2]);
     assert_eq!(balanced(&fx, &dns), BACKENDS[0]);
     // And an expired reverse entry no longer rewrites: the old backend's late reply stays as
     // it is.
@@ -521,7 +526,7 @@ fn an_idle_entry_expires_and_an_active_one_does_not() {
     fx.send_as(LOCAL_PEER_IP, LOCAL_PEER_MAC, 46);
     let (_, out) = fx.run(&reply);
     assert_eq!(parse_checked(&out).src, LOCAL_PEER_IP);
-    fx.assert_only_drops(None, 0);
+    fx.assert_only_drops(Some(DropReason::NoConntrack), 1);
 }
 
 /// Recomputes the IPv4 header checksum of a frame after a test edited the header.

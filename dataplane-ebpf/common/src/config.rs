@@ -1,6 +1,6 @@
 //! The node-wide config the agent writes and every program reads.
 
-/// The only index of the CONFIG array map.
+/// The only key of the CONFIG map.
 pub const CONFIG_KEY: u32 = 0;
 
 /// Set by the agent when it has written a complete [`Config`]. The programs refuse to answer
@@ -8,6 +8,11 @@ pub const CONFIG_KEY: u32 = 0;
 pub const CONFIG_F_READY: u32 = 1 << 0;
 
 /// Node-wide settings written by the agent, read by every program.
+///
+/// CONFIG is a hash map without preallocation rather than an array: an update of such a map
+/// links a new element in place of the old one and frees the old one after an RCU grace
+/// period, so a program that copies the value it looked up always gets one whole version,
+/// never a mix of the old and new bytes (an array update is a memcpy over the live value).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
@@ -31,12 +36,18 @@ pub struct Config {
     /// sent out of it with `bpf_redirect_neigh`. 0: such replies are dropped as
     /// [`DropReason::NoUplink`].
     pub uplink_ifindex: u32,
-    /// Idle timeout of TCP conntrack entries in seconds (0 is read as the default,
+    /// Idle timeout of established TCP connections in seconds (0 is read as the default,
     /// [`CT_TCP_TIMEOUT_DEFAULT_S`]).
     pub ct_tcp_timeout_s: u32,
     /// Idle timeout of UDP conntrack entries in seconds (0 is read as the default,
     /// [`CT_UDP_TIMEOUT_DEFAULT_S`]).
     pub ct_udp_timeout_s: u32,
+    /// Idle timeout of a TCP connection whose handshake has not completed (SYN seen, no
+    /// client ACK yet), seconds (0: [`CT_SYN_TIMEOUT_DEFAULT_S`]).
+    pub ct_syn_timeout_s: u32,
+    /// Idle timeout of a TCP connection after a FIN or RST, seconds (0:
+    /// [`CT_CLOSE_TIMEOUT_DEFAULT_S`]).
+    pub ct_close_timeout_s: u32,
 }
 
 /// Default idle timeout of a TCP connection (6 hours). IPVS, behind Docker's VIPs, forgets an
@@ -46,6 +57,13 @@ pub const CT_TCP_TIMEOUT_DEFAULT_S: u32 = 21_600;
 
 /// Default idle timeout of a UDP flow (5 minutes).
 pub const CT_UDP_TIMEOUT_DEFAULT_S: u32 = 300;
+
+/// Default idle timeout of a half-open TCP connection (Cilium's and Linux's 60 s).
+pub const CT_SYN_TIMEOUT_DEFAULT_S: u32 = 60;
+
+/// Default idle timeout of a closing TCP connection (Cilium's 10 s): long enough for the
+/// last ACKs and a retransmitted FIN, short enough that closed connections do not pile up.
+pub const CT_CLOSE_TIMEOUT_DEFAULT_S: u32 = 10;
 
 impl Config {
     /// True once the agent has written the config (see [`CONFIG_F_READY`]).

@@ -1,9 +1,24 @@
 //! Connection tracking of balanced flows.
+//!
+//! Two tables, so that a flood of new connections can never push out established ones:
+//!
+//! - CT_NEW, an LRU hash, holds connections that have not proven themselves yet: a TCP
+//!   connection from its SYN until the client's first packet after it (the handshake's ACK),
+//!   a UDP flow until its first reply. A SYN flood churns this table only; when it is full
+//!   the least recently used half-open entries make room.
+//! - CONNTRACK, a plain hash, holds the rest: established TCP connections and answered UDP
+//!   flows. Entries move here from CT_NEW ("promotion") and leave when the agent's garbage
+//!   collector finds them idle past their timeout, or when their backend is removed. When it
+//!   is full, promotion fails and the connection carries on from CT_NEW.
 
-/// Capacity of the CONNTRACK LRU map. A balanced connection uses two entries (forward and
-/// reverse), so this tracks 131072 connections; beyond that the least recently used entries
-/// are evicted (and their connections' next packet is balanced anew).
+/// Default capacity of the CONNTRACK table (established connections). A balanced connection
+/// uses two entries (forward and reverse), so this tracks 131072 connections. The agent sizes
+/// it from `--ct-max`.
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+
+/// Default capacity of the CT_NEW table (connections being set up); the agent sizes it from
+/// `--ct-new-max`.
+pub const CT_NEW_MAX_ENTRIES: u32 = 65_536;
 
 /// [`CtKey::dir`] of an entry keyed by a packet from the client (client -> VIP or node
 /// address).

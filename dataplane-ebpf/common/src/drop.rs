@@ -61,6 +61,12 @@ pub enum DropReason {
     NoTunnelKey = 38,
     /// A VXLAN packet whose VNI is not the network of its destination endpoint.
     WrongVni = 39,
+    /// An overlay packet whose outer source is not a node of the cluster (`from_overlay`), or
+    /// VXLAN sent to this node's uplink by a host that is not a node (`from_uplink`).
+    UnknownNode = 40,
+    /// A packet arriving on the uplink from outside with a source address inside an overlay
+    /// subnet: overlay addresses only exist behind the nodes' programs, so it is spoofed.
+    OverlaySourceOutside = 41,
     /// A new connection to a service VIP or published port whose backend set is empty or
     /// missing (no replica runs, or all are drained).
     NoBackend = 48,
@@ -75,6 +81,14 @@ pub enum DropReason {
     /// A reply of a routing-mesh flow must leave through the uplink but the config has no
     /// uplink ifindex.
     NoUplink = 52,
+    /// A TCP packet other than a SYN to a VIP, for which no connection is tracked (its backend
+    /// was removed, or the entry expired): it cannot be balanced mid-connection, so the client
+    /// gets a reset instead of a silent drop.
+    NoConntrack = 53,
+    /// A routing-mesh packet whose tuple (client address and port, backend address and port)
+    /// is already in use by a live connection that came in through another node: the backend
+    /// would see two connections as one, and the first one's replies would be stolen.
+    MeshTupleConflict = 54,
 }
 
 impl DropReason {
@@ -95,11 +109,15 @@ impl DropReason {
         DropReason::NoTunnelDevice,
         DropReason::NoTunnelKey,
         DropReason::WrongVni,
+        DropReason::UnknownNode,
+        DropReason::OverlaySourceOutside,
         DropReason::NoBackend,
         DropReason::Fragmented,
         DropReason::VipUnsupportedProtocol,
         DropReason::ConntrackFailed,
         DropReason::NoUplink,
+        DropReason::NoConntrack,
+        DropReason::MeshTupleConflict,
     ];
 
     /// The code stored in maps and events.
@@ -127,11 +145,15 @@ impl DropReason {
             37 => DropReason::NoTunnelDevice,
             38 => DropReason::NoTunnelKey,
             39 => DropReason::WrongVni,
+            40 => DropReason::UnknownNode,
+            41 => DropReason::OverlaySourceOutside,
             48 => DropReason::NoBackend,
             49 => DropReason::Fragmented,
             50 => DropReason::VipUnsupportedProtocol,
             51 => DropReason::ConntrackFailed,
             52 => DropReason::NoUplink,
+            53 => DropReason::NoConntrack,
+            54 => DropReason::MeshTupleConflict,
             _ => return None,
         })
     }
@@ -154,11 +176,15 @@ impl DropReason {
             DropReason::NoTunnelDevice => "no_tunnel_device",
             DropReason::NoTunnelKey => "no_tunnel_key",
             DropReason::WrongVni => "wrong_vni",
+            DropReason::UnknownNode => "unknown_node",
+            DropReason::OverlaySourceOutside => "overlay_source_outside",
             DropReason::NoBackend => "no_backend",
             DropReason::Fragmented => "fragmented",
             DropReason::VipUnsupportedProtocol => "vip_unsupported_protocol",
             DropReason::ConntrackFailed => "conntrack_failed",
             DropReason::NoUplink => "no_uplink",
+            DropReason::NoConntrack => "no_conntrack",
+            DropReason::MeshTupleConflict => "mesh_tuple_conflict",
         }
     }
 }

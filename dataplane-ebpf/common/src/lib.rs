@@ -17,7 +17,8 @@
 ///
 /// Kernel map names are truncated to 15 bytes, so keep new names short.
 pub mod map_names {
-    /// [`crate::Config`], one entry at index [`crate::CONFIG_KEY`].
+    /// Hash map (no preallocation, see [`crate::Config`]): [`crate::CONFIG_KEY`] ->
+    /// [`crate::Config`].
     pub const CONFIG: &str = "CONFIG";
     /// Per-CPU `u64` counters indexed by [`crate::DropReason`] code.
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
@@ -37,8 +38,13 @@ pub mod map_names {
     pub const RR_CURSORS: &str = "RR_CURSORS";
     /// Hash map: [`crate::PublishedKey`] -> [`crate::PublishedInfo`] (routing mesh ports).
     pub const PUBLISHED: &str = "PUBLISHED";
-    /// LRU hash map: [`crate::CtKey`] -> [`crate::CtEntry`] (connection tracking).
+    /// Hash map: [`crate::CtKey`] -> [`crate::CtEntry`], established connections (see
+    /// the `conntrack` module).
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// LRU hash map: [`crate::CtKey`] -> [`crate::CtEntry`], connections being set up.
+    pub const CT_NEW: &str = "CT_NEW";
+    /// Hash map: [`crate::NodeKey`] -> [`crate::NodeInfo`], the nodes of the cluster.
+    pub const NODES: &str = "NODES";
 
     /// Every pinned map of the datapath, for tooling that checks or removes pins.
     pub const ALL: &[&str] = &[
@@ -53,6 +59,8 @@ pub mod map_names {
         RR_CURSORS,
         PUBLISHED,
         CONNTRACK,
+        CT_NEW,
+        NODES,
     ];
 
     /// Input of the test-hook programs ([`crate::TestInput`], one entry). Not pinned: each
@@ -80,8 +88,13 @@ pub mod program_names {
     /// Test hook: `from_uplink` plus the TEST_OBSERVED record. Loaded, never attached.
     pub const FROM_UPLINK_TEST: &str = "from_uplink_test";
 
-    /// Every program of the object; the agent loads (verifies) all of them, so a verifier
-    /// rejection of a test hook fails the load just like one of a real program.
+    /// The programs a node runs; the agent loads (verifies) these and only these.
+    pub const ATTACHED: &[&str] = &[FROM_CONTAINER, FROM_OVERLAY, FROM_UPLINK];
+
+    /// The test hooks, loaded only when a test or benchmark asks for them.
+    pub const TEST_HOOKS: &[&str] = &[FROM_CONTAINER_TEST, FROM_OVERLAY_TEST, FROM_UPLINK_TEST];
+
+    /// Every program of the object.
     pub const ALL: &[&str] = &[
         FROM_CONTAINER,
         FROM_OVERLAY,
@@ -111,11 +124,12 @@ pub use testing::*;
 /// The ring buffer hands out 8-byte aligned records; keep the event a multiple of that.
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 56);
 const _: () = assert!(core::mem::align_of::<DropEvent>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 20);
 const _: () = assert!(core::mem::size_of::<NetworkInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<NodeInfo>() == 4);
 const _: () = assert!(core::mem::size_of::<TestObservation>() == 24);
-const _: () = assert!((DropReason::NoUplink as u32) < DROP_COUNTERS_MAX_ENTRIES);
+const _: () = assert!((DropReason::MeshTupleConflict as u32) < DROP_COUNTERS_MAX_ENTRIES);
 const _: () = assert!(core::mem::size_of::<TestInput>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 12);
 const _: () = assert!(core::mem::size_of::<BackendSet>() == 8);

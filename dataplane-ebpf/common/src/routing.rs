@@ -111,3 +111,20 @@ pub struct NetworkInfo {
 
 /// Largest VXLAN network identifier (the VNI field is 24 bits).
 pub const VNI_MAX: u32 = (1 << 24) - 1;
+
+/// Capacity of the NODES map (nodes of the cluster).
+pub const NODES_MAX_ENTRIES: u32 = 4096;
+
+/// Key of the NODES map: a node's advertise address, four network-order octets.
+pub type NodeKey = [u8; 4];
+
+/// Value of the NODES map: a node of the cluster. Only overlay packets whose outer source is a
+/// node are accepted (`from_overlay`), and only nodes may send VXLAN to this node's uplink
+/// (`from_uplink`): anyone else who can reach UDP 4789 could otherwise inject frames into any
+/// network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeInfo {
+    /// `NODE_F_*` bits; none are defined yet, 0.
+    pub flags: u32,
+}

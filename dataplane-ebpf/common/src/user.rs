@@ -14,6 +14,8 @@ unsafe impl aya::Pod for crate::EndpointInfo {}
 // SAFETY: as above.
 unsafe impl aya::Pod for crate::NetworkInfo {}
 // SAFETY: as above.
+unsafe impl aya::Pod for crate::NodeInfo {}
+// SAFETY: as above.
 unsafe impl aya::Pod for crate::TestInput {}
 // SAFETY: as above.
 unsafe impl aya::Pod for crate::TestObservation {}

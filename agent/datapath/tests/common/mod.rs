@@ -16,7 +16,7 @@ use std::{
 use aya::{TestRun as _, TestRunOptions, programs::SchedClassifier};
 use netagent_datapath::{
     CtEntry, CtKey, CtKind, Datapath, DatapathConfig, DropEvent, DropReason, EndpointInfo,
-    LbConfig, NetworkInfo, ServiceInfo, TestObservation,
+    LbConfig, Limits, NetworkInfo, NodeInfo, ServiceInfo, TestObservation,
 };
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
@@ -139,8 +139,18 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new() -> Self {
+        // Tables large enough that no test's connections are evicted.
+        Self::with_limits(Limits {
+            conntrack: 1 << 18,
+            ct_new: 1 << 18,
+        })
+    }
+
+    /// A loaded datapath with these conntrack capacities.
+    pub fn with_limits(limits: Limits) -> Self {
         let dir = BpfDir::new();
-        let dp = Datapath::load(dir.path(), config()).expect("load datapath");
+        let mut dp = Datapath::load_with(dir.path(), config(), &limits).expect("load datapath");
+        dp.load_test_hooks().expect("load test hooks");
         Self { dp, dir }
     }
 
@@ -180,12 +190,21 @@ impl Fixture {
             dp.upsert_network(subnet, &NetworkInfo { vni, flags: 0 })
                 .expect("upsert network");
         }
+        dp.upsert_node(REMOTE_NODE, &NodeInfo::default())
+            .expect("upsert node");
     }
 
     /// The routed topology plus the service VIP (set SVC_ID = [local peer, remote peer, B3])
     /// and the mesh config (NODE_IP, UPLINK_IFINDEX).
     pub fn with_services() -> Self {
-        let mut fx = Self::routed();
+        Self::with_services_in(Self::routed())
+    }
+
+    /// [`Fixture::with_services`] on the routed topology of `fx`.
+    pub fn with_services_in(mut fx: Self) -> Self {
+        if fx.dp.endpoints().expect("endpoints").is_empty() {
+            fx.install_topology();
+        }
         fx.dp
             .upsert_endpoint(ip(B3_IP), &EndpointInfo::local(VNI_A, B3_IFINDEX, B3_MAC))
             .expect("B3");
@@ -293,9 +312,12 @@ impl Fixture {
         (verdict, out, obs)
     }
 
-    /// Runs the `from_overlay_test` hook as if the frame arrived with `vni`.
+    /// Runs the `from_overlay_test` hook as if the frame arrived with `vni` from
+    /// `REMOTE_NODE`.
     pub fn run_overlay(&mut self, vni: u32, frame: &[u8]) -> (u32, Vec<u8>, TestObservation) {
-        self.dp.set_test_vni(vni).expect("set test VNI");
+        self.dp
+            .set_test_tunnel(vni, REMOTE_NODE)
+            .expect("set test tunnel");
         let before = self.observation().runs;
         let (verdict, out) = run(self.dp.from_overlay_test().expect("program"), frame);
         let obs = self.observation();
@@ -579,6 +601,40 @@ pub fn parse_checked(frame: &[u8]) -> Parsed {
         src_mac: eth.src_addr().0,
         payload,
         udp_checksum,
+    }
+}
+
+/// Asserts `out` is the TCP reset the datapath answers `frame` (a container's TCP packet to
+/// `from`) with: addressed back to the sender from `from`, RST per RFC 9293 3.10.7.1, correct
+/// checksums, no payload.
+pub fn assert_reset(out: &[u8], frame: &[u8]) {
+    let sent = parse_checked(frame);
+    let got = parse_checked(out);
+    assert_eq!(out.len(), 54, "bare Ethernet + IPv4 + TCP");
+    assert_eq!(
+        (got.src, got.sport),
+        (sent.dst, sent.dport),
+        "from the address sent to"
+    );
+    assert_eq!(
+        (got.dst, got.dport),
+        (sent.src, sent.sport),
+        "to the sender"
+    );
+    assert_eq!(got.dst_mac, sent.src_mac);
+    assert_eq!(got.src_mac, ROUTER_MAC);
+    assert!(got.payload.is_empty());
+    let tcp_in = TcpPacket::new_checked(&frame[34..]).expect("tcp");
+    let tcp = TcpPacket::new_checked(&out[34..]).expect("tcp");
+    assert!(tcp.rst(), "RST flag");
+    if tcp_in.ack() {
+        assert_eq!(tcp.seq_number(), tcp_in.ack_number());
+        assert!(!tcp.ack());
+    } else {
+        assert_eq!(tcp.seq_number().0, 0);
+        assert!(tcp.ack());
+        let len = tcp_in.payload().len() + usize::from(tcp_in.syn()) + usize::from(tcp_in.fin());
+        assert_eq!(tcp.ack_number(), tcp_in.seq_number() + len);
     }
 }
 
