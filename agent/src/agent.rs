@@ -10,10 +10,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::api::{self, ApiState};
+use crate::model::{Protocol, ReservedPort};
 use crate::netlink::Netlink;
-use crate::runtime::Runtime;
+use crate::reconcile::{self, Reconciler};
+use crate::runtime::{Runtime, RuntimeConfig};
 use crate::view::{self, ClusterView};
-use crate::{model, nodes, reconcile};
+use crate::{model, nodes};
 
 /// The node's collect-metadata VXLAN device (one for all networks: the VNI is per packet).
 pub const VXLAN_DEVICE: &str = "netagent-vx";
@@ -57,8 +59,9 @@ pub struct Args {
     #[arg(long = "dns-upstream", value_name = "IP[:PORT]", value_parser = parse_upstream)]
     pub dns_upstreams: Vec<SocketAddr>,
     /// Prefix of the names of container network namespaces (`ip netns`): container `web.1`
-    /// gets `<prefix>web.1`. Lets several agents share a machine (the test lab does).
-    #[arg(long, default_value = "")]
+    /// gets `<prefix>web.1`. Never empty, so the agent's namespaces cannot be confused with
+    /// an operator's; lets several agents share a machine (the test lab does).
+    #[arg(long, default_value = "netagent-", value_parser = parse_netns_prefix)]
     pub netns_prefix: String,
     /// Idle timeout of TCP connections through a VIP or published port, seconds. Far above
     /// IPVS's 900 s, which resets idle connections in Docker's load balancer.
@@ -89,12 +92,62 @@ pub struct Args {
     pub lease_ttl: u64,
 }
 
+fn parse_netns_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err(
+            "the namespace prefix must not be empty: unprefixed names could be an \
+                    operator's namespaces"
+                .into(),
+        );
+    }
+    if s.len() > 64 || s.contains('/') || s.contains('\0') {
+        return Err(format!(
+            "invalid namespace prefix {s:?}: at most 64 bytes, no '/'"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
     if let Ok(ip) = s.parse::<std::net::IpAddr>() {
         return Ok(SocketAddr::new(ip, 53));
     }
     s.parse()
         .map_err(|_| format!("invalid DNS upstream {s:?}: expected IP or IP:PORT"))
+}
+
+/// Ports the cluster uses on this node's address, which services must never publish.
+fn reserved_ports(args: &Args) -> Vec<ReservedPort> {
+    let mut ports = vec![ReservedPort {
+        port: VXLAN_PORT,
+        protocol: Protocol::Udp,
+        what: "the overlay's VXLAN".into(),
+    }];
+    // etcd members on this node's address: their client port, and the peer port beside it.
+    if let Some(rest) = args.store.strip_prefix("etcd://") {
+        for ep in rest.split(',') {
+            let Some((host, port)) = ep.rsplit_once(':') else {
+                continue;
+            };
+            if host.parse::<Ipv4Addr>() == Ok(args.advertise_addr)
+                && let Ok(port) = port.parse::<u16>()
+            {
+                ports.push(ReservedPort {
+                    port,
+                    protocol: Protocol::Tcp,
+                    what: "etcd".into(),
+                });
+                if port == 2379 {
+                    ports.push(ReservedPort {
+                        port: 2380,
+                        protocol: Protocol::Tcp,
+                        what: "etcd peers".into(),
+                    });
+                }
+            }
+        }
+    }
+    ports
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -179,29 +232,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context("attaching from_uplink")?;
     let datapath = Arc::new(Mutex::new(datapath));
 
+    // The last view this agent saw comes first: with the store unreachable, the node still
+    // knows its containers (DNS, datapath) until the store answers and the live view
+    // replaces it.
+    let saved_view = args.state_dir.join(view::PERSISTED_VIEW);
+    let initial = ClusterView::load(&saved_view).unwrap_or_default();
+    if initial.revision > 0 {
+        tracing::info!(
+            revision = initial.revision,
+            "starting from the saved cluster view"
+        );
+    }
+    let (view_tx, view_rx) = watch::channel(Arc::new(initial));
+    let reconciler = Reconciler::new(args.node_name.clone(), datapath.clone(), view_rx.clone());
+
     let dns = crate::dns::Dns::new(&args.dns_upstreams);
     let runtime = Arc::new(Runtime::new(
         store.clone(),
-        args.node_name.clone(),
         netlink,
-        datapath.clone(),
-        args.netns_prefix.clone(),
-        args.state_dir.clone(),
-        uplink_mtu,
-        ROUTER_MAC,
+        reconciler.clone(),
         dns.clone(),
+        RuntimeConfig {
+            node: args.node_name.clone(),
+            netns_prefix: args.netns_prefix.clone(),
+            state_dir: args.state_dir.clone(),
+            uplink_mtu,
+            router_mac: ROUTER_MAC,
+        },
     ));
-    // The pinned links keep this node's containers forwarding meanwhile, so adoption may wait
-    // for the store.
-    {
-        let runtime = runtime.clone();
-        tokio::spawn(async move {
-            while let Err(e) = runtime.adopt().await {
-                tracing::warn!(error = %e, "cannot adopt containers yet; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
-    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut background = tokio::task::JoinSet::new();
@@ -211,11 +269,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     {
         let store = store.clone();
         let name = args.node_name.clone();
-        let addr = args.advertise_addr;
         let ttl = Duration::from_secs(args.lease_ttl);
+        let record = nodes::Registration {
+            address: args.advertise_addr,
+            uplink_mtu,
+            reserved_ports: reserved_ports(&args),
+        };
         background.spawn(async move {
             loop {
-                match nodes::register(&*store, &name, addr).await {
+                match nodes::register(&*store, &name, &record).await {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot register node; retrying");
@@ -228,18 +290,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
-    let (view_tx, view_rx) = watch::channel(Arc::new(ClusterView::default()));
     background.spawn(view::follow(store.clone(), view_tx));
+    background.spawn(view::persist(view_rx.clone(), saved_view));
     background.spawn(dns.follow(view_rx.clone()));
-    background.spawn(reconcile::run(view_rx, runtime.clone()));
+    // The pinned links keep this node's containers forwarding meanwhile, so adoption may wait
+    // for a view (the saved one, or the store's); the reconciler waits for adoption.
+    {
+        let runtime = runtime.clone();
+        let mut rx = view_rx.clone();
+        background.spawn(async move {
+            let Ok(view) = rx.wait_for(|v| v.revision > 0).await.map(|v| v.clone()) else {
+                return;
+            };
+            runtime.adopt(&view).await;
+        });
+    }
+    background.spawn(reconciler.clone().run());
     background.spawn(reconcile::conntrack_gc(datapath.clone()));
 
     let state = ApiState {
         store: store.clone(),
         node_name: args.node_name.clone(),
-        datapath,
         runtime,
+        ops: tokio_util::task::TaskTracker::new(),
     };
+    let ops = state.ops.clone();
     let mut stop = shutdown_rx.clone();
     let api = tokio::spawn({
         let socket = args.socket.clone();
@@ -259,6 +334,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         r = api => Some(r),
     };
     let _ = shutdown_tx.send(true);
+    // Operations in flight (a container being built or removed) finish or roll back before
+    // the agent exits: none is left half-done by a shutdown.
+    ops.close();
+    if tokio::time::timeout(Duration::from_secs(60), ops.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("operations still running after 60 s; exiting anyway");
+    }
     background.shutdown().await;
     // The liveness lease is left to expire rather than revoked: a quick restart (an upgrade)
     // then never shows the node as down to the rest of the cluster. The pinned datapath stays.

@@ -93,6 +93,7 @@ pub async fn reserve(
     req: &ContainerCreate,
     netns_for: impl Fn(&str, &str) -> String,
     host_ifname_for: impl Fn(&str) -> String,
+    ifname_for: impl Fn(usize) -> String,
 ) -> Result<ContainerRecord> {
     let requested_ip = validate(req, kind)?;
     let id = model::new_id();
@@ -181,12 +182,13 @@ pub async fn reserve(
                 ip,
                 mac: model::format_mac(model::endpoint_mac(ip)),
                 node: node.to_string(),
-                ifname: format!("eth{i}"),
+                ifname: ifname_for(i),
                 service: service
                     .as_ref()
                     .filter(|svc| svc.networks.iter().any(|n| &n.network == net_name))
                     .map(|svc| svc.name.clone()),
                 aliases: req.aliases.clone(),
+                ready: true,
             };
             compares.push(Compare::mod_revision(
                 keys::network(net_name),
@@ -213,6 +215,7 @@ pub async fn reserve(
             pid: None,
             start_time: None,
             created: model::now_rfc3339(),
+            exit: None,
         };
         ops.push(Op::put(keys::container(&name), encode(&container)?));
         if store.txn(compares, ops).await? {
@@ -314,13 +317,81 @@ pub async fn set_process(
     Ok(())
 }
 
-/// Deletes the container, its endpoints and their addresses in one transaction.
+/// Rewrites the container's endpoints with `ready`, in one transaction.
+pub async fn set_ready(store: &dyn Store, name: &str, ready: bool) -> Result<()> {
+    update(store, name, |_, endpoints| {
+        for ep in endpoints.iter_mut() {
+            ep.ready = ready;
+        }
+    })
+    .await
+}
+
+/// Records that the container's process ended: its exit, and endpoints no longer ready.
+pub async fn record_exit(store: &dyn Store, name: &str, exit: &model::ContainerExit) -> Result<()> {
+    update(store, name, |c, endpoints| {
+        c.exit = Some(exit.clone());
+        for ep in endpoints.iter_mut() {
+            ep.ready = false;
+        }
+    })
+    .await
+}
+
+/// Read-modify-write of a container and its endpoints, retried on conflicts.
+async fn update(
+    store: &dyn Store,
+    name: &str,
+    change: impl Fn(&mut Container, &mut Vec<Endpoint>),
+) -> Result<()> {
+    for _ in 0..MAX_ATTEMPTS {
+        let rec = get(store, name).await?;
+        let mut container = rec.container.clone();
+        let mut endpoints = rec.endpoints.clone();
+        change(&mut container, &mut endpoints);
+        let mut compares = vec![Compare::mod_revision(keys::container(name), rec.revision)];
+        let mut ops = Vec::new();
+        if container != rec.container {
+            ops.push(Op::put(keys::container(name), encode(&container)?));
+        }
+        for (old, new) in rec.endpoints.iter().zip(&endpoints) {
+            if old != new {
+                let key = keys::endpoint(&new.network, name);
+                let Some(kv) = store.get(&key).await? else {
+                    continue;
+                };
+                compares.push(Compare::mod_revision(key.clone(), kv.mod_revision));
+                ops.push(Op::put(key, encode(new)?));
+            }
+        }
+        if ops.is_empty() || store.txn(compares, ops).await? {
+            return Ok(());
+        }
+    }
+    Err(AgentError::Unavailable(format!(
+        "container {name:?} kept changing while being updated; try again"
+    )))
+}
+
+/// How long a released address stays out of allocation: longer than DNS answers are cached
+/// (5 s) and than any node needs to drop the connections it tracked to it, so nothing meant
+/// for the old holder reaches the next one.
+pub const ADDRESS_QUARANTINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Deletes the container and its endpoints in one transaction. Their addresses stay taken
+/// for [`ADDRESS_QUARANTINE`] (their IPAM keys move to a short lease) before they can be
+/// handed out again.
 pub async fn release(store: &dyn Store, rec: &ContainerRecord) -> Result<()> {
     let name = &rec.container.name;
+    let lease = store.grant_lease(ADDRESS_QUARANTINE).await?;
     let mut ops = vec![Op::delete(keys::container(name))];
     for ep in &rec.endpoints {
         ops.push(Op::delete(keys::endpoint(&ep.network, name)));
-        ops.push(Op::delete(keys::ipam(&ep.network, ep.ip)));
+        ops.push(Op::put_with_lease(
+            keys::ipam(&ep.network, ep.ip),
+            format!("released:{name}").into_bytes(),
+            lease,
+        ));
     }
     // No compares: removal must succeed even if the record was updated meanwhile.
     store.txn(Vec::new(), ops).await?;
@@ -373,6 +444,7 @@ mod tests {
             r,
             |n, _| format!("/run/netns/{n}"),
             |id| format!("na{}", &id[..12]),
+            |i| format!("eth{i}"),
         )
         .await
     }
@@ -392,12 +464,55 @@ mod tests {
         assert_eq!(get(&*s, "b").await.unwrap(), b);
         assert_eq!(list(&*s).await.unwrap().len(), 2);
         release(&*s, &a).await.unwrap();
+        // The released address is held back for a while: the next container gets another.
         let c = reserve_on(&*s, &req("c", &["services"])).await.unwrap();
         assert_eq!(
             c.endpoints[0].ip.to_string(),
-            "10.10.1.2",
-            "freed address reused"
+            "10.10.1.4",
+            "not the fresh release"
         );
+        let mut again = req("d", &["services"]);
+        again.ip = Some("10.10.1.2".into());
+        let e = reserve_on(&*s, &again).await.unwrap_err();
+        assert!(e.to_string().contains("10.10.1.2"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn readiness_and_exit_are_recorded_on_every_endpoint() {
+        let (_d, s) = setup().await;
+        reserve_on(&*s, &req("a", &["services", "tiny"]))
+            .await
+            .unwrap();
+        assert!(
+            get(&*s, "a")
+                .await
+                .unwrap()
+                .endpoints
+                .iter()
+                .all(|e| e.ready)
+        );
+        set_ready(&*s, "a", false).await.unwrap();
+        assert!(
+            get(&*s, "a")
+                .await
+                .unwrap()
+                .endpoints
+                .iter()
+                .all(|e| !e.ready)
+        );
+        set_ready(&*s, "a", true).await.unwrap();
+        let exit = model::ContainerExit {
+            code: Some(3),
+            at: model::now_rfc3339(),
+        };
+        record_exit(&*s, "a", &exit).await.unwrap();
+        let rec = get(&*s, "a").await.unwrap();
+        assert_eq!(rec.container.exit, Some(exit.clone()));
+        assert!(rec.endpoints.iter().all(|e| !e.ready));
+        assert!(matches!(
+            record_exit(&*s, "nope", &exit).await,
+            Err(AgentError::NotFound(_))
+        ));
     }
 
     #[tokio::test]

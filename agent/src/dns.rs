@@ -168,6 +168,8 @@ mod tests {
                     address: "198.18.0.11".parse().unwrap(),
                     availability: Availability::Active,
                     created: String::new(),
+                    uplink_mtu: None,
+                    reserved_ports: vec![],
                 },
             );
             if alive {
@@ -188,6 +190,7 @@ mod tests {
                     host_ifname: String::new(),
                     service: Some("web".into()),
                     aliases: vec!["www".into()],
+                    ready: true,
                 },
             );
         }

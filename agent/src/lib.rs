@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod capacity;
 pub mod containers;
 pub mod dns;
 pub mod error;

@@ -301,8 +301,29 @@ pub fn parse_subnet(s: &str) -> Result<Ipv4Net, ValidationError> {
             "subnet {s} is too large: use a prefix of /8 or longer"
         )));
     }
+    for (range, what) in RESERVED_RANGES {
+        let range: Ipv4Net = range.parse().map_err(|_| invalid("bad reserved range"))?;
+        if range.contains(&net.network()) || net.contains(&range.network()) {
+            return Err(invalid(format!(
+                "subnet {s} overlaps {range}, which is {what}"
+            )));
+        }
+    }
     Ok(net)
 }
+
+/// Address ranges an overlay may not use: traffic to them never reaches the overlay
+/// correctly (or at all), whatever the datapath does.
+const RESERVED_RANGES: [(&str, &str); 5] = [
+    ("0.0.0.0/8", "\"this network\" (RFC 791)"),
+    ("127.0.0.0/8", "loopback"),
+    (
+        "169.254.0.0/16",
+        "link-local (the datapath uses it for hairpin connections)",
+    ),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved (RFC 1112) and broadcast"),
+];
 
 fn first_host(net: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net.network()) + 1)
@@ -364,6 +385,22 @@ pub struct Node {
     pub availability: Availability,
     /// RFC 3339, UTC: first registration.
     pub created: String,
+    /// MTU of the node's uplink, as its agent last reported it.
+    #[serde(default)]
+    pub uplink_mtu: Option<u32>,
+    /// Ports the cluster itself uses on this node's address (VXLAN, the store, the agent's
+    /// listeners): never publishable, since the routing mesh would take them over.
+    #[serde(default)]
+    pub reserved_ports: Vec<ReservedPort>,
+}
+
+/// A port the cluster uses on a node's address.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReservedPort {
+    pub port: u16,
+    pub protocol: Protocol,
+    /// What uses it, for the error message ("VXLAN", "etcd", ...).
+    pub what: String,
 }
 
 /// The leased liveness record of a running agent.
@@ -398,6 +435,15 @@ pub struct Endpoint {
     pub service: Option<String>,
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// Whether the endpoint takes new connections and is handed out by DNS as a task of its
+    /// service. Cleared when its process exits and before it is removed, so the balancer
+    /// never sends new connections to a replica that cannot answer them.
+    #[serde(default = "yes")]
+    pub ready: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -434,6 +480,19 @@ pub struct Container {
     #[serde(default)]
     pub start_time: Option<u64>,
     pub created: String,
+    /// Set once the process has ended: its exit status as a shell reports it (`None` inside
+    /// when the agent that saw it end was not its parent), and when.
+    #[serde(default)]
+    pub exit: Option<ContainerExit>,
+}
+
+/// How a container's process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerExit {
+    /// The status as a shell reports it (code, or 128 + signal); `None` if unknown.
+    pub code: Option<i32>,
+    /// RFC 3339, UTC.
+    pub at: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

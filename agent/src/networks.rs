@@ -27,8 +27,41 @@ pub async fn get(store: &dyn Store, name: &str) -> Result<Network> {
     }
 }
 
+/// Checks the network against the nodes: its subnet must not contain a node's address (the
+/// node's own traffic would be taken for the overlay's), and an explicit MTU must fit every
+/// node's uplink with the encapsulation on top.
+async fn check_against_nodes(store: &dyn Store, spec: &model::NetworkSpec) -> Result<()> {
+    let (kvs, _) = store.list(keys::NODES).await?;
+    let overhead = if spec.encrypted {
+        model::VXLAN_OVERHEAD + model::WIREGUARD_OVERHEAD
+    } else {
+        model::VXLAN_OVERHEAD
+    };
+    for kv in &kvs {
+        let node: model::Node = serde_json::from_slice(&kv.value)?;
+        if spec.subnet.contains(&node.address) {
+            return Err(AgentError::BadRequest(format!(
+                "subnet {} contains the address {} of node {:?}",
+                spec.subnet, node.address, node.name
+            )));
+        }
+        if let (Some(mtu), Some(uplink)) = (spec.mtu, node.uplink_mtu)
+            && mtu + overhead > uplink
+        {
+            return Err(AgentError::BadRequest(format!(
+                "--opt mtu={mtu} does not fit node {:?}: its uplink MTU is {uplink} and the \
+                 encapsulation takes {overhead} bytes (at most mtu={})",
+                node.name,
+                uplink.saturating_sub(overhead)
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub async fn create(store: &dyn Store, req: &NetworkCreate) -> Result<Network> {
     let spec = req.validate()?;
+    check_against_nodes(store, &spec).await?;
     for attempt in 0..MAX_ATTEMPTS {
         let guard_rev = store
             .get(keys::NETWORKS_GUARD)
@@ -95,6 +128,17 @@ pub async fn remove(store: &dyn Store, name: &str) -> Result<()> {
             return Err(AgentError::NotFound(format!("network {name:?} not found")));
         };
         let network: Network = serde_json::from_slice(&kv.value)?;
+        let (svcs, _) = store.list(keys::SERVICES).await?;
+        for kv in &svcs {
+            let svc: model::Service = serde_json::from_slice(&kv.value)?;
+            if svc.networks.iter().any(|n| n.network == name) {
+                return Err(AgentError::Conflict(format!(
+                    "network {name:?} is in use by service {:?}; remove the service or its \
+                     network first",
+                    svc.name
+                )));
+            }
+        }
         let (eps, _) = store.list(&keys::endpoints_of(name)).await?;
         if !eps.is_empty() {
             let users: Vec<&str> = eps

@@ -24,6 +24,10 @@ pub struct NodeView {
     pub availability: Availability,
     pub status: NodeStatus,
     pub created: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uplink_mtu: Option<u32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reserved_ports: Vec<model::ReservedPort>,
     /// Filled in only by the node's own agent (it alone can read its kernel state).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub datapath: Option<serde_json::Value>,
@@ -70,6 +74,8 @@ fn view(node: Node, status: NodeStatus) -> NodeView {
         availability: node.availability,
         status,
         created: node.created,
+        uplink_mtu: node.uplink_mtu,
+        reserved_ports: node.reserved_ports,
         datapath: None,
     }
 }
@@ -103,25 +109,38 @@ pub async fn set_availability(
     ))
 }
 
+/// What an agent says about its node when it registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub address: Ipv4Addr,
+    pub uplink_mtu: u32,
+    pub reserved_ports: Vec<model::ReservedPort>,
+}
+
 /// Writes (or refreshes) this node's persistent record. Keeps the availability an operator set.
-pub async fn register(store: &dyn Store, name: &str, address: Ipv4Addr) -> Result<()> {
+pub async fn register(store: &dyn Store, name: &str, reg: &Registration) -> Result<()> {
     loop {
         let current = store.get(&keys::node(name)).await?;
         let (node, expected) = match &current {
             Some(kv) => {
-                let mut node: Node = serde_json::from_slice(&kv.value)?;
-                if node.address == address {
+                let old: Node = serde_json::from_slice(&kv.value)?;
+                let mut node = old.clone();
+                node.address = reg.address;
+                node.uplink_mtu = Some(reg.uplink_mtu);
+                node.reserved_ports = reg.reserved_ports.clone();
+                if node == old {
                     return Ok(());
                 }
-                node.address = address;
                 (node, kv.mod_revision)
             }
             None => (
                 Node {
                     name: name.to_string(),
-                    address,
+                    address: reg.address,
                     availability: Availability::Active,
                     created: model::now_rfc3339(),
+                    uplink_mtu: Some(reg.uplink_mtu),
+                    reserved_ports: reg.reserved_ports.clone(),
                 },
                 0,
             ),
@@ -132,7 +151,7 @@ pub async fn register(store: &dyn Store, name: &str, address: Ipv4Addr) -> Resul
             .compare_and_swap(&keys::node(name), expected, value)
             .await?
         {
-            tracing::info!(node = %name, %address, "node registered");
+            tracing::info!(node = %name, address = %reg.address, "node registered");
             return Ok(());
         }
     }
@@ -212,16 +231,17 @@ mod tests {
     async fn register_keeps_availability_and_lease_drives_status() {
         let dir = tempfile::tempdir().unwrap();
         let s: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
-        register(&*s, "n1", "198.18.0.11".parse().unwrap())
-            .await
-            .unwrap();
+        let reg = |addr: &str| Registration {
+            address: addr.parse().unwrap(),
+            uplink_mtu: 1500,
+            reserved_ports: vec![],
+        };
+        register(&*s, "n1", &reg("198.18.0.11")).await.unwrap();
         assert_eq!(get(&*s, "n1").await.unwrap().status, NodeStatus::Down);
         set_availability(&*s, "n1", Availability::Drain)
             .await
             .unwrap();
-        register(&*s, "n1", "198.18.0.12".parse().unwrap())
-            .await
-            .unwrap();
+        register(&*s, "n1", &reg("198.18.0.12")).await.unwrap();
         let v = get(&*s, "n1").await.unwrap();
         assert_eq!(v.availability, Availability::Drain);
         assert_eq!(v.address.to_string(), "198.18.0.12");

@@ -85,7 +85,7 @@ fn parse_ports(specs: &[String]) -> Result<Vec<PortConfig>> {
     Ok(ports)
 }
 
-fn parse_mode(mode: Option<&str>) -> Result<EndpointMode> {
+pub fn parse_mode(mode: Option<&str>) -> Result<EndpointMode> {
     match mode {
         None | Some("vip") => Ok(EndpointMode::Vip),
         Some("dnsrr") => Ok(EndpointMode::Dnsrr),
@@ -93,6 +93,35 @@ fn parse_mode(mode: Option<&str>) -> Result<EndpointMode> {
             "invalid --endpoint-mode {other:?}: expected vip or dnsrr"
         ))),
     }
+}
+
+/// Refuses ports the cluster itself uses on some node's address (VXLAN, etcd, the agent's
+/// listeners): the routing mesh takes a published port over on every node.
+async fn check_reserved(store: &dyn Store, ports: &[PortConfig]) -> Result<()> {
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let (kvs, _) = store.list(keys::NODES).await?;
+    for kv in &kvs {
+        let node: model::Node = serde_json::from_slice(&kv.value)?;
+        for p in ports {
+            if let Some(r) = node
+                .reserved_ports
+                .iter()
+                .find(|r| r.port == p.published && r.protocol == p.protocol)
+            {
+                return Err(AgentError::BadRequest(format!(
+                    "port {}/{} cannot be published: {} uses it on node {:?} ({})",
+                    p.published,
+                    p.protocol.as_str(),
+                    r.what,
+                    node.name,
+                    node.address
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Adds compares/ops claiming each port for `service`; fails if one is taken by another.
@@ -134,6 +163,13 @@ pub async fn create(store: &dyn Store, req: &ServiceCreate) -> Result<Service> {
             "a service needs at least one --network".into(),
         ));
     }
+    let mut seen = BTreeSet::new();
+    for n in &req.networks {
+        if !seen.insert(n) {
+            return Err(AgentError::BadRequest(format!("network {n:?} given twice")));
+        }
+    }
+    check_reserved(store, &ports).await?;
     for _ in 0..MAX_ATTEMPTS {
         if store.get(&keys::service(&req.name)).await?.is_some() {
             return Err(AgentError::Conflict(format!(
@@ -189,7 +225,8 @@ pub async fn create(store: &dyn Store, req: &ServiceCreate) -> Result<Service> {
             .iter()
             .filter_map(|kv| kv.key.rsplit('/').next()?.parse().ok())
             .collect();
-        let num = (1..=u32::MAX)
+        // Ids leave 8 bits for the network index of each backend set (reconcile::set_id).
+        let num = (1..=crate::capacity::SERVICE_NUM_MAX)
             .find(|n| !used_ids.contains(n))
             .ok_or_else(|| AgentError::Conflict("no free service id".into()))?;
         compares.push(Compare::absent(keys::service_id(num)));
@@ -230,6 +267,11 @@ pub async fn list(store: &dyn Store) -> Result<Vec<Service>> {
 
 pub async fn remove(store: &dyn Store, name: &str) -> Result<()> {
     let (svc, rev) = get(store, name).await?;
+    // The VIPs stay taken a while, like a container's addresses (see
+    // containers::ADDRESS_QUARANTINE): clients may still have them cached.
+    let lease = store
+        .grant_lease(crate::containers::ADDRESS_QUARANTINE)
+        .await?;
     let mut ops = vec![
         Op::delete(keys::service(name)),
         Op::delete(keys::service_id(svc.num)),
@@ -239,7 +281,11 @@ pub async fn remove(store: &dyn Store, name: &str) -> Result<()> {
     }
     for n in &svc.networks {
         if let Some(vip) = n.vip {
-            ops.push(Op::delete(keys::ipam(&n.network, vip)));
+            ops.push(Op::put_with_lease(
+                keys::ipam(&n.network, vip),
+                format!("released:service:{name}").into_bytes(),
+                lease,
+            ));
         }
     }
     if !store
@@ -256,6 +302,7 @@ pub async fn remove(store: &dyn Store, name: &str) -> Result<()> {
 
 pub async fn update(store: &dyn Store, name: &str, req: &ServiceUpdate) -> Result<Service> {
     let add = parse_ports(&req.publish_add)?;
+    check_reserved(store, &add).await?;
     let mut rm = Vec::new();
     for s in &req.publish_rm {
         rm.push(PortConfig::parse_published(s)?);
@@ -417,9 +464,10 @@ mod tests {
         assert_eq!(db.num, 2);
         assert_eq!(list(&*s).await.unwrap().len(), 2);
         remove(&*s, "web").await.unwrap();
-        // Port, VIP and id are free again.
+        // Port and id are free again; the VIP is held back for a while (clients may still
+        // have it cached), so the next service gets the next free address.
         let again = create(&*s, &req("web2", &["8080:80"])).await.unwrap();
-        assert_eq!(again.networks[0].vip, Some("10.10.1.2".parse().unwrap()));
+        assert_eq!(again.networks[0].vip, Some("10.10.1.4".parse().unwrap()));
         assert_eq!(again.num, 1);
     }
 

@@ -11,9 +11,9 @@ use futures::StreamExt as _;
 use netagent_store::{KeyValue, Revision, Store, WatchEvent};
 use tokio::sync::watch;
 
-use crate::model::{Endpoint, Network, Node, Service, keys};
+use crate::model::{Container, Endpoint, Network, Node, Service, keys};
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ClusterView {
     /// Store revision this view reflects.
     pub revision: Revision,
@@ -23,15 +23,19 @@ pub struct ClusterView {
     /// Keyed by "<network>/<container>", as under `keys::ENDPOINTS`.
     pub endpoints: BTreeMap<String, Endpoint>,
     pub services: BTreeMap<String, Service>,
+    #[serde(default)]
+    pub containers: BTreeMap<String, Container>,
 }
 
 impl ClusterView {
-    /// Replicas per (service, network) whose node is alive, each list in container-name order.
-    /// One pass over the endpoints, so callers that walk every service stay linear.
+    /// Replicas per (service, network) that are ready and whose node is alive, each list in
+    /// container-name order. One pass over the endpoints, so callers that walk every service
+    /// stay linear.
     pub fn live_replicas(&self) -> BTreeMap<(&str, &str), Vec<&Endpoint>> {
         let mut out: BTreeMap<(&str, &str), Vec<&Endpoint>> = BTreeMap::new();
         for e in self.endpoints.values() {
             if let Some(svc) = e.service.as_deref()
+                && e.ready
                 && self.alive.contains(&e.node)
             {
                 out.entry((svc, e.network.as_str())).or_default().push(e);
@@ -85,6 +89,13 @@ impl ClusterView {
                 }
                 Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping corrupt endpoint"),
             }
+        } else if let Some(name) = kv.key.strip_prefix(keys::CONTAINERS) {
+            match serde_json::from_slice(&kv.value) {
+                Ok(c) => {
+                    self.containers.insert(name.to_string(), c);
+                }
+                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping corrupt container"),
+            }
         }
     }
 
@@ -99,6 +110,8 @@ impl ClusterView {
             self.services.remove(name);
         } else if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
             self.endpoints.remove(id);
+        } else if let Some(name) = key.strip_prefix(keys::CONTAINERS) {
+            self.containers.remove(name);
         }
     }
 
@@ -108,6 +121,61 @@ impl ClusterView {
             WatchEvent::Delete { key, .. } => self.delete(key),
         }
         self.revision = ev.revision();
+    }
+}
+
+/// The file in the state dir holding the last view the agent saw, so an agent that restarts
+/// while the store is unreachable still knows its containers, answers DNS and keeps the
+/// datapath as it was.
+pub const PERSISTED_VIEW: &str = "view.json";
+
+/// Keeps writing the view to `path` after changes: at most every `PERSIST_EVERY`, atomically
+/// (write then rename), so a crash leaves the previous copy whole.
+const PERSIST_EVERY: Duration = Duration::from_millis(500);
+
+impl ClusterView {
+    /// The view saved by [`persist`], if there is a readable one.
+    pub fn load(path: &std::path::Path) -> Option<ClusterView> {
+        let bytes = std::fs::read(path).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(view) => Some(view),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable saved view");
+                None
+            }
+        }
+    }
+
+    fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        serde_json::to_writer(&mut f, self).map_err(std::io::Error::other)?;
+        f.flush()?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+/// Runs forever: saves every new view (rate-limited) to `path`.
+pub async fn persist(mut rx: watch::Receiver<Arc<ClusterView>>, path: std::path::PathBuf) {
+    let mut saved = 0;
+    loop {
+        let view = rx.borrow_and_update().clone();
+        // Revision 0 is the empty view before the store (or the saved copy) answered.
+        if view.revision > 0 && view.revision != saved {
+            let path = path.clone();
+            let v = view.clone();
+            match tokio::task::spawn_blocking(move || v.save(&path)).await {
+                Ok(Ok(())) => saved = view.revision,
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the cluster view"),
+                Err(e) => tracing::warn!(error = %e, "saving the cluster view panicked"),
+            }
+        }
+        tokio::time::sleep(PERSIST_EVERY).await;
+        if rx.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -83,11 +83,14 @@ pub async fn run(client: &Client, format: Format, cmd: ContainerCmd) -> anyhow::
                 return Ok(Outcome::Done);
             }
             let code = wait(client, &name).await?;
-            let logs = client
-                .get(&format!("/v1/containers/{}/logs", seg(&name)))
-                .await?;
-            print!("{}", logs["log"].as_str().unwrap_or_default());
-            Ok(Outcome::Exit(code))
+            print_logs(client, &name).await?;
+            match code {
+                Some(code) => Ok(Outcome::Exit(code)),
+                None => bail!(
+                    "container {name:?} ended but its exit status is unknown (the agent was \
+                     restarted while it ran)"
+                ),
+            }
         }
         ContainerCmd::Ls => {
             let list = client.get("/v1/containers").await?;
@@ -169,8 +172,9 @@ pub async fn run(client: &Client, format: Format, cmd: ContainerCmd) -> anyhow::
     }
 }
 
-/// Waits for a foreground container to end; the agent answers in bounded slices.
-async fn wait(client: &Client, name: &str) -> anyhow::Result<i32> {
+/// Waits for a foreground container to end; the agent answers in bounded slices. `None`: it
+/// ended but nobody knows how (never taken as success).
+async fn wait(client: &Client, name: &str) -> anyhow::Result<Option<i32>> {
     loop {
         let r = client
             .post(
@@ -179,9 +183,31 @@ async fn wait(client: &Client, name: &str) -> anyhow::Result<i32> {
             )
             .await?;
         if r["state"] != "running" {
-            return Ok(r["exit_code"].as_i64().unwrap_or(0) as i32);
+            return Ok(r["exit_code"].as_i64().map(|c| c as i32));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Prints a container's whole log, reading it in bounded chunks.
+pub async fn print_logs(client: &Client, name: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut offset = 0u64;
+    loop {
+        let chunk = client
+            .get(&format!(
+                "/v1/containers/{}/logs?offset={offset}",
+                seg(name)
+            ))
+            .await?;
+        let text = chunk["log"].as_str().unwrap_or_default();
+        std::io::stdout().write_all(text.as_bytes())?;
+        let next = chunk["next"].as_u64().unwrap_or(offset);
+        let end = chunk["end"].as_u64().unwrap_or(next);
+        if next >= end || next == offset {
+            return Ok(());
+        }
+        offset = next;
     }
 }
 

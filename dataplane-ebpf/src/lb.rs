@@ -24,14 +24,15 @@ use dataplane_common::{
 use crate::{
     atomic,
     conntrack::{self, Clock, Flow, MESH_RETURN, MESH_REVERSE, Target, VIP_REVERSE},
-    drop, reset,
-    verdict::TC_ACT_OK,
+    drop,
     eth::{EthHdr, ptr_at},
     forward,
     ipv4::Ipv4,
     l4::{self, L4},
     maps::{self, BACKEND_SETS, BACKENDS, RR_CURSORS},
     nat::{self, Side},
+    reset,
+    verdict::TC_ACT_OK,
 };
 
 /// The next backend of set `id` in round-robin order.

@@ -13,9 +13,9 @@ use dataplane_common::{
     BACKEND_SETS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, Backend, BackendKey, BackendSet, CONFIG_KEY,
     CONNTRACK_MAX_ENTRIES, CT_NEW_MAX_ENTRIES, Config, CtEntry, CtKey, DROP_COUNTERS_MAX_ENTRIES,
     DROP_EVENTS_BYTE_SIZE, DropReason, ENDPOINTS_MAX_ENTRIES, EndpointInfo, EndpointKey,
-    NETWORKS_MAX_ENTRIES, NODES_MAX_ENTRIES, NetworkInfo, NodeInfo, NodeKey,
-    PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor, SERVICES_MAX_ENTRIES,
-    ServiceInfo, TestInput, TestObservation,
+    NETWORKS_MAX_ENTRIES, NODES_MAX_ENTRIES, NetworkInfo, NodeInfo, NodeKey, PUBLISHED_MAX_ENTRIES,
+    PublishedInfo, PublishedKey, RrCursor, SERVICES_MAX_ENTRIES, ServiceInfo, TestInput,
+    TestObservation,
 };
 
 /// Node-wide settings, one entry at `CONFIG_KEY`. A hash map without preallocation, not an

@@ -115,10 +115,7 @@ pub fn to_sender(ctx: &TcContext, ip: &Ipv4, router_mac: [u8; 6]) -> Result<i32,
     rst_ip.check = fold(sum_words(ip_bytes));
     // SAFETY: as above.
     let tcp_bytes: &[u8; TCP_HLEN] = unsafe { &*(&raw const rst_tcp).cast() };
-    let pseudo = sum_words(&ip.dst)
-        + sum_words(&ip.src)
-        + u32::from(IPPROTO_TCP)
-        + TCP_HLEN as u32;
+    let pseudo = sum_words(&ip.dst) + sum_words(&ip.src) + u32::from(IPPROTO_TCP) + TCP_HLEN as u32;
     rst_tcp.check = fold(pseudo + sum_words(tcp_bytes));
 
     // Payload and options go; the headers are rewritten in place.

@@ -62,13 +62,19 @@ const PACKAGES: &[(&str, &str)] = &[
         "wireguard-go",
         "the encrypted benchmark's userspace WireGuard baseline",
     ),
-    ("wireguard-tools", "wg, configures the wireguard-go baseline"),
+    (
+        "wireguard-tools",
+        "wg, configures the wireguard-go baseline",
+    ),
     (
         "prometheus",
         "a real Prometheus scrapes the agent; promtool checks the metrics",
     ),
     ("podman", "a real container runtime drives the CNI plugin"),
-    ("runc", "the OCI runtime podman uses here (crun refuses this host)"),
+    (
+        "runc",
+        "the OCI runtime podman uses here (crun refuses this host)",
+    ),
     (
         "containernetworking-plugins",
         "portmap/bandwidth/tuning chained after the CNI plugin",

@@ -4,6 +4,7 @@
 //! The programs create and promote entries (see `dataplane_common::conntrack`); CT_NEW is an
 //! LRU that recycles itself, but CONNTRACK is a plain hash that only the agent empties.
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use dataplane_common::{
@@ -128,8 +129,13 @@ impl Datapath {
     /// clients' next TCP packet gets a reset and UDP flows are balanced anew, instead of
     /// reaching whatever gets the address next.
     pub fn purge_backend(&mut self, backend: Ipv4Addr) -> Result<usize, DatapathError> {
-        let ip = backend.octets();
-        self.remove_conntrack_where(|k, e, _| involves(k, e, ip))
+        self.purge_backends(&HashSet::from([backend]))
+    }
+
+    /// [`Datapath::purge_backend`] for several addresses in one walk of the tables.
+    pub fn purge_backends(&mut self, backends: &HashSet<Ipv4Addr>) -> Result<usize, DatapathError> {
+        let ips: HashSet<[u8; 4]> = backends.iter().map(|ip| ip.octets()).collect();
+        self.remove_conntrack_where(|k, e, _| ips.iter().any(|ip| involves(k, e, *ip)))
     }
 
     /// One garbage-collection pass over CONNTRACK at `now_ns` (see [`monotonic_coarse_ns`]).

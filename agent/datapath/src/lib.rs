@@ -64,8 +64,8 @@ pub use bpffs::{is_bpffs, mount_bpffs, remove_pins};
 pub use compat::PinReport;
 pub use conntrack::{CtGcStats, live_entry_expired, monotonic_coarse_ns};
 pub use dataplane_common::{
-    BACKEND_SETS_MAX_ENTRIES, BACKENDS_PER_SET_MAX, Backend, BackendKey, BackendSet,
-    CONFIG_F_READY, CONNTRACK_MAX_ENTRIES, CT_CLOSE_TIMEOUT_DEFAULT_S, CT_DIR_ORIGINAL,
+    BACKEND_SETS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKENDS_PER_SET_MAX, Backend, BackendKey,
+    BackendSet, CONFIG_F_READY, CONNTRACK_MAX_ENTRIES, CT_CLOSE_TIMEOUT_DEFAULT_S, CT_DIR_ORIGINAL,
     CT_DIR_REPLY, CT_F_CLOSING, CT_F_HAIRPIN, CT_NEW_MAX_ENTRIES, CT_SYN_TIMEOUT_DEFAULT_S,
     CT_TCP_TIMEOUT_DEFAULT_S, CT_UDP_TIMEOUT_DEFAULT_S, Config, CtEntry, CtKey, CtKind, DropEvent,
     DropReason, ENDPOINT_F_LOCAL, ENDPOINTS_MAX_ENTRIES, EndpointInfo, HAIRPIN_SNAT_IP, Hook,

@@ -2,15 +2,14 @@
 //! every client gets the same errors.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
-use netagent_datapath::Datapath;
 use netagent_store::Store;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -18,16 +17,35 @@ use serde::de::DeserializeOwned;
 use crate::containers::{self, ContainerCreate};
 use crate::error::AgentError;
 use crate::model::{Availability, NetworkCreate};
-use crate::runtime::{AttachRequest, ContainerView, Runtime};
+use crate::runtime::{AttachRequest, ContainerView, Runtime, lock};
 use crate::services::{self, ServiceCreate, ServiceUpdate, ServiceView};
-use crate::{networks, nodes};
+use crate::{capacity, networks, nodes};
+
+mod listener;
 
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub node_name: String,
-    pub datapath: Arc<Mutex<Datapath>>,
     pub runtime: Arc<Runtime>,
+    /// Operations that change the node (containers, attachments) run as tasks of their own,
+    /// tracked here: a client that disconnects (netctl timing out, Ctrl-C) cannot cancel one
+    /// half-way, and shutdown waits for them.
+    pub ops: tokio_util::task::TaskTracker,
+}
+
+impl ApiState {
+    /// Runs `op` to completion whatever happens to the request that asked for it.
+    async fn run_op<T, F>(&self, op: F) -> Result<T, AgentError>
+    where
+        F: std::future::Future<Output = Result<T, AgentError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        match self.ops.spawn(op).await {
+            Ok(r) => r,
+            Err(e) => Err(AgentError::Internal(format!("operation failed: {e}"))),
+        }
+    }
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -68,7 +86,6 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    use std::os::unix::fs::PermissionsExt as _;
 
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)
@@ -85,10 +102,7 @@ pub async fn serve(
         std::fs::remove_file(socket)
             .with_context(|| format!("removing stale socket {}", socket.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(socket)
-        .with_context(|| format!("binding {}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", socket.display()))?;
+    let listener = listener::bind(socket)?;
     tracing::info!(socket = %socket.display(), "API listening");
     let result = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
@@ -136,6 +150,7 @@ async fn network_create(
     body: Bytes,
 ) -> Result<(StatusCode, axum::Json<crate::model::Network>), AgentError> {
     let req: NetworkCreate = parse_body(&body)?;
+    capacity::check_network(&st.runtime.reconciler.view())?;
     let net = networks::create(&*st.store, &req).await?;
     Ok((StatusCode::CREATED, axum::Json(net)))
 }
@@ -171,19 +186,17 @@ async fn node_inspect(
 }
 
 fn datapath_status(st: &ApiState) -> serde_json::Value {
-    let dp = match st.datapath.lock() {
-        Ok(dp) => dp,
-        Err(poisoned) => poisoned.into_inner(),
-    };
+    let reconcile = serde_json::to_value(st.runtime.reconciler.status()).unwrap_or_default();
+    let dp = lock(st.runtime.reconciler.datapath());
     match dp.drop_counters() {
         Ok(counters) => {
             let drops: serde_json::Map<String, serde_json::Value> = counters
                 .into_iter()
                 .map(|(name, n)| (name.to_string(), n.into()))
                 .collect();
-            serde_json::json!({ "drops": drops })
+            serde_json::json!({ "drops": drops, "reconcile": reconcile })
         }
-        Err(e) => serde_json::json!({ "error": e.to_string() }),
+        Err(e) => serde_json::json!({ "error": e.to_string(), "reconcile": reconcile }),
     }
 }
 
@@ -210,7 +223,8 @@ async fn container_run(
     body: Bytes,
 ) -> Result<(StatusCode, axum::Json<ContainerView>), AgentError> {
     let req: ContainerCreate = parse_body(&body)?;
-    let view = st.runtime.run(&req).await?;
+    let rt = st.runtime.clone();
+    let view = st.run_op(async move { rt.run(&req).await }).await?;
     Ok((StatusCode::CREATED, axum::Json(view)))
 }
 
@@ -233,7 +247,8 @@ async fn container_remove(
     State(st): State<ApiState>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<StatusCode, AgentError> {
-    st.runtime.remove(&name).await?;
+    let rt = st.runtime.clone();
+    st.run_op(async move { rt.remove(&name).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -256,32 +271,66 @@ async fn container_wait(
     };
     // Bounded so a forgotten client never pins a task forever; netctl asks again.
     let timeout = std::time::Duration::from_secs(req.timeout_secs.unwrap_or(10).min(60));
-    let code = st.runtime.wait(&name, timeout).await?;
+    let ended = st.runtime.wait(&name, timeout).await?;
     let rec = containers::get(&*st.store, &name).await?;
+    let state = match ended {
+        Some(_) => "exited",
+        None => st.runtime.state_of(&rec),
+    };
     Ok(axum::Json(serde_json::json!({
-        "state": st.runtime.state_of(&rec),
-        "exit_code": code,
+        "state": state,
+        "exit_code": ended.flatten(),
     })))
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    max: Option<usize>,
+}
+
+/// A chunk of a container's output from `offset`: `{log, offset, next, end}`. Read until
+/// `next == end` for everything there is now.
 async fn container_logs(
     State(st): State<ApiState>,
     UrlPath(name): UrlPath<String>,
+    Query(q): Query<LogQuery>,
 ) -> ApiResult<serde_json::Value> {
-    let log = st.runtime.logs(&name).await?;
-    Ok(axum::Json(serde_json::json!({ "log": log })))
+    let chunk = st
+        .runtime
+        .logs(
+            &name,
+            q.offset,
+            q.max.unwrap_or(crate::runtime::logs::READ_MAX),
+        )
+        .await?;
+    Ok(axum::Json(serde_json::json!({
+        "log": String::from_utf8_lossy(&chunk.data),
+        "offset": chunk.offset,
+        "next": chunk.next,
+        "end": chunk.end,
+    })))
 }
 
 async fn attach(State(st): State<ApiState>, body: Bytes) -> ApiResult<crate::runtime::CniResult> {
     let req: AttachRequest = parse_body(&body)?;
-    Ok(axum::Json(st.runtime.attach_external(&req).await?))
+    let rt = st.runtime.clone();
+    Ok(axum::Json(
+        st.run_op(async move { rt.attach_external(&req).await })
+            .await?,
+    ))
 }
 
 async fn detach(
     State(st): State<ApiState>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<StatusCode, AgentError> {
-    st.runtime.detach_external(&id).await?;
+    let rt = st.runtime.clone();
+    st.run_op(async move { rt.detach_external(&id).await })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -290,6 +339,13 @@ async fn service_create(
     body: Bytes,
 ) -> Result<(StatusCode, axum::Json<ServiceView>), AgentError> {
     let req: ServiceCreate = parse_body(&body)?;
+    let mode = services::parse_mode(req.endpoint_mode.as_deref())?;
+    capacity::check_service(
+        &st.runtime.reconciler.view(),
+        req.networks.len(),
+        req.publish.len(),
+        mode,
+    )?;
     let svc = services::create(&*st.store, &req).await?;
     let eps = services::all_endpoints(&*st.store).await?;
     Ok((StatusCode::CREATED, axum::Json(services::view(&svc, &eps))))
