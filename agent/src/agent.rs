@@ -87,6 +87,10 @@ pub struct Args {
     #[arg(long, default_value_t = netagent_datapath::CT_NEW_MAX_ENTRIES,
           value_parser = clap::value_parser!(u32).range(64..=(1 << 24)))]
     pub ct_new_max: u32,
+    /// A container's log is rotated once it is larger than this many bytes (one rotated copy
+    /// is kept, so a container's output takes at most twice this on disk).
+    #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub log_max_size: u64,
     /// Seconds without a refresh after which this node counts as down.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..=300))]
     pub lease_ttl: u64,
@@ -258,6 +262,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             state_dir: args.state_dir.clone(),
             uplink_mtu,
             router_mac: ROUTER_MAC,
+            log_max_size: args.log_max_size,
         },
     ));
 
@@ -360,6 +365,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_cluster_s_own_ports_are_reserved() {
+        let a = Args::try_parse_from([
+            "netagent",
+            "--node-name",
+            "n1",
+            "--advertise-addr",
+            "192.0.2.11",
+            "--store",
+            "etcd://192.0.2.11:2379,192.0.2.12:2379",
+        ])
+        .unwrap();
+        let ports: Vec<(u16, Protocol)> = reserved_ports(&a)
+            .into_iter()
+            .map(|p| (p.port, p.protocol))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (4789, Protocol::Udp),
+                (2379, Protocol::Tcp),
+                (2380, Protocol::Tcp)
+            ]
+        );
+    }
+
+    #[test]
     fn flags_and_defaults() {
         let a = Args::try_parse_from([
             "netagent",
@@ -371,6 +402,22 @@ mod tests {
         .unwrap();
         assert_eq!(a.store, "embedded");
         assert_eq!(a.lease_ttl, 5);
+        assert_eq!(
+            a.netns_prefix, "netagent-",
+            "never an operator's namespace names"
+        );
+        assert!(
+            Args::try_parse_from([
+                "netagent",
+                "--node-name",
+                "n1",
+                "--advertise-addr",
+                "198.18.0.11",
+                "--netns-prefix",
+                ""
+            ])
+            .is_err()
+        );
         assert_eq!(a.socket, PathBuf::from("/run/netagent/netagent.sock"));
         let a = Args::try_parse_from([
             "netagent",

@@ -736,6 +736,17 @@ mod tests {
         assert!(e.contains("host bits") && e.contains("10.10.1.0/24"), "{e}");
         let e = req("10.10.1.0/30").validate().unwrap_err().to_string();
         assert!(e.contains("too small"), "{e}");
+        for (s, why) in [
+            ("0.0.0.0/8", "this network"),
+            ("127.1.0.0/16", "loopback"),
+            ("169.254.0.0/24", "link-local"),
+            ("232.0.0.0/8", "multicast"),
+            ("248.0.0.0/8", "reserved"),
+            ("224.0.0.0/3", "too large"),
+        ] {
+            let e = req(s).validate().unwrap_err().to_string();
+            assert!(e.contains(why), "{s}: {e}");
+        }
     }
 
     #[test]

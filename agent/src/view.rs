@@ -47,6 +47,21 @@ impl ClusterView {
         out
     }
 
+    /// A container with its endpoints, as this view knows them.
+    pub fn container_record(&self, name: &str) -> Option<crate::containers::ContainerRecord> {
+        let container = self.containers.get(name)?.clone();
+        let endpoints = container
+            .networks
+            .iter()
+            .filter_map(|n| self.endpoints.get(&format!("{n}/{name}")).cloned())
+            .collect();
+        Some(crate::containers::ContainerRecord {
+            container,
+            endpoints,
+            revision: 0,
+        })
+    }
+
     fn from_list(kvs: &[KeyValue], revision: Revision) -> Self {
         let mut view = ClusterView {
             revision,

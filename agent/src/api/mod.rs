@@ -239,7 +239,17 @@ async fn container_inspect(
     State(st): State<ApiState>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<ContainerView> {
-    let rec = containers::get(&*st.store, &name).await?;
+    let rec = match containers::get(&*st.store, &name).await {
+        // With the store unreachable the node still knows its containers from its view
+        // (`netctl container exec` keeps working); anything else is the store's answer.
+        Err(AgentError::Unavailable(why)) => st
+            .runtime
+            .reconciler
+            .view()
+            .container_record(&name)
+            .ok_or(AgentError::Unavailable(why))?,
+        other => other?,
+    };
     Ok(axum::Json(st.runtime.view(&rec)))
 }
 

@@ -36,8 +36,6 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How long a service replica stays up after it left the balancer and DNS, before its process
 /// is signalled: long enough for every node to have stopped sending it new connections.
 const DRAIN: Duration = Duration::from_secs(1);
-/// Logs are rotated past this size (one rotated copy is kept).
-const LOG_MAX: u64 = 8 << 20;
 
 /// Node settings the runtime needs.
 pub struct RuntimeConfig {
@@ -46,6 +44,8 @@ pub struct RuntimeConfig {
     pub state_dir: PathBuf,
     pub uplink_mtu: u32,
     pub router_mac: [u8; 6],
+    /// Logs are rotated past this size (one rotated copy is kept).
+    pub log_max_size: u64,
 }
 
 pub struct Runtime {
@@ -57,6 +57,7 @@ pub struct Runtime {
     pub state_dir: PathBuf,
     pub uplink_mtu: u32,
     pub router_mac: [u8; 6],
+    pub log_max_size: u64,
     pub dns: Arc<crate::dns::Dns>,
     /// Exit codes of processes this agent saw end (`None`: ended, code unknown).
     exits: Mutex<HashMap<String, Option<i32>>>,
@@ -109,6 +110,7 @@ impl Runtime {
             state_dir: config.state_dir,
             uplink_mtu: config.uplink_mtu,
             router_mac: config.router_mac,
+            log_max_size: config.log_max_size,
             dns,
             exits: Mutex::new(HashMap::new()),
             monitors: Mutex::new(HashMap::new()),

@@ -10,7 +10,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::containers;
 use crate::model::ContainerExit;
-use crate::runtime::{LOG_MAX, Runtime, lock, logs};
+use crate::runtime::{Runtime, lock, logs};
 use crate::sandbox::{self, ProcessHandle};
 
 /// How often the log size is checked.
@@ -62,8 +62,9 @@ impl Runtime {
                     }
                     _ = tokio::time::sleep(LOG_CHECK) => {
                         let dir = dir.clone();
+                        let max = self.log_max_size;
                         let _ = tokio::task::spawn_blocking(move || {
-                            if let Err(e) = logs::rotate_if_needed(&dir, LOG_MAX) {
+                            if let Err(e) = logs::rotate_if_needed(&dir, max) {
                                 tracing::warn!(dir = %dir.display(), error = %e, "rotating log");
                             }
                         })

@@ -82,3 +82,58 @@ pub fn api(lab: &Lab, node: usize, method: &str, path: &str, body: &str) -> (u16
         .unwrap_or_default();
     (status, body)
 }
+
+/// A binary of this workspace next to the test executable (target/<profile>/NAME).
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(name))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not built next to {}", exe.display()))
+}
+
+/// Kills a background process when dropped (test failure included).
+pub struct Reaper(pub std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The first address of a container (inspected on `node`).
+pub fn container_ip(lab: &Lab, node: usize, name: &str) -> String {
+    json(lab, node, &["container", "inspect", name])["endpoints"][0]["ip"]
+        .as_str()
+        .expect("ip")
+        .to_string()
+}
+
+/// A node's drop counter for `reason` (asked on that node, which alone reads its kernel).
+pub fn drops(lab: &Lab, node: usize, reason: &str) -> u64 {
+    let name = lab.node_name(node);
+    json(lab, node, &["node", "inspect", &name])["datapath"]["drops"][reason]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no drop counter {reason}"))
+}
+
+/// A chunk of a container's log through the API: (text, next offset, end offset).
+pub fn log_chunk(lab: &Lab, node: usize, name: &str, offset: u64) -> (String, u64, u64) {
+    let (status, body) = api(
+        lab,
+        node,
+        "GET",
+        &format!("/v1/containers/{name}/logs?offset={offset}"),
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    (
+        v["log"].as_str().unwrap_or_default().to_string(),
+        v["next"].as_u64().unwrap_or(0),
+        v["end"].as_u64().unwrap_or(0),
+    )
+}
