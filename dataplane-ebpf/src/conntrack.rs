@@ -21,9 +21,9 @@
 
 use aya_ebpf::{bindings, helpers::bpf_ktime_get_coarse_ns};
 use dataplane_common::{
-    CT_CLOSE_TIMEOUT_DEFAULT_S, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING, CT_F_HAIRPIN,
-    CT_SYN_TIMEOUT_DEFAULT_S, CT_TCP_TIMEOUT_DEFAULT_S, CT_UDP_TIMEOUT_DEFAULT_S, Config, CtEntry,
-    CtKey, CtKind, DropReason, HAIRPIN_SNAT_IP, IPPROTO_TCP,
+    CT_CLOSE_TIMEOUT_DEFAULT_S, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING, CT_F_ENCRYPTED,
+    CT_F_HAIRPIN, CT_SYN_TIMEOUT_DEFAULT_S, CT_TCP_TIMEOUT_DEFAULT_S, CT_UDP_TIMEOUT_DEFAULT_S,
+    Config, CtEntry, CtKey, CtKind, DropReason, HAIRPIN_SNAT_IP, IPPROTO_TCP,
 };
 
 use crate::{
@@ -552,7 +552,9 @@ pub fn record_mesh_return(
     clock: &Clock,
     node: [u8; 4],
     vni: u32,
+    encrypted: bool,
 ) -> Result<(), DropReason> {
+    let enc_flag = if encrypted { CT_F_ENCRYPTED } else { 0 };
     let syn = l4.is_syn();
     if let Some(found) = lookup(key) {
         let entry = found.entry;
@@ -588,7 +590,7 @@ pub fn record_mesh_return(
         nat_ip: [0; 4],
         nat_port: [0; 2],
         kind: CtKind::MeshReturn as u8,
-        flags: if l4.is_closing() { CT_F_CLOSING } else { 0 },
+        flags: enc_flag | if l4.is_closing() { CT_F_CLOSING } else { 0 },
         tunnel_node: node,
         vni,
         service_id: 0,

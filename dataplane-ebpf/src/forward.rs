@@ -10,9 +10,9 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use dataplane_common::{Config, DropReason, EndpointInfo};
+use dataplane_common::{Config, DropReason, ENDPOINT_F_ENCRYPTED, EndpointInfo};
 
-use crate::{eth::set_macs, tunnel, verdict::TC_ACT_REDIRECT};
+use crate::{eth::set_macs, maps, tunnel, verdict::TC_ACT_REDIRECT};
 
 /// `PACKET_HOST` from `linux/if_packet.h`.
 const PACKET_HOST: u32 = 0;
@@ -44,7 +44,9 @@ pub fn to_local(
     Ok(TC_ACT_REDIRECT)
 }
 
-/// Sends the frame to the remote endpoint `ep` through the node's VXLAN device.
+/// Sends the frame to the remote endpoint `ep` through the node's VXLAN device, or for an
+/// endpoint of an encrypted network through the VXLAN device whose packets are routed into the
+/// WireGuard tunnel, to the endpoint node's tunnel address.
 #[inline(always)]
 pub fn to_node(ctx: &TcContext, ep: &EndpointInfo, config: &Config) -> Result<i32, DropReason> {
     to_node_from(ctx, ep, config, config.router_mac)
@@ -59,31 +61,58 @@ pub fn to_node_from(
     config: &Config,
     src_mac: [u8; 6],
 ) -> Result<i32, DropReason> {
-    if config.vxlan_ifindex == 0 {
-        return Err(DropReason::NoTunnelDevice);
-    }
+    let encrypted = ep.flags & ENDPOINT_F_ENCRYPTED != 0;
+    // Resolved before the frame is touched, so a drop leaves it as it came: an encrypted
+    // network's packet with no tunnel to its node is dropped, never sent in clear.
+    device(encrypted, config)?;
+    let node = if encrypted {
+        tunnel_addr_of(ep.node_ip)?
+    } else {
+        ep.node_ip
+    };
     // The inner frame is addressed as the far side delivers it (from_overlay rewrites it
     // again, so this only matters to someone capturing on the fabric).
     set_macs(ctx, ep.mac, src_mac)?;
-    to_tunnel(ctx, ep.vni, ep.node_ip, config)
+    to_tunnel(ctx, ep.vni, node, encrypted, config)
 }
 
-/// Sends the frame through the node's VXLAN device to the node `node_be` (network order)
-/// with `vni`, leaving the inner Ethernet header as it is.
+/// The VXLAN device for plain or (`encrypted`) tunnelled traffic, if the node has it.
+#[inline(always)]
+fn device(encrypted: bool, config: &Config) -> Result<u32, DropReason> {
+    match (encrypted, config.vxlan_enc_ifindex, config.vxlan_ifindex) {
+        (true, 0, _) => Err(DropReason::NoTunnel),
+        (true, dev, _) => Ok(dev),
+        (false, _, 0) => Err(DropReason::NoTunnelDevice),
+        (false, _, dev) => Ok(dev),
+    }
+}
+
+/// The tunnel address (network order, as a `__be32`) of the node with advertise address
+/// `node_be`, or `NoTunnel` if it has none.
+#[inline(always)]
+fn tunnel_addr_of(node_be: u32) -> Result<u32, DropReason> {
+    match maps::node(&node_be.to_ne_bytes()) {
+        Some(n) if n.tunnel_ip != [0; 4] => Ok(u32::from_ne_bytes(n.tunnel_ip)),
+        _ => Err(DropReason::NoTunnel),
+    }
+}
+
+/// Sends the frame through a VXLAN device to the node `node_be` (network order) with `vni`,
+/// leaving the inner Ethernet header as it is: the plain device to a node's advertise
+/// address, or (`encrypted`) the tunnel's device to a node's tunnel address.
 #[inline(always)]
 pub fn to_tunnel(
     ctx: &TcContext,
     vni: u32,
     node_be: u32,
+    encrypted: bool,
     config: &Config,
 ) -> Result<i32, DropReason> {
-    if config.vxlan_ifindex == 0 {
-        return Err(DropReason::NoTunnelDevice);
-    }
+    let device = device(encrypted, config)?;
     tunnel::set_key(ctx, vni, node_be)?;
     // Flags 0: transmit out of the VXLAN device, which encapsulates using the metadata.
     // SAFETY: plain helper call with scalar arguments.
-    let verdict = unsafe { bpf_redirect(config.vxlan_ifindex, 0) };
+    let verdict = unsafe { bpf_redirect(device, 0) };
     if verdict != i64::from(TC_ACT_REDIRECT) {
         return Err(DropReason::Internal);
     }

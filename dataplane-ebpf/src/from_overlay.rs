@@ -11,11 +11,11 @@
 //! the uplink (`lb::overlay_to_outside`).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use dataplane_common::{DropReason, Hook};
+use dataplane_common::{DropReason, ENDPOINT_F_ENCRYPTED, Hook, NODE_F_TUNNEL_ADDR};
 
 use crate::{
     drop,
-    eth::{ETH_HLEN, ETH_P_IP, EthHdr, ensure_linear, ptr_at},
+    eth::{ETH_HLEN, ETH_P_IP, EthHdr, ensure_linear, ifindex, ptr_at},
     forward, ipv4, lb, maps, tunnel,
 };
 
@@ -30,21 +30,39 @@ pub fn from_overlay(ctx: TcContext) -> i32 {
         ),
         Err(_) => return drop::drop_packet(&ctx, DropReason::NoTunnelKey, Hook::FromOverlay, 0),
     };
-    match try_from_overlay(&ctx, vni, remote) {
+    // Attached to both VXLAN devices; which one it runs on says whether the packet came out
+    // of the WireGuard tunnel.
+    let encrypted = match maps::config() {
+        Ok(c) => c.vxlan_enc_ifindex != 0 && ifindex(&ctx) == c.vxlan_enc_ifindex,
+        Err(reason) => return drop::drop_packet(&ctx, reason, Hook::FromOverlay, vni),
+    };
+    match try_from_overlay(&ctx, vni, remote, encrypted) {
         Ok(verdict) => verdict,
         Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromOverlay, vni),
     }
 }
 
-/// The decision for a packet received with `vni` from the node `remote` (network order).
-/// Takes both as parameters so the `from_overlay_test` hook can run it: BPF_PROG_TEST_RUN
-/// cannot attach tunnel metadata.
+/// The decision for a packet received with `vni` from `remote` (network order), on the
+/// plain VXLAN device or (`encrypted`) on the one fed by the WireGuard tunnel. Takes these as
+/// parameters so the `from_overlay_test` hook can run it: BPF_PROG_TEST_RUN cannot attach
+/// tunnel metadata.
+///
+/// On the plain device the outer source must be a node's advertise address, on the tunnel's a
+/// node's tunnel address (the agent lets only packets from that peer's tunnel address out of
+/// its tunnel). A packet for an endpoint of an encrypted network is delivered only from the
+/// tunnel; in clear it is `Unencrypted`, whatever its VNI and source.
 #[inline(always)]
-pub fn try_from_overlay(ctx: &TcContext, vni: u32, remote: [u8; 4]) -> Result<i32, DropReason> {
+pub fn try_from_overlay(
+    ctx: &TcContext,
+    vni: u32,
+    remote: [u8; 4],
+    encrypted: bool,
+) -> Result<i32, DropReason> {
     // Only nodes of the cluster may send into the overlay (from_uplink also stops VXLAN from
     // other hosts before the VXLAN socket sees it; this holds whatever way a packet came in).
-    if !maps::is_node(&remote) {
-        return Err(DropReason::UnknownNode);
+    match maps::node(&remote) {
+        Some(n) if (n.flags & NODE_F_TUNNEL_ADDR != 0) == encrypted => {}
+        _ => return Err(DropReason::UnknownNode),
     }
     ensure_linear(ctx, ETH_HLEN)?;
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
@@ -60,12 +78,15 @@ pub fn try_from_overlay(ctx: &TcContext, vni: u32, remote: [u8; 4]) -> Result<i3
         // A remote endpoint: a node tunnels only to the node the endpoint is on, so this
         // means stale state somewhere; never bounce it back out.
         Some(_) => return Err(DropReason::UnknownEndpoint),
-        None => return lb::overlay_to_outside(ctx, &ip, vni, &maps::config()?),
+        None => return lb::overlay_to_outside(ctx, &ip, vni, encrypted, &maps::config()?),
     };
-    if dst.vni != vni {
+    if dst.flags & ENDPOINT_F_ENCRYPTED != 0 && !encrypted {
+        return Err(DropReason::Unencrypted);
+    }
+    if dst.vni != vni || (encrypted && dst.flags & ENDPOINT_F_ENCRYPTED == 0) {
         return Err(DropReason::WrongVni);
     }
     let config = maps::config()?;
-    lb::on_overlay_delivery(ctx, &ip, vni, remote, &config)?;
+    lb::on_overlay_delivery(ctx, &ip, vni, remote, encrypted, &config)?;
     forward::to_local(ctx, &dst, config.router_mac)
 }

@@ -6,8 +6,9 @@
 //! VXLAN underlay (UDP 4789 to the node) working; so does anything this program cannot parse,
 //! because it is not ours to judge.
 //!
-//! Two checks guard the node before that: VXLAN to the node is accepted only from nodes of the
-//! cluster (anyone else could inject frames into any network), and a packet to the node whose
+//! Two checks guard the node before that: VXLAN and WireGuard to the node are accepted only
+//! from nodes of the cluster (anyone else could inject frames into any network, or make the
+//! agent spend handshakes), and a packet to the node whose
 //! source lies inside an overlay subnet is dropped (overlay addresses exist only behind the
 //! nodes' programs, never on the wire outside).
 
@@ -64,7 +65,8 @@ pub fn try_from_uplink(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     if let Some(l4) = &l4
         && l4.proto == IPPROTO_UDP
-        && l4.dport == VXLAN_PORT
+        && (l4.dport == VXLAN_PORT
+            || (config.wireguard_port != [0; 2] && l4.dport == config.wireguard_port))
     {
         if !maps::is_node(&ip.src) {
             return Err(DropReason::UnknownNode);

@@ -17,8 +17,9 @@
 
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    BackendKey, CT_F_HAIRPIN, Config, CtKind, DropReason, EndpointInfo, HAIRPIN_SNAT_IP, Hook,
-    MESH_INNER_SRC_MAC, PublishedInfo, PublishedKey, RrCursor, ServiceInfo,
+    BackendKey, CT_F_ENCRYPTED, CT_F_HAIRPIN, Config, CtKind, DropReason, ENDPOINT_F_ENCRYPTED,
+    EndpointInfo, HAIRPIN_SNAT_IP, Hook, MESH_INNER_SRC_MAC, PublishedInfo, PublishedKey, RrCursor,
+    ServiceInfo,
 };
 
 use crate::{
@@ -217,6 +218,7 @@ pub fn to_outside(
             ctx,
             entry.vni,
             u32::from_ne_bytes(entry.tunnel_node),
+            entry.flags & CT_F_ENCRYPTED != 0,
             config,
         ),
         MESH_REVERSE => {
@@ -260,6 +262,7 @@ pub fn on_overlay_delivery(
     ip: &Ipv4,
     vni: u32,
     remote: [u8; 4],
+    encrypted: bool,
     config: &Config,
 ) -> Result<(), DropReason> {
     let Some(l4) = balanced_l4(ctx, ip)? else {
@@ -272,7 +275,7 @@ pub fn on_overlay_delivery(
     }
     let clock = Clock::new(config);
     let key = conntrack::reply_key_of(&conntrack::original_key(ip, &l4));
-    conntrack::record_mesh_return(&key, &l4, &clock, remote, vni)
+    conntrack::record_mesh_return(&key, &l4, &clock, remote, vni, encrypted)
 }
 
 /// `from_overlay`, for a packet whose destination is not a local endpoint: a backend's reply
@@ -283,11 +286,18 @@ pub fn overlay_to_outside(
     ctx: &TcContext,
     ip: &Ipv4,
     vni: u32,
+    encrypted: bool,
     config: &Config,
 ) -> Result<i32, DropReason> {
     let Some(l4) = balanced_l4(ctx, ip)? else {
         return Err(DropReason::UnknownEndpoint);
     };
+    // The replying backend is an endpoint of the flow's network: if that network is
+    // encrypted, its replies count only when they came out of the tunnel.
+    if !encrypted && maps::endpoint(&ip.src).is_some_and(|ep| ep.flags & ENDPOINT_F_ENCRYPTED != 0)
+    {
+        return Err(DropReason::Unencrypted);
+    }
     let entry = match conntrack::reply(&conntrack::reply_key(ip, &l4), &l4, config) {
         Some(entry) if entry.kind == MESH_REVERSE => entry,
         _ => return Err(DropReason::UnknownEndpoint),

@@ -13,9 +13,9 @@ use dataplane_common::{
     BACKEND_SETS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, Backend, BackendKey, BackendSet, CONFIG_KEY,
     CONNTRACK_MAX_ENTRIES, CT_NEW_MAX_ENTRIES, Config, CtEntry, CtKey, DROP_COUNTERS_MAX_ENTRIES,
     DROP_EVENTS_BYTE_SIZE, DropReason, ENDPOINTS_MAX_ENTRIES, EndpointInfo, EndpointKey,
-    NETWORKS_MAX_ENTRIES, NODES_MAX_ENTRIES, NetworkInfo, NodeInfo, NodeKey, PUBLISHED_MAX_ENTRIES,
-    PublishedInfo, PublishedKey, RrCursor, SERVICES_MAX_ENTRIES, ServiceInfo, TestInput,
-    TestObservation,
+    NETWORKS_MAX_ENTRIES, NODE_F_TUNNEL_ADDR, NODES_MAX_ENTRIES, NetworkInfo, NodeInfo, NodeKey,
+    PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor, SERVICES_MAX_ENTRIES,
+    ServiceInfo, TestInput, TestObservation,
 };
 
 /// Node-wide settings, one entry at `CONFIG_KEY`. A hash map without preallocation, not an
@@ -122,11 +122,17 @@ pub fn config() -> Result<Config, DropReason> {
     }
 }
 
-/// Whether `ip` (network-order octets) is the address of a node of the cluster.
+/// The node with address `ip` (network-order octets: advertise or tunnel address), copied.
+#[inline(always)]
+pub fn node(ip: &NodeKey) -> Option<NodeInfo> {
+    // SAFETY: copied immediately; BPF_F_NO_PREALLOC keeps the element valid meanwhile.
+    unsafe { NODES.get(ip).copied() }
+}
+
+/// Whether `ip` is the advertise address of a node of the cluster.
 #[inline(always)]
 pub fn is_node(ip: &NodeKey) -> bool {
-    // SAFETY: only presence is tested; nothing is read through the pointer.
-    unsafe { NODES.get(ip).is_some() }
+    node(ip).is_some_and(|n| n.flags & NODE_F_TUNNEL_ADDR == 0)
 }
 
 /// The endpoint with address `ip` (network-order octets), copied out of the map.

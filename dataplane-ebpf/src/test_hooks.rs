@@ -36,10 +36,10 @@ pub fn from_container_test(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn from_overlay_test(ctx: TcContext) -> i32 {
-    let (vni, remote) = TEST_INPUT
-        .get(0)
-        .map_or((0, [0; 4]), |input| (input.vni, input.remote_node));
-    let verdict = match try_from_overlay(&ctx, vni, remote) {
+    let (vni, remote, encrypted) = TEST_INPUT.get(0).map_or((0, [0; 4], false), |input| {
+        (input.vni, input.remote_node, input.encrypted != 0)
+    });
+    let verdict = match try_from_overlay(&ctx, vni, remote, encrypted) {
         Ok(verdict) => verdict,
         Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromOverlay, vni),
     };

@@ -66,13 +66,14 @@ pub use conntrack::{CtGcStats, live_entry_expired, monotonic_coarse_ns};
 pub use dataplane_common::{
     BACKEND_SETS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKENDS_PER_SET_MAX, Backend, BackendKey,
     BackendSet, CONFIG_F_READY, CONNTRACK_MAX_ENTRIES, CT_CLOSE_TIMEOUT_DEFAULT_S, CT_DIR_ORIGINAL,
-    CT_DIR_REPLY, CT_F_CLOSING, CT_F_HAIRPIN, CT_NEW_MAX_ENTRIES, CT_SYN_TIMEOUT_DEFAULT_S,
-    CT_TCP_TIMEOUT_DEFAULT_S, CT_UDP_TIMEOUT_DEFAULT_S, Config, CtEntry, CtKey, CtKind, DropEvent,
-    DropReason, ENDPOINT_F_LOCAL, ENDPOINTS_MAX_ENTRIES, EndpointInfo, HAIRPIN_SNAT_IP, Hook,
-    L4Proto, MESH_INNER_SRC_MAC, NETWORK_F_ENCRYPTED, NETWORKS_MAX_ENTRIES, NODES_MAX_ENTRIES,
-    NetworkInfo, NodeInfo, PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor,
-    SERVICES_MAX_ENTRIES, ServiceInfo, TestInput, TestObservation, VNI_MAX, map_names,
-    node_ip_from_abi, node_ip_to_abi, program_names,
+    CT_DIR_REPLY, CT_F_CLOSING, CT_F_ENCRYPTED, CT_F_HAIRPIN, CT_NEW_MAX_ENTRIES,
+    CT_SYN_TIMEOUT_DEFAULT_S, CT_TCP_TIMEOUT_DEFAULT_S, CT_UDP_TIMEOUT_DEFAULT_S, Config, CtEntry,
+    CtKey, CtKind, DropEvent, DropReason, ENDPOINT_F_ENCRYPTED, ENDPOINT_F_LOCAL,
+    ENDPOINTS_MAX_ENTRIES, EndpointInfo, HAIRPIN_SNAT_IP, Hook, L4Proto, MESH_INNER_SRC_MAC,
+    NETWORK_F_ENCRYPTED, NETWORKS_MAX_ENTRIES, NODE_F_TUNNEL_ADDR, NODES_MAX_ENTRIES, NetworkInfo,
+    NodeInfo, PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor, SERVICES_MAX_ENTRIES,
+    ServiceInfo, TestInput, TestObservation, VNI_MAX, map_names, node_ip_from_abi, node_ip_to_abi,
+    program_names,
 };
 use dataplane_common::{CONFIG_KEY, DROP_COUNTER_EVENTS_LOST};
 pub use error::DatapathError;
@@ -184,6 +185,17 @@ impl LbConfig {
             close_timeout: or_default(abi.ct_close_timeout_s, CT_CLOSE_TIMEOUT_DEFAULT_S),
         }
     }
+}
+
+/// Where traffic of encrypted networks goes: the VXLAN device whose packets are routed into the
+/// WireGuard tunnel, and the WireGuard port (only nodes may send to it). Kept apart from
+/// [`DatapathConfig`] like [`LbConfig`]; [`Datapath::load`] keeps what a previous agent set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// 0: no tunnel; remote traffic of encrypted networks is dropped as `no_tunnel`.
+    pub vxlan_enc_ifindex: u32,
+    /// 0: none.
+    pub wireguard_port: u16,
 }
 
 /// Capacities of the maps the agent sizes per node (`--ct-max`, `--ct-new-max`).
@@ -327,6 +339,11 @@ impl Datapath {
         if pinned.is_ready() {
             abi_config = config.to_abi(&LbConfig::from_abi(&pinned))?;
         }
+        if pinned.is_ready() {
+            // The tunnel device outlives the agent like the plain one.
+            abi_config.vxlan_enc_ifindex = pinned.vxlan_enc_ifindex;
+            abi_config.wireguard_port = pinned.wireguard_port;
+        }
         if abi_config.vxlan_ifindex == 0 && pinned.is_ready() && pinned.vxlan_ifindex != 0 {
             debug!(
                 vxlan_ifindex = pinned.vxlan_ifindex,
@@ -365,10 +382,13 @@ impl Datapath {
     }
 
     /// Replaces the node-wide config; attached programs see it on their next packet. The
-    /// load-balancer settings stay as they are.
+    /// load-balancer and tunnel settings stay as they are.
     pub fn set_config(&mut self, config: DatapathConfig) -> Result<(), DatapathError> {
-        let lb = self.lb_config()?;
-        self.write_config(config.to_abi(&lb)?)
+        let old = self.config()?;
+        let mut abi = config.to_abi(&LbConfig::from_abi(&old))?;
+        abi.vxlan_enc_ifindex = old.vxlan_enc_ifindex;
+        abi.wireguard_port = old.wireguard_port;
+        self.write_config(abi)
     }
 
     /// Replaces the load-balancer settings; the rest of the config stays as it is.
@@ -376,6 +396,23 @@ impl Datapath {
         let mut abi = self.config()?;
         lb.apply(&mut abi)?;
         self.write_config(abi)
+    }
+
+    /// Sets where encrypted networks' traffic goes; the rest of the config stays.
+    pub fn set_tunnel_config(&mut self, t: TunnelConfig) -> Result<(), DatapathError> {
+        let mut abi = self.config()?;
+        abi.vxlan_enc_ifindex = t.vxlan_enc_ifindex;
+        abi.wireguard_port = t.wireguard_port.to_be_bytes();
+        self.write_config(abi)
+    }
+
+    /// The tunnel settings as the programs see them.
+    pub fn tunnel_config(&self) -> Result<TunnelConfig, DatapathError> {
+        let abi = self.config()?;
+        Ok(TunnelConfig {
+            vxlan_enc_ifindex: abi.vxlan_enc_ifindex,
+            wireguard_port: u16::from_be_bytes(abi.wireguard_port),
+        })
     }
 
     /// The load-balancer settings as the programs see them.

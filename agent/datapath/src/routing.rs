@@ -11,8 +11,8 @@ use std::{io, net::Ipv4Addr};
 
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use dataplane_common::{
-    ENDPOINT_F_ALL, ENDPOINT_F_LOCAL, EndpointInfo, EndpointKey, NETWORK_F_ENCRYPTED, NetworkInfo,
-    NodeInfo, NodeKey, VNI_MAX, map_names,
+    ENDPOINT_F_ALL, ENDPOINT_F_LOCAL, EndpointInfo, EndpointKey, NETWORK_F_ENCRYPTED, NODE_F_ALL,
+    NetworkInfo, NodeInfo, NodeKey, VNI_MAX, map_names,
 };
 
 use crate::{Datapath, DatapathError};
@@ -251,10 +251,10 @@ impl Datapath {
                 "not a unicast address",
             ));
         }
-        if info.flags != 0 {
+        if info.flags & !NODE_F_ALL != 0 {
             return Err(invalid(
                 format_args!("node {addr}"),
-                format_args!("unknown flags {:#x}", info.flags),
+                format_args!("unknown flags {:#x}", info.flags & !NODE_F_ALL),
             ));
         }
         let name = map_names::NODES;

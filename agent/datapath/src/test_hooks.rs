@@ -45,12 +45,24 @@ impl Datapath {
         vni: u32,
         remote_node: Ipv4Addr,
     ) -> Result<(), DatapathError> {
+        self.set_test_tunnel_via(vni, remote_node, false)
+    }
+
+    /// [`Datapath::set_test_tunnel`], as received on the plain VXLAN device or
+    /// (`encrypted`) on the one fed by the WireGuard tunnel.
+    pub fn set_test_tunnel_via(
+        &mut self,
+        vni: u32,
+        remote_node: Ipv4Addr,
+        encrypted: bool,
+    ) -> Result<(), DatapathError> {
         let name = map_names::TEST_INPUT;
         let mut map: Array<&mut MapData, TestInput> =
             Array::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
         let input = TestInput {
             vni,
             remote_node: remote_node.octets(),
+            encrypted: u32::from(encrypted),
         };
         map.set(0, input, 0)
             .map_err(|e| DatapathError::map(name, e))

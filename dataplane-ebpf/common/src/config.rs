@@ -48,6 +48,14 @@ pub struct Config {
     /// Idle timeout of a TCP connection after a FIN or RST, seconds (0:
     /// [`CT_CLOSE_TIMEOUT_DEFAULT_S`]).
     pub ct_close_timeout_s: u32,
+    /// ifindex of the node's second collect-metadata VXLAN device, the one whose packets are
+    /// routed into the WireGuard tunnel (encrypted networks). 0: no tunnel here, and traffic
+    /// of encrypted networks to other nodes is dropped as [`crate::DropReason::NoTunnel`].
+    pub vxlan_enc_ifindex: u32,
+    /// The node's WireGuard UDP port (network order); 0 if none. Only nodes may send to it.
+    pub wireguard_port: [u8; 2],
+    /// Explicit padding.
+    pub _pad2: [u8; 2],
 }
 
 /// Default idle timeout of a TCP connection (6 hours). IPVS, behind Docker's VIPs, forgets an

@@ -136,6 +136,11 @@ pub const CT_F_CLOSING: u8 = 1 << 0;
 /// (the client and backend being the same address).
 pub const CT_F_HAIRPIN: u8 = 1 << 1;
 
+/// Set in [`CtEntry::flags`] of a `MeshReturn` entry whose ingress node sent the connection
+/// through the WireGuard tunnel (an encrypted network): `tunnel_node` is that node's tunnel
+/// address and replies go back through the tunnel too.
+pub const CT_F_ENCRYPTED: u8 = 1 << 2;
+
 /// Value of the CONNTRACK map (see [`CtKind`] for the meaning of the fields per kind).
 ///
 /// Idle expiry: an entry whose `last_seen_ns` is older than the protocol's timeout in

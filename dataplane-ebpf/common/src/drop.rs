@@ -67,6 +67,13 @@ pub enum DropReason {
     /// A packet arriving on the uplink from outside with a source address inside an overlay
     /// subnet: overlay addresses only exist behind the nodes' programs, so it is spoofed.
     OverlaySourceOutside = 41,
+    /// A packet of an encrypted network that arrived on the plain VXLAN device, i.e. in clear
+    /// text: only what came out of the WireGuard tunnel is delivered.
+    Unencrypted = 42,
+    /// A packet of an encrypted network for another node to which there is no tunnel (the
+    /// node has no WireGuard key yet, or this node has no tunnel device): dropped, never sent
+    /// in clear.
+    NoTunnel = 43,
     /// A new connection to a service VIP or published port whose backend set is empty or
     /// missing (no replica runs, or all are drained).
     NoBackend = 48,
@@ -111,6 +118,8 @@ impl DropReason {
         DropReason::WrongVni,
         DropReason::UnknownNode,
         DropReason::OverlaySourceOutside,
+        DropReason::Unencrypted,
+        DropReason::NoTunnel,
         DropReason::NoBackend,
         DropReason::Fragmented,
         DropReason::VipUnsupportedProtocol,
@@ -147,6 +156,8 @@ impl DropReason {
             39 => DropReason::WrongVni,
             40 => DropReason::UnknownNode,
             41 => DropReason::OverlaySourceOutside,
+            42 => DropReason::Unencrypted,
+            43 => DropReason::NoTunnel,
             48 => DropReason::NoBackend,
             49 => DropReason::Fragmented,
             50 => DropReason::VipUnsupportedProtocol,
@@ -178,6 +189,8 @@ impl DropReason {
             DropReason::WrongVni => "wrong_vni",
             DropReason::UnknownNode => "unknown_node",
             DropReason::OverlaySourceOutside => "overlay_source_outside",
+            DropReason::Unencrypted => "unencrypted",
+            DropReason::NoTunnel => "no_tunnel",
             DropReason::NoBackend => "no_backend",
             DropReason::Fragmented => "fragmented",
             DropReason::VipUnsupportedProtocol => "vip_unsupported_protocol",

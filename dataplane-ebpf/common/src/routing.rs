@@ -17,8 +17,13 @@ pub const ENDPOINTS_MAX_ENTRIES: u32 = 65536;
 /// entries where the two disagree, and the programs decide by `ifindex`.
 pub const ENDPOINT_F_LOCAL: u16 = 1 << 0;
 
+/// Set in [`EndpointInfo::flags`] for endpoints of `--opt encrypted` networks: traffic to a
+/// remote one goes through the node tunnel only, and traffic to a local one is accepted only
+/// from the tunnel.
+pub const ENDPOINT_F_ENCRYPTED: u16 = 1 << 1;
+
 /// All `ENDPOINT_F_*` bits this build knows.
-pub const ENDPOINT_F_ALL: u16 = ENDPOINT_F_LOCAL;
+pub const ENDPOINT_F_ALL: u16 = ENDPOINT_F_LOCAL | ENDPOINT_F_ENCRYPTED;
 
 /// An endpoint (container interface) of an overlay network, local or on another node.
 ///
@@ -91,8 +96,8 @@ impl EndpointInfo {
 /// Capacity of the NETWORKS trie (overlay networks known to the node).
 pub const NETWORKS_MAX_ENTRIES: u32 = 4096;
 
-/// Set in [`NetworkInfo::flags`] for `--opt encrypted` networks. Reserved: the datapath does
-/// not act on it yet.
+/// Set in [`NetworkInfo::flags`] for `--opt encrypted` networks (the datapath decides by
+/// [`ENDPOINT_F_ENCRYPTED`]; this says what the network is when dumped).
 pub const NETWORK_F_ENCRYPTED: u32 = 1 << 0;
 
 /// An overlay network, the value of the NETWORKS LPM trie.
@@ -115,16 +120,28 @@ pub const VNI_MAX: u32 = (1 << 24) - 1;
 /// Capacity of the NODES map (nodes of the cluster).
 pub const NODES_MAX_ENTRIES: u32 = 4096;
 
-/// Key of the NODES map: a node's advertise address, four network-order octets.
+/// Key of the NODES map: a node's advertise address, or its address on the WireGuard tunnel
+/// devices ([`NODE_F_TUNNEL_ADDR`]), four network-order octets.
 pub type NodeKey = [u8; 4];
 
+/// Set in [`NodeInfo::flags`] of the entry keyed by a node's tunnel address: packets with that
+/// outer source came out of the WireGuard tunnel from that node.
+pub const NODE_F_TUNNEL_ADDR: u32 = 1 << 0;
+
+/// All `NODE_F_*` bits this build knows.
+pub const NODE_F_ALL: u32 = NODE_F_TUNNEL_ADDR;
+
 /// Value of the NODES map: a node of the cluster. Only overlay packets whose outer source is a
-/// node are accepted (`from_overlay`), and only nodes may send VXLAN to this node's uplink
-/// (`from_uplink`): anyone else who can reach UDP 4789 could otherwise inject frames into any
-/// network.
+/// node are accepted (`from_overlay`), and only nodes may send VXLAN or WireGuard to this
+/// node's uplink (`from_uplink`): anyone else who can reach UDP 4789 could otherwise inject
+/// frames into any network.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NodeInfo {
-    /// `NODE_F_*` bits; none are defined yet, 0.
+    /// `NODE_F_*` bits.
     pub flags: u32,
+    /// The node's tunnel address (network order): where VXLAN of encrypted networks to it is
+    /// sent, through the WireGuard tunnel. 0.0.0.0: no tunnel to it (yet); such traffic is
+    /// dropped, never sent in clear.
+    pub tunnel_ip: [u8; 4],
 }

@@ -9,6 +9,8 @@ pub struct TestInput {
     /// The outer source address (the sending node, network order) `from_overlay_test`
     /// treats the packet as received from.
     pub remote_node: [u8; 4],
+    /// Non-zero: as received on the tunnel's VXLAN device (out of WireGuard).
+    pub encrypted: u32,
 }
 
 /// What a test hook saw of the skb after the program's decision, so tests can check side
