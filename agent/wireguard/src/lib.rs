@@ -127,7 +127,7 @@ mod tests {
     fn peers_handshake_and_carry_vxlan_both_ways() {
         let (a, b) = pair();
         let p = vxlan(&a, &b, 7);
-        assert_eq!(send(&a, &b, &[p.clone()]), vec![p]);
+        assert_eq!(send(&a, &b, std::slice::from_ref(&p)), vec![p]);
         let q = vxlan(&b, &a, 8);
         let mut out = Outbox::default();
         b.engine
@@ -225,17 +225,17 @@ mod tests {
         b_view.public_key = *new.public.as_bytes();
         b.engine.set_peers(&[b_view], &mut ob);
         // Traffic still flows on the old session while the new handshake is pending.
-        assert_eq!(send(&a, &b, &[p.clone()]), vec![p.clone()]);
+        assert_eq!(send(&a, &b, std::slice::from_ref(&p)), vec![p.clone()]);
         let mut oa = Outbox::default();
         a.engine.rotate_key(new, &mut oa);
         assert_eq!(
-            send(&a, &b, &[p.clone()]),
+            send(&a, &b, std::slice::from_ref(&p)),
             vec![p.clone()],
             "old session meanwhile"
         );
         exchange(&[&a, &b], vec![(a.endpoint, oa), (b.endpoint, ob)], 1);
         for _ in 0..3 {
-            assert_eq!(send(&a, &b, &[p.clone()]), vec![p.clone()]);
+            assert_eq!(send(&a, &b, std::slice::from_ref(&p)), vec![p.clone()]);
         }
         assert_eq!(a.engine.public_key(), b.engine.stats()[0].public_key);
         // Both sides run the new session beside the old one until the old retires.
