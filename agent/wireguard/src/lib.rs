@@ -264,8 +264,8 @@ mod tests {
         // a still has its old session and sends on it; b2 cannot read it but answers with a
         // handshake, after which everything flows.
         let p = vxlan(&a, &b2, 5);
-        let _ = send(&a, &b2, &[p.clone()]);
+        let _ = send(&a, &b2, std::slice::from_ref(&p));
         exchange(&[&a, &b2], vec![(b2.endpoint, ob)], 1);
-        assert_eq!(send(&a, &b2, &[p.clone()]), vec![p]);
+        assert_eq!(send(&a, &b2, std::slice::from_ref(&p)), vec![p]);
     }
 }
