@@ -14,6 +14,7 @@ use crate::model::{Protocol, ReservedPort};
 use crate::netlink::Netlink;
 use crate::reconcile::{self, Reconciler};
 use crate::runtime::{Runtime, RuntimeConfig};
+use crate::tunnels::{TunnelSetup, Tunnels};
 use crate::view::{self, ClusterView};
 use crate::{model, nodes};
 
@@ -91,6 +92,9 @@ pub struct Args {
     /// is kept, so a container's output takes at most twice this on disk).
     #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
     pub log_max_size: u64,
+    /// UDP port of this node's WireGuard tunnels (encrypted networks), on --advertise-addr.
+    #[arg(long, default_value_t = 51820, value_parser = clap::value_parser!(u16).range(1..))]
+    pub wireguard_port: u16,
     /// Seconds without a refresh after which this node counts as down.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..=300))]
     pub lease_ttl: u64,
@@ -122,11 +126,18 @@ fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
 
 /// Ports the cluster uses on this node's address, which services must never publish.
 fn reserved_ports(args: &Args) -> Vec<ReservedPort> {
-    let mut ports = vec![ReservedPort {
-        port: VXLAN_PORT,
-        protocol: Protocol::Udp,
-        what: "the overlay's VXLAN".into(),
-    }];
+    let mut ports = vec![
+        ReservedPort {
+            port: VXLAN_PORT,
+            protocol: Protocol::Udp,
+            what: "the overlay's VXLAN".into(),
+        },
+        ReservedPort {
+            port: args.wireguard_port,
+            protocol: Protocol::Udp,
+            what: "the encrypted networks' WireGuard".into(),
+        },
+    ];
     // etcd members on this node's address: their client port, and the peer port beside it.
     if let Some(rest) = args.store.strip_prefix("etcd://") {
         for ep in rest.split(',') {
@@ -270,28 +281,68 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut background = tokio::task::JoinSet::new();
 
     // Registration retries until the store answers: an agent that starts while etcd is down
-    // still serves its API (which reports the outage) and joins once etcd is back.
+    // still serves its API (which reports the outage) and joins once etcd is back. The record
+    // is rewritten whenever it changes (the tunnels come up, a key rotates).
+    let (registration, registration_rx) = watch::channel(nodes::Registration {
+        address: args.advertise_addr,
+        uplink_mtu,
+        reserved_ports: reserved_ports(&args),
+        wireguard: None,
+    });
+    background.spawn(nodes::keep_registered(
+        store.clone(),
+        args.node_name.clone(),
+        registration_rx,
+    ));
     {
-        let store = store.clone();
-        let name = args.node_name.clone();
-        let ttl = Duration::from_secs(args.lease_ttl);
-        let record = nodes::Registration {
-            address: args.advertise_addr,
-            uplink_mtu,
-            reserved_ports: reserved_ports(&args),
-        };
+        let (ready_tx, _ready_rx) = watch::channel(false);
+        background.spawn(nodes::keep_alive_loop(
+            store.clone(),
+            args.node_name.clone(),
+            Duration::from_secs(args.lease_ttl),
+            ready_tx,
+        ));
+    }
+    // The tunnels of encrypted networks. Until they are up (and if they cannot come up),
+    // the datapath drops encrypted traffic to other nodes as `no_tunnel`.
+    let tunnels: Arc<std::sync::OnceLock<Arc<Tunnels>>> = Arc::default();
+    {
+        let (store, tunnels, registration, datapath) = (
+            store.clone(),
+            tunnels.clone(),
+            registration.clone(),
+            datapath.clone(),
+        );
+        let netlink = Netlink::new().context("opening rtnetlink")?;
+        let (node, state_dir, advertise, port) = (
+            args.node_name.clone(),
+            args.state_dir.clone(),
+            args.advertise_addr,
+            args.wireguard_port,
+        );
+        let view_rx = view_rx.clone();
         background.spawn(async move {
-            loop {
-                match nodes::register(&*store, &name, &record).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot register node; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
+            let setup = TunnelSetup {
+                node: &node,
+                state_dir: &state_dir,
+                advertise,
+                port,
+                uplink_mtu,
+                store: &*store,
+                netlink: &netlink,
+                datapath: &datapath,
+            };
+            match Tunnels::start(setup).await {
+                Ok(t) => {
+                    registration.send_modify(|r| r.wireguard = Some(t.record()));
+                    let _ = tunnels.set(t.clone());
+                    t.follow(view_rx).await;
                 }
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "encrypted networks cannot reach other nodes: the tunnels did not start"
+                ),
             }
-            let (ready_tx, _ready_rx) = watch::channel(false);
-            nodes::keep_alive_loop(store, name, ttl, ready_tx).await;
         });
     }
 
@@ -318,6 +369,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         node_name: args.node_name.clone(),
         runtime,
         ops: tokio_util::task::TaskTracker::new(),
+        tunnels,
+        registration,
     };
     let ops = state.ops.clone();
     let mut stop = shutdown_rx.clone();
@@ -384,6 +437,7 @@ mod tests {
             ports,
             [
                 (4789, Protocol::Udp),
+                (51820, Protocol::Udp),
                 (2379, Protocol::Tcp),
                 (2380, Protocol::Tcp)
             ]

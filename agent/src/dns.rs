@@ -170,6 +170,7 @@ mod tests {
                     created: String::new(),
                     uplink_mtu: None,
                     reserved_ports: vec![],
+                    wireguard: None,
                 },
             );
             if alive {

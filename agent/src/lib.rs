@@ -18,4 +18,5 @@ pub mod reconcile;
 pub mod runtime;
 pub mod sandbox;
 pub mod services;
+pub mod tunnels;
 pub mod view;

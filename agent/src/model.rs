@@ -29,6 +29,12 @@ pub mod keys {
     /// Bumped by every network create/remove: the compare on it serialises network allocation
     /// cluster-wide, so overlap checks and VNI choice never race.
     pub const NETWORKS_GUARD: &str = "/netagent/guards/networks";
+    /// `/netagent/tunnel-addrs/<ip>`: a node's address on the WireGuard tunnel devices.
+    pub const TUNNEL_ADDRS: &str = "/netagent/tunnel-addrs/";
+
+    pub fn tunnel_addr(ip: std::net::Ipv4Addr) -> String {
+        format!("{TUNNEL_ADDRS}{ip}")
+    }
 
     pub fn network(name: &str) -> String {
         format!("{NETWORKS}{name}")
@@ -179,7 +185,12 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), ValidationError> {
 }
 
 /// Whether encrypted networks can be honoured (the WireGuard datapath exists).
-pub const ENCRYPTION_AVAILABLE: bool = false;
+pub const ENCRYPTION_AVAILABLE: bool = true;
+
+/// The nodes' addresses on their WireGuard tunnel devices. Link-local, which no overlay may
+/// use (see `parse_subnet`), and routed only into the tunnel devices, with an unreachable
+/// route under them so nothing addressed here ever leaves in clear.
+pub const TUNNEL_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(169, 254, 128, 0), 17);
 
 pub const MTU_MIN: u32 = 576;
 pub const MTU_MAX: u32 = 9000;
@@ -392,6 +403,20 @@ pub struct Node {
     /// listeners): never publishable, since the routing mesh would take them over.
     #[serde(default)]
     pub reserved_ports: Vec<ReservedPort>,
+    /// The node's end of the encrypted tunnels, once its agent has one.
+    #[serde(default)]
+    pub wireguard: Option<NodeWireguard>,
+}
+
+/// What other nodes need to tunnel to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeWireguard {
+    /// Base64, as `wg` prints keys.
+    pub public_key: String,
+    /// UDP port on the node's address.
+    pub port: u16,
+    /// The node's address on the tunnel devices (in [`TUNNEL_RANGE`]).
+    pub tunnel_addr: Ipv4Addr,
 }
 
 /// A port the cluster uses on a node's address.
@@ -777,8 +802,7 @@ mod tests {
         assert!(!spec.encrypted);
         assert_eq!(spec.mtu, Some(1400));
         r.options = vec!["encrypted".into()];
-        let e = r.validate().unwrap_err().to_string();
-        assert!(e.contains("not available"), "{e}");
+        assert!(r.validate().unwrap().encrypted);
         r.options = vec!["mtu=100".into()];
         assert!(r.validate().unwrap_err().to_string().contains("between"));
         r.options = vec!["colour=blue".into()];

@@ -28,6 +28,8 @@ pub struct NodeView {
     pub uplink_mtu: Option<u32>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reserved_ports: Vec<model::ReservedPort>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<serde_json::Value>,
     /// Filled in only by the node's own agent (it alone can read its kernel state).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub datapath: Option<serde_json::Value>,
@@ -76,6 +78,9 @@ fn view(node: Node, status: NodeStatus) -> NodeView {
         created: node.created,
         uplink_mtu: node.uplink_mtu,
         reserved_ports: node.reserved_ports,
+        wireguard: node
+            .wireguard
+            .map(|w| serde_json::to_value(w).unwrap_or_default()),
         datapath: None,
     }
 }
@@ -115,6 +120,7 @@ pub struct Registration {
     pub address: Ipv4Addr,
     pub uplink_mtu: u32,
     pub reserved_ports: Vec<model::ReservedPort>,
+    pub wireguard: Option<model::NodeWireguard>,
 }
 
 /// Writes (or refreshes) this node's persistent record. Keeps the availability an operator set.
@@ -128,6 +134,7 @@ pub async fn register(store: &dyn Store, name: &str, reg: &Registration) -> Resu
                 node.address = reg.address;
                 node.uplink_mtu = Some(reg.uplink_mtu);
                 node.reserved_ports = reg.reserved_ports.clone();
+                node.wireguard = reg.wireguard.clone();
                 if node == old {
                     return Ok(());
                 }
@@ -141,6 +148,7 @@ pub async fn register(store: &dyn Store, name: &str, reg: &Registration) -> Resu
                     created: model::now_rfc3339(),
                     uplink_mtu: Some(reg.uplink_mtu),
                     reserved_ports: reg.reserved_ports.clone(),
+                    wireguard: reg.wireguard.clone(),
                 },
                 0,
             ),
@@ -155,6 +163,139 @@ pub async fn register(store: &dyn Store, name: &str, reg: &Registration) -> Resu
             return Ok(());
         }
     }
+}
+
+/// `node rm`: forgets a node that is down and runs nothing. Every other node drops it from
+/// its datapath and its WireGuard peers. A node that comes back registers anew.
+pub async fn remove(store: &dyn Store, name: &str) -> Result<()> {
+    let Some(kv) = store.get(&keys::node(name)).await? else {
+        return Err(AgentError::NotFound(format!("node {name:?} not found")));
+    };
+    if store.get(&keys::alive(name)).await?.is_some() {
+        return Err(AgentError::Conflict(format!(
+            "node {name:?} is up; stop its agent (and wait for it to show as down) first"
+        )));
+    }
+    let (eps, _) = store.list(keys::ENDPOINTS).await?;
+    let held = eps
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<model::Endpoint>(&kv.value).ok())
+        .filter(|e| e.node == name)
+        .count();
+    if held > 0 {
+        return Err(AgentError::Conflict(format!(
+            "node {name:?} still holds {held} container endpoint(s); remove its containers first"
+        )));
+    }
+    let node: Node = serde_json::from_slice(&kv.value)?;
+    let mut ops = vec![Op::delete(keys::node(name))];
+    if let Some(wg) = &node.wireguard {
+        ops.push(Op::delete(keys::tunnel_addr(wg.tunnel_addr)));
+    }
+    if !store
+        .txn(
+            vec![Compare::mod_revision(keys::node(name), kv.mod_revision)],
+            ops,
+        )
+        .await?
+    {
+        return Err(AgentError::Unavailable(format!(
+            "node {name:?} changed while being removed; try again"
+        )));
+    }
+    tracing::info!(node = %name, "node removed");
+    Ok(())
+}
+
+/// Keeps this node's record as `reg` says, re-registering whenever it changes (the tunnels
+/// come up after the first registration, keys rotate) and retrying while the store is down.
+pub async fn keep_registered(
+    store: Arc<dyn Store>,
+    name: String,
+    mut reg: watch::Receiver<Registration>,
+) {
+    loop {
+        let current = reg.borrow_and_update().clone();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match register(&*store, &name, &current).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register node; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        if reg.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Publishes this node's tunnel end (a rotated key) at once, keeping the rest of its record.
+pub async fn set_wireguard(store: &dyn Store, name: &str, wg: &model::NodeWireguard) -> Result<()> {
+    for _ in 0..16 {
+        let Some(kv) = store.get(&keys::node(name)).await? else {
+            return Err(AgentError::NotFound(format!("node {name:?} not found")));
+        };
+        let mut node: Node = serde_json::from_slice(&kv.value)?;
+        node.wireguard = Some(wg.clone());
+        let value = serde_json::to_vec(&node)
+            .map_err(|e| AgentError::Internal(format!("encoding node: {e}")))?;
+        if store
+            .compare_and_swap(&keys::node(name), kv.mod_revision, value)
+            .await?
+        {
+            return Ok(());
+        }
+    }
+    Err(AgentError::Unavailable(
+        "node update kept conflicting with concurrent changes; try again".into(),
+    ))
+}
+
+/// This node's address on the tunnel devices: the one it holds in the store, else the lowest
+/// free one of [`model::TUNNEL_RANGE`], claimed in one transaction so two nodes never share
+/// one. `preferred` (the address a previous run used) is taken back if still free or ours.
+pub async fn claim_tunnel_addr(
+    store: &dyn Store,
+    name: &str,
+    preferred: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr> {
+    let (base, len) = model::TUNNEL_RANGE;
+    let range = ipnet::Ipv4Net::new(base, len)
+        .map_err(|e| AgentError::Internal(format!("tunnel range: {e}")))?;
+    for _ in 0..32 {
+        let (kvs, _) = store.list(keys::TUNNEL_ADDRS).await?;
+        let mut taken = std::collections::BTreeSet::new();
+        for kv in &kvs {
+            let Some(ip) = kv
+                .key
+                .strip_prefix(keys::TUNNEL_ADDRS)
+                .and_then(|s| s.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            if kv.value == name.as_bytes() {
+                return Ok(ip);
+            }
+            taken.insert(ip);
+        }
+        let pick = preferred
+            .filter(|p| range.contains(p) && !taken.contains(p))
+            .or_else(|| range.hosts().find(|ip| !taken.contains(ip)))
+            .ok_or_else(|| AgentError::Conflict("no tunnel address left".into()))?;
+        if store
+            .create(&keys::tunnel_addr(pick), name.as_bytes().to_vec(), None)
+            .await?
+        {
+            return Ok(pick);
+        }
+    }
+    Err(AgentError::Unavailable(
+        "tunnel address allocation kept conflicting; try again".into(),
+    ))
 }
 
 /// Keeps this node's liveness key alive for as long as the agent runs.
@@ -235,6 +376,7 @@ mod tests {
             address: addr.parse().unwrap(),
             uplink_mtu: 1500,
             reserved_ports: vec![],
+            wireguard: None,
         };
         register(&*s, "n1", &reg("198.18.0.11")).await.unwrap();
         assert_eq!(get(&*s, "n1").await.unwrap().status, NodeStatus::Down);

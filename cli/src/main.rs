@@ -111,6 +111,15 @@ enum NodeCmd {
         availability: String,
         name: String,
     },
+    /// Give this node (the agent netctl talks to) a new WireGuard key; peers switch over
+    /// without interrupting traffic.
+    RotateKey,
+    /// Forget nodes that are down and run nothing (their peers and routes go everywhere).
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -298,6 +307,23 @@ async fn node(client: &Client, format: Format, cmd: NodeCmd) -> anyhow::Result<(
         NodeCmd::Inspect { name } => {
             let n = client.get(&format!("/v1/nodes/{}", seg(&name))).await?;
             print_inspect(format, vec![n])?;
+        }
+        NodeCmd::Rm { names } => {
+            for name in &names {
+                client.delete(&format!("/v1/nodes/{}", seg(name))).await?;
+                println!("{name}");
+            }
+        }
+        NodeCmd::RotateKey => {
+            let ping = client.get("/v1/ping").await?;
+            let name = str_field(&ping, "node");
+            let r = client
+                .post(&format!("/v1/nodes/{}/rotate-key", seg(&name)), &json!({}))
+                .await?;
+            match format {
+                Format::Json => println!("{r}"),
+                Format::Table => println!("{name} {}", str_field(&r, "public_key")),
+            }
         }
         NodeCmd::Update { availability, name } => {
             let n = client

@@ -32,6 +32,10 @@ pub struct ApiState {
     /// tracked here: a client that disconnects (netctl timing out, Ctrl-C) cannot cancel one
     /// half-way, and shutdown waits for them.
     pub ops: tokio_util::task::TaskTracker,
+    /// The encrypted networks' tunnels, once they are up.
+    pub tunnels: Arc<std::sync::OnceLock<Arc<crate::tunnels::Tunnels>>>,
+    /// This node's record as the agent keeps publishing it.
+    pub registration: tokio::sync::watch::Sender<nodes::Registration>,
 }
 
 impl ApiState {
@@ -57,8 +61,9 @@ pub fn router(state: ApiState) -> Router {
             get(network_inspect).delete(network_remove),
         )
         .route("/v1/nodes", get(node_list))
-        .route("/v1/nodes/{name}", get(node_inspect))
+        .route("/v1/nodes/{name}", get(node_inspect).delete(node_remove))
         .route("/v1/nodes/{name}/availability", put(node_availability))
+        .route("/v1/nodes/{name}/rotate-key", post(node_rotate_key))
         .route("/v1/containers", get(container_list).post(container_run))
         .route(
             "/v1/containers/{name}",
@@ -141,8 +146,18 @@ async fn ping(State(st): State<ApiState>) -> ApiResult<serde_json::Value> {
     })))
 }
 
+/// A network as this node sees it: `mtu` is what its containers get here (uplink MTU less
+/// VXLAN, and WireGuard for encrypted networks), unless set with `--opt mtu`.
+fn network_view(st: &ApiState, mut net: crate::model::Network) -> crate::model::Network {
+    net.mtu = Some(net.effective_mtu(st.runtime.uplink_mtu));
+    net
+}
+
 async fn network_list(State(st): State<ApiState>) -> ApiResult<Vec<crate::model::Network>> {
-    Ok(axum::Json(networks::list(&*st.store).await?))
+    let nets = networks::list(&*st.store).await?;
+    Ok(axum::Json(
+        nets.into_iter().map(|n| network_view(&st, n)).collect(),
+    ))
 }
 
 async fn network_create(
@@ -152,14 +167,15 @@ async fn network_create(
     let req: NetworkCreate = parse_body(&body)?;
     capacity::check_network(&st.runtime.reconciler.view())?;
     let net = networks::create(&*st.store, &req).await?;
-    Ok((StatusCode::CREATED, axum::Json(net)))
+    Ok((StatusCode::CREATED, axum::Json(network_view(&st, net))))
 }
 
 async fn network_inspect(
     State(st): State<ApiState>,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<crate::model::Network> {
-    Ok(axum::Json(networks::get(&*st.store, &name).await?))
+    let net = networks::get(&*st.store, &name).await?;
+    Ok(axum::Json(network_view(&st, net)))
 }
 
 async fn network_remove(
@@ -181,8 +197,50 @@ async fn node_inspect(
     let mut view = nodes::get(&*st.store, &name).await?;
     if name == st.node_name {
         view.datapath = Some(datapath_status(&st));
+        view.wireguard = Some(match st.tunnels.get() {
+            Some(t) => t.status(),
+            None => serde_json::json!({ "error": "the tunnels are not up (see the agent log)" }),
+        });
     }
     Ok(axum::Json(view))
+}
+
+async fn node_remove(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<StatusCode, AgentError> {
+    if name == st.node_name {
+        return Err(AgentError::BadRequest(format!(
+            "{name:?} is the node this agent runs on; remove it from another node once it is down"
+        )));
+    }
+    nodes::remove(&*st.store, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `node rotate-key`: a new WireGuard key for this node.
+async fn node_rotate_key(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    if name != st.node_name {
+        return Err(AgentError::BadRequest(format!(
+            "node {name:?} rotates its own key: talk to its agent (this is {:?})",
+            st.node_name
+        )));
+    }
+    let Some(t) = st.tunnels.get().cloned() else {
+        return Err(AgentError::Unavailable(
+            "the tunnels are not up yet; no key to rotate".into(),
+        ));
+    };
+    let (store, registration) = (st.store.clone(), st.registration.clone());
+    let key = st
+        .run_op(async move { t.rotate_key(&*store, &registration).await })
+        .await?;
+    Ok(axum::Json(
+        serde_json::json!({ "node": name, "public_key": key }),
+    ))
 }
 
 fn datapath_status(st: &ApiState) -> serde_json::Value {

@@ -324,6 +324,32 @@ impl Netlink {
         }
     }
 
+    /// Adds `unreachable dst/prefix_len metric <metric>` to the main table (idempotent): a
+    /// floor under more specific or lower-metric routes, so traffic for the range is refused
+    /// when they are gone instead of following the default route.
+    pub async fn add_unreachable_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix_len: u8,
+        metric: u32,
+    ) -> Result<()> {
+        use rtnetlink::packet_route::route::{RouteScope, RouteType};
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix_len)
+            .kind(RouteType::Unreachable)
+            .scope(RouteScope::Universe)
+            .priority(metric)
+            .build();
+        match self.handle.route().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if rt_errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(self.req_err(
+                "adding unreachable route",
+                format!("{dst}/{prefix_len} metric {metric}"),
+            )(e)),
+        }
+    }
+
     /// Whether the main table holds exactly `dst/prefix_len [via gateway] dev index`.
     async fn has_route(
         &self,

@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use netagent_datapath::{EndpointInfo, L4Proto, NetworkInfo, NodeInfo, PublishedInfo, ServiceInfo};
+use netagent_datapath::{
+    ENDPOINT_F_ENCRYPTED, EndpointInfo, L4Proto, NODE_F_TUNNEL_ADDR, NetworkInfo, NodeInfo,
+    PublishedInfo, ServiceInfo,
+};
 
 use super::LocalState;
 use crate::model::{self, Availability, EndpointMode, Network, Protocol, Service};
@@ -127,7 +130,24 @@ pub fn remote_endpoint(vni: u32, node: Ipv4Addr, mac: [u8; 6]) -> EndpointInfo {
 pub fn desired(view: &ClusterView, node: &str, local: &LocalState) -> Desired {
     let mut d = Desired::default();
     for n in view.nodes.values() {
-        d.nodes.insert(n.address, NodeInfo::default());
+        let tunnel_ip = n.wireguard.as_ref().map(|w| w.tunnel_addr);
+        d.nodes.insert(
+            n.address,
+            NodeInfo {
+                flags: 0,
+                tunnel_ip: tunnel_ip.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
+            },
+        );
+        // Packets out of the tunnel carry the sending node's tunnel address as source.
+        if let Some(t) = tunnel_ip {
+            d.nodes.insert(
+                t,
+                NodeInfo {
+                    flags: NODE_F_TUNNEL_ADDR,
+                    tunnel_ip: t.octets(),
+                },
+            );
+        }
     }
     for net in view.networks.values() {
         d.networks.insert(
@@ -140,7 +160,7 @@ pub fn desired(view: &ClusterView, node: &str, local: &LocalState) -> Desired {
             continue;
         };
         let mac = model::parse_mac(&ep.mac).unwrap_or(model::endpoint_mac(ep.ip));
-        let info = if ep.node == node {
+        let mut info = if ep.node == node {
             match local.ifaces.get(&ep.host_ifname) {
                 Some(&ifindex) => local_endpoint(net.vni, ifindex, mac),
                 None => continue,
@@ -151,6 +171,9 @@ pub fn desired(view: &ClusterView, node: &str, local: &LocalState) -> Desired {
                 None => continue,
             }
         };
+        if net.encrypted {
+            info.flags |= ENDPOINT_F_ENCRYPTED;
+        }
         d.endpoints.insert(ep.ip, info);
     }
     desired_services(view, local, node, &mut d);
@@ -195,6 +218,7 @@ mod tests {
                     created: String::new(),
                     uplink_mtu: None,
                     reserved_ports: vec![],
+                    wireguard: None,
                 },
             );
         }

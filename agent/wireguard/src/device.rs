@@ -401,11 +401,11 @@ fn rx_loop(tun: &OwnedFd, udp: &OwnedFd, engine: &Engine, stats: &DeviceStats, s
     let ufd = udp.as_raw_fd();
     let mut bufs: Vec<Vec<u8>> = (0..RX_BATCH).map(|_| vec![0u8; RX_BUF]).collect();
     let mut addrs = [libc::sockaddr_in {
-            sin_family: 0,
-            sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: 0 },
-            sin_zero: [0; 8],
-        }; RX_BATCH];
+        sin_family: 0,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: 0 },
+        sin_zero: [0; 8],
+    }; RX_BATCH];
     let mut ctrl = vec![[0u64; 8]; RX_BATCH];
     let mut inbox = Inbox::default();
     let mut out = Outbox::default();

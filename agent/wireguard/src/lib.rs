@@ -9,6 +9,8 @@
 
 pub mod device;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 pub mod packet;
 
