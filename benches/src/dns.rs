@@ -379,7 +379,7 @@ pub fn run(opts: &Options) -> Result<()> {
         .collect();
     let ratio = ratio(&cases);
     let targets = targets(&cases, &ratio);
-    let (netagent, netagent_build) = netagent_binary();
+    let (netagent, netagent_build) = machine::netagent_binary();
     let report = Report {
         bench: "dns",
         date,
@@ -589,26 +589,6 @@ fn targets(cases: &[CaseResult], ratio: &Ratio) -> Targets {
         p99_at_rate_met: ours.rate_p99_us.map(|p| p < TARGET_P99_US),
         p99_saturated_met: ours.saturated_p99_us.map(|p| p < TARGET_P99_US),
     }
-}
-
-/// The netagent the lab ran (as netlab finds it: `NETAGENT_BIN`, else next
-/// to this executable) and its profile, read from the target directory it
-/// was built into.
-fn netagent_binary() -> (String, String) {
-    let path = std::env::var_os("NETAGENT_BIN")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let exe = std::env::current_exe().ok()?;
-            Some(exe.parent()?.join("netagent"))
-        });
-    let Some(path) = path else {
-        return ("unknown".to_owned(), "unknown".to_owned());
-    };
-    let profile = path
-        .parent()
-        .and_then(Path::file_name)
-        .map_or("unknown".to_owned(), |p| p.to_string_lossy().into_owned());
-    (path.display().to_string(), profile)
 }
 
 /// One metric row: how to read it from a case's medians and from the ratio.

@@ -36,6 +36,9 @@ enum Bench {
     /// Container-to-container TCP throughput and RTT across two nodes:
     /// (a) netagent, (b) bridge + VXLAN, (c) plain routing
     Overlay(OverlayArgs),
+    /// The same across an encrypted network: (a) netagent `--opt encrypted`, (b) wireguard-go
+    /// carrying bridge + VXLAN, (c) netagent unencrypted
+    Encrypted(OverlayArgs),
     /// DNS queries/s and latency at 127.0.0.11 in a container, for local and
     /// forwarded names, against dnsmasq serving the same local names
     Dns(DnsArgs),
@@ -76,10 +79,11 @@ struct OverlayArgs {
     /// last 0.2 s as warm-up and cool-down, and finds nothing left in 1 s)
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..=60))]
     secs: u32,
-    /// Setups to measure: a (netagent), b (bridge + VXLAN), c (routing)
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["a", "b", "c"])]
-    only: Vec<Kind>,
-    /// CPUs for the client and the server tools, `CLIENT,SERVER` (default: both on the last CPU)
+    /// Columns to measure: a, b, c
+    #[arg(long, value_delimiter = ',', default_values = ["a", "b", "c"], value_parser = ["a", "b", "c"])]
+    only: Vec<String>,
+    /// One placement: CPUs for the client and the server tools, `CLIENT,SERVER` (default: two
+    /// tables, both on the last CPU, then the client on the first CPU and the server on the last)
     #[arg(long, value_parser = parse_pin, conflicts_with = "no_pin")]
     pin: Option<[usize; 2]>,
     /// Leave the tools' placement to the scheduler
@@ -118,6 +122,41 @@ struct DnsArgs {
     /// Print the table as Markdown (for the README)
     #[arg(long)]
     markdown: bool,
+}
+
+fn run_pairs(suite: overlay::Suite, a: OverlayArgs, name: &str) -> anyhow::Result<()> {
+    let kinds: Vec<Kind> = a
+        .only
+        .iter()
+        .map(|l| suite.columns[usize::from(l.as_bytes()[0] - b'a')])
+        .collect();
+    let json = if a.json == default_json("overlay") {
+        default_json(name)
+    } else {
+        a.json
+    };
+    overlay::run(&overlay::Options {
+        suite,
+        runs: a.runs.into(),
+        secs: a.secs,
+        kinds,
+        placements: placements(a.pin, a.no_pin),
+        json,
+        markdown: a.markdown,
+    })
+}
+
+/// The placements to measure: as asked, else both on the last CPU, then split across the
+/// first and the last.
+fn placements(asked: Option<[usize; 2]>, no_pin: bool) -> Vec<Option<[usize; 2]>> {
+    if no_pin || asked.is_some() {
+        return vec![pin(asked, no_pin)];
+    }
+    let last = std::thread::available_parallelism().map_or(1, usize::from) - 1;
+    if last == 0 {
+        return vec![Some([0, 0])];
+    }
+    vec![Some([last, last]), Some([0, last])]
 }
 
 /// The CPUs to pin client and server to: as asked, else both on the last
@@ -168,14 +207,8 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result = match cli.bench {
-        Bench::Overlay(a) => overlay::run(&overlay::Options {
-            runs: a.runs.into(),
-            secs: a.secs,
-            kinds: a.only,
-            pin: pin(a.pin, a.no_pin),
-            json: a.json,
-            markdown: a.markdown,
-        }),
+        Bench::Overlay(a) => run_pairs(overlay::OVERLAY, a, "overlay"),
+        Bench::Encrypted(a) => run_pairs(overlay::ENCRYPTED, a, "encrypted"),
         Bench::Dns(a) => dns::run(&dns::Options {
             runs: a.runs.into(),
             secs: a.secs,
@@ -214,14 +247,20 @@ mod tests {
         let Bench::Overlay(a) = cli.bench else {
             panic!("not overlay")
         };
-        assert_eq!(a.only, [Kind::B, Kind::C]);
+        assert_eq!(a.only, ["b", "c"]);
         assert_eq!(a.runs, 5);
         assert!(a.json.ends_with("target/bench/overlay.json"));
         let cli = Cli::try_parse_from(["benches", "overlay"]).unwrap();
         let Bench::Overlay(a) = cli.bench else {
             panic!("not overlay")
         };
-        assert_eq!(a.only, Kind::ALL);
+        assert_eq!(a.only, ["a", "b", "c"]);
+        assert_eq!(
+            placements(None, false).len(),
+            2,
+            "both placements by default"
+        );
+        assert_eq!(placements(Some([1, 1]), false), [Some([1, 1])]);
         assert!(Cli::try_parse_from(["benches", "overlay", "--only", "d"]).is_err());
         assert!(Cli::try_parse_from(["benches", "overlay", "--runs", "0"]).is_err());
         assert!(Cli::try_parse_from(["benches", "overlay", "--secs", "1"]).is_err());

@@ -19,6 +19,7 @@ use netlab::{Background, Lab, LabConfig, StoreKind};
 use serde::Serialize;
 
 use crate::cluster::{inspect, netctl, retry};
+use crate::machine;
 use crate::tools::{self, QUICK, host, run_in};
 
 /// The fabric MTU of the lab (veths default to 1500).
@@ -40,25 +41,21 @@ pub enum Kind {
     B,
     /// Plain routing between the nodes, no overlay.
     C,
+    /// This product with `--opt encrypted`: VXLAN inside the agent's WireGuard.
+    E,
+    /// wireguard-go (Debian's) between the nodes, carrying bridge + VXLAN as in (b).
+    W,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::A, Kind::B, Kind::C];
-
-    pub fn letter(self) -> &'static str {
-        match self {
-            Kind::A => "a",
-            Kind::B => "b",
-            Kind::C => "c",
-        }
-    }
-
-    /// Column header of the table.
+    /// Column header of the table (the benchmark adds its letter).
     pub fn short(self) -> &'static str {
         match self {
-            Kind::A => "(a) netagent",
-            Kind::B => "(b) bridge+VXLAN",
-            Kind::C => "(c) routing",
+            Kind::A => "netagent",
+            Kind::B => "bridge+VXLAN",
+            Kind::C => "routing",
+            Kind::E => "netagent encrypted",
+            Kind::W => "wireguard-go",
         }
     }
 
@@ -67,13 +64,20 @@ impl Kind {
             Kind::A => "netagent eBPF VXLAN",
             Kind::B => "bridge + VXLAN, static FDB",
             Kind::C => "plain routing, no overlay",
+            Kind::E => "netagent eBPF VXLAN in its userspace WireGuard (boringtun)",
+            Kind::W => "wireguard-go between the nodes, bridge + VXLAN over it",
         }
+    }
+
+    /// Whether the setup is this product (built after the baselines, which need no build).
+    pub fn is_product(self) -> bool {
+        matches!(self, Kind::A | Kind::E)
     }
 }
 
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "({}) {}", self.letter(), self.describe())
+        f.write_str(self.describe())
     }
 }
 
@@ -107,8 +111,10 @@ impl Pair {
 /// `None`) and waits until they answer.
 pub fn build(kind: Kind, server_cpu: Option<usize>) -> Result<Pair> {
     let pair = match kind {
-        Kind::A => product(server_cpu)?,
+        Kind::A => product(server_cpu, false)?,
+        Kind::E => product(server_cpu, true)?,
         Kind::B => bridge_vxlan(server_cpu)?,
+        Kind::W => wireguard_go(server_cpu)?,
         Kind::C => routing(server_cpu)?,
     };
     wait_ready(&pair).with_context(|| format!("setup {kind} on lab {}", pair.lab_prefix))?;
@@ -120,18 +126,19 @@ pub fn build(kind: Kind, server_cpu: Option<usize>) -> Result<Pair> {
 const BENCH_NET: &str = "bench";
 const BENCH_SUBNET: &str = "10.50.0.0/24";
 
-fn product(server_cpu: Option<usize>) -> Result<Pair> {
+fn product(server_cpu: Option<usize>, encrypted: bool) -> Result<Pair> {
     let lab = Lab::up(LabConfig {
         nodes: 2,
         store: StoreKind::Etcd,
         ..Default::default()
     })
-    .context("lab for (a)")?;
-    netctl(
-        &lab,
-        1,
-        &["network", "create", "--subnet", BENCH_SUBNET, BENCH_NET],
-    )?;
+    .context("lab for netagent")?;
+    let mut create = vec!["network", "create", "--subnet", BENCH_SUBNET];
+    if encrypted {
+        create.extend(["--opt", "encrypted"]);
+    }
+    create.push(BENCH_NET);
+    netctl(&lab, 1, &create)?;
     // n2 sees the network through its etcd watch; running a container there
     // before it does would fail with an unknown network.
     retry(READY_TIMEOUT, || {
@@ -181,7 +188,7 @@ fn product(server_cpu: Option<usize>) -> Result<Pair> {
     let cli = inspect(&lab, 1, "cli")?;
     let server_ip = srv.ip;
     Ok(Pair {
-        kind: Kind::A,
+        kind: if encrypted { Kind::E } else { Kind::A },
         mtu: tools::path_mtu(&cli.netns, &server_ip.to_string())?,
         client: cli.netns,
         server: srv.netns,
@@ -266,14 +273,126 @@ const CONTAINER_IF: &str = "eth0";
 /// flooding happens during the runs, as the eBPF datapath answers ARP itself.
 fn bridge_vxlan(server_cpu: Option<usize>) -> Result<Pair> {
     let lab = bare_lab("(b)")?;
-    let mtu = FABRIC_MTU - VXLAN_OVERHEAD;
+    let underlay = |i: usize| lab.node_addr(i);
+    let notes = bridge_vxlan_over(&lab, "eth0", FABRIC_MTU, &underlay)?;
+    finish_baseline(
+        Kind::B,
+        lab,
+        Ipv4Addr::new(10, 50, 0, 3),
+        server_cpu,
+        notes,
+        Vec::new(),
+    )
+}
+
+/// wireguard-go's interface MTU (its default).
+const WG_MTU: u32 = 1420;
+
+/// (w) What users of userspace WireGuard run: wireguard-go between the two nodes (one TUN
+/// each, configured with `wg`), and the bridge + VXLAN of (b) over the tunnel addresses.
+fn wireguard_go(server_cpu: Option<usize>) -> Result<Pair> {
+    let lab = bare_lab("(w)")?;
+    let dir = tempfile::tempdir().context("key directory")?;
+    let wg_if = |i: usize| format!("{}w{i}", lab.prefix());
+    let wg_ip = |i: usize| Ipv4Addr::new(10, 79, 0, i as u8);
+    let mut keys = Vec::new();
+    for i in 1..=2 {
+        let key = dir.path().join(format!("k{i}"));
+        let private = host("wg", &["genkey"])?;
+        std::fs::write(&key, &private).context("writing a key")?;
+        let public = run_stdin("wg", &["pubkey"], &private)?;
+        keys.push((key, public.trim().to_owned()));
+    }
+    let mut daemons = Vec::new();
+    for i in 1..=2 {
+        let node = netns_path(&lab.node_ns(i));
+        // Foreground, so the lab's teardown (and ours, before it) can stop it.
+        daemons.push(netlab::spawn(&mut tools::in_netns(
+            &node,
+            &[
+                "env",
+                "WG_PROCESS_FOREGROUND=1",
+                "wireguard-go",
+                "-f",
+                &wg_if(i),
+            ],
+        ))?);
+    }
+    for i in 1..=2 {
+        let peer = 3 - i;
+        let node = netns_path(&lab.node_ns(i));
+        retry(READY_TIMEOUT, || {
+            run_in(&node, &["ip", "link", "show", "dev", &wg_if(i)], QUICK).map(drop)
+        })
+        .context("wireguard-go made no interface")?;
+        run_in(
+            &node,
+            &[
+                "wg",
+                "set",
+                &wg_if(i),
+                "listen-port",
+                "51820",
+                "private-key",
+                keys[i - 1].0.to_str().unwrap_or_default(),
+                "peer",
+                &keys[peer - 1].1,
+                "endpoint",
+                &format!("{}:51820", lab.node_addr(peer)),
+                "allowed-ips",
+                &format!("{}/32", wg_ip(peer)),
+            ],
+            QUICK,
+        )?;
+        run_in(
+            &node,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", wg_ip(i)),
+                "dev",
+                &wg_if(i),
+            ],
+            QUICK,
+        )?;
+        run_in(&node, &["ip", "link", "set", &wg_if(i), "up"], QUICK)?;
+    }
+    let version = machine::tool_version(&["wireguard-go", "--version"]);
+    let mut notes = bridge_vxlan_over(&lab, &wg_if(1), WG_MTU, &wg_ip)?;
+    notes.push(format!("{version}, MTU {WG_MTU}, over the fabric"));
+    finish_baseline(
+        Kind::W,
+        lab,
+        Ipv4Addr::new(10, 50, 0, 3),
+        server_cpu,
+        notes,
+        daemons,
+    )
+}
+
+/// The bridge + VXLAN of (b) on `lab`, its VXLAN device over `dev` (MTU `dev_mtu`) between the
+/// addresses `underlay(i)` of the nodes. Returns notes for the legend.
+fn bridge_vxlan_over(
+    lab: &Lab,
+    dev: &str,
+    dev_mtu: u32,
+    underlay: &dyn Fn(usize) -> Ipv4Addr,
+) -> Result<Vec<String>> {
+    let mtu = dev_mtu - VXLAN_OVERHEAD;
     let ip = |i: usize| Ipv4Addr::new(10, 50, 0, 1 + i as u8);
     for i in 1..=2 {
         let peer = 3 - i;
         let node = lab.node_ns(i);
-        let cns = container_ns(&lab, i);
-        let local = lab.node_addr(i).to_string();
-        let remote = lab.node_addr(peer).to_string();
+        let cns = container_ns(lab, i);
+        let local = underlay(i).to_string();
+        let remote = underlay(peer).to_string();
+        // wireguard-go names its interface per node; the fabric's is eth0 on both.
+        let dev = if dev == "eth0" {
+            dev.to_owned()
+        } else {
+            format!("{}w{i}", lab.prefix())
+        };
         let (mtu_s, my_mac, peer_mac) = (mtu.to_string(), mac_for(ip(i)), mac_for(ip(peer)));
         add_container_ns(&cns)?;
         let n = node.as_str();
@@ -297,7 +416,7 @@ fn bridge_vxlan(server_cpu: Option<usize>) -> Result<Pair> {
             "local",
             &local,
             "dev",
-            "eth0",
+            &dev,
             "nolearning",
         ])?;
         ipn(&["link", "set", VXLAN_DEV, "master", NODE_BRIDGE, "up"])?;
@@ -374,10 +493,31 @@ fn bridge_vxlan(server_cpu: Option<usize>) -> Result<Pair> {
         QUICK,
     )
     .map_or_else(|_| "absent".to_owned(), |v| v.trim().to_owned());
-    let notes = vec![format!(
+    Ok(vec![format!(
         "bridge-nf-call-iptables={nf} in the node namespaces (kernel default), no iptables rules"
-    )];
-    finish_baseline(Kind::B, lab, ip(2), server_cpu, notes)
+    )])
+}
+
+/// Runs `program args` on the host with `input` on stdin; its stdout.
+fn run_stdin(program: &str, args: &[&str], input: &str) -> Result<String> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program}"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{program} {} failed", args.join(" "));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// (c) No overlay: each node routes its container subnet and the peer's
@@ -470,7 +610,7 @@ fn routing(server_cpu: Option<usize>) -> Result<Pair> {
         )?;
     }
     let notes = vec!["static routes via the peer's fabric address, ip_forward=1".to_owned()];
-    finish_baseline(Kind::C, lab, ip(2), server_cpu, notes)
+    finish_baseline(Kind::C, lab, ip(2), server_cpu, notes, Vec::new())
 }
 
 /// Starts the servers in container 2 and describes the pair.
@@ -480,10 +620,12 @@ fn finish_baseline(
     server_ip: Ipv4Addr,
     server_cpu: Option<usize>,
     notes: Vec<String>,
+    daemons: Vec<Background>,
 ) -> Result<Pair> {
     let client = netns_path(&container_ns(&lab, 1));
     let server = netns_path(&container_ns(&lab, 2));
-    let servers = start_servers(&server, server_cpu)?;
+    let mut servers = start_servers(&server, server_cpu)?;
+    servers.extend(daemons);
     Ok(Pair {
         kind,
         mtu: tools::path_mtu(&client, &server_ip.to_string())?,

@@ -21,6 +21,12 @@ const METRICS: &[Metric] = &[
         places: 2,
     },
     Metric {
+        label: "CPU s per GB (machine)",
+        value: |m| m.cpu_s_per_gb,
+        ratio: |r| r.cpu_per_gb,
+        places: 2,
+    },
+    Metric {
         label: "TCP RTT avg, us",
         value: |m| m.rtt_avg_us,
         ratio: |r| r.rtt_avg,
@@ -48,14 +54,19 @@ pub fn fmt(v: Option<f64>, places: usize) -> String {
 fn cells(report: &Report) -> (Vec<String>, Vec<Vec<String>>) {
     let setup = |k: Kind| report.setups.iter().find(|s| s.key == k);
     let ratio = |name: &str| report.ratios.iter().find(|r| r.name == name);
+    let columns = report.suite.columns;
     let mut header = vec!["".to_owned()];
-    header.extend(Kind::ALL.iter().map(|k| k.short().to_owned()));
+    header.extend(
+        columns
+            .iter()
+            .map(|k| format!("({}) {}", report.suite.letter(*k), k.short())),
+    );
     header.extend(["a/b".to_owned(), "a/c".to_owned()]);
 
     let mut rows = vec![{
         let mut row = vec!["MTU".to_owned()];
         row.extend(
-            Kind::ALL
+            columns
                 .iter()
                 .map(|&k| setup(k).map_or("-".to_owned(), |s| s.mtu.to_string())),
         );
@@ -65,7 +76,7 @@ fn cells(report: &Report) -> (Vec<String>, Vec<Vec<String>>) {
     for m in METRICS {
         let mut row = vec![m.label.to_owned()];
         row.extend(
-            Kind::ALL
+            columns
                 .iter()
                 .map(|&k| fmt(setup(k).and_then(|s| (m.value)(&s.median)), m.places)),
         );
@@ -78,21 +89,14 @@ fn cells(report: &Report) -> (Vec<String>, Vec<Vec<String>>) {
 fn preamble(report: &Report) -> Vec<String> {
     let m = &report.method;
     vec![
-        format!("overlay benchmark, {}", report.date),
+        format!("{} benchmark, {}", report.bench, report.date),
         format!("machine: {}", report.machine.summary()),
         format!("path: {}", m.path),
         format!(
             "medians of {} runs each, interleaved; throughput: {}; RTT: {}",
             m.runs, m.throughput, m.rtt
         ),
-        format!(
-            "client and server tools {}",
-            match m.pin {
-                Some([c, s]) if c == s => format!("both pinned to CPU {c}"),
-                Some([c, s]) => format!("pinned to CPUs {c} and {s}"),
-                None => "not pinned".to_owned(),
-            }
-        ),
+        format!("placement: {}", crate::overlay::describe_pin(m.pin)),
         format!(
             "tools: {}; {}; netagent {} build (eBPF programs: release); took {:.0} s",
             m.iperf3_version, m.sockperf_version, m.netagent_build, report.elapsed_secs
@@ -110,7 +114,12 @@ fn legend(report: &Report) -> Vec<String> {
                 true => String::new(),
                 false => format!(" ({})", s.notes.join("; ")),
             };
-            format!("{}{notes}; lab {}", s.key, s.lab)
+            format!(
+                "({}) {}{notes}; lab {}",
+                report.suite.letter(s.key),
+                s.key,
+                s.lab
+            )
         })
         .collect()
 }
@@ -122,11 +131,7 @@ pub fn plain(report: &Report) -> String {
     out.extend(grid_plain(&header, &rows));
     out.push(String::new());
     out.extend(legend(report));
-    out.push(
-        "a/b, a/c: throughput higher is better (target a/b >= 1.10); RTT lower is better \
-         (target a/b <= 0.95)"
-            .to_owned(),
-    );
+    out.push(format!("a/b, a/c: {}", report.suite.targets));
     out.join("\n")
 }
 

@@ -398,6 +398,34 @@ impl CpuTimes {
     }
 }
 
+/// Pins every process in network namespace `netns` (all its threads) to `cpu`, or lets them
+/// run anywhere for `None`: how a benchmark moves its servers between CPU placements.
+pub fn pin_namespace(netns: &Path, cpu: Option<usize>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let target = std::fs::metadata(netns).with_context(|| format!("stat {}", netns.display()))?;
+    let cpus = match cpu {
+        Some(c) => c.to_string(),
+        None => format!(
+            "0-{}",
+            std::thread::available_parallelism().map_or(1, usize::from) - 1
+        ),
+    };
+    let pids: Vec<String> = std::fs::read_dir("/proc")
+        .context("reading /proc")?
+        .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_owned))
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| m.ino() == target.ino() && m.dev() == target.dev())
+        })
+        .collect();
+    for pid in pids {
+        // A process may have exited meanwhile; that is fine.
+        let _ = host("taskset", &["-a", "-p", "-c", &cpus, &pid]);
+    }
+    Ok(())
+}
+
 /// All CPUs' time so far, from /proc/stat.
 pub fn machine_cpu_times() -> Result<CpuTimes> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;

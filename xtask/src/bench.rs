@@ -17,11 +17,11 @@ use anyhow::{Context, Result, bail};
 use crate::{cargo, setup};
 
 /// The benchmarks `benches` knows; `cargo xtask bench` accepts only these.
-pub const NAMES: &[&str] = &["overlay", "dns", "lb"];
+pub const NAMES: &[&str] = &["overlay", "encrypted", "dns", "lb"];
 
 /// The benchmarks that measure netagent's own code (not only the eBPF
-/// programs, which are release builds either way).
-const RELEASE_AGENT: &[&str] = &["dns"];
+/// programs, which are release builds either way): its resolver, its WireGuard.
+const RELEASE_AGENT: &[&str] = &["dns", "encrypted"];
 
 /// A whole benchmark takes a few minutes; this only catches a hang (every
 /// tool run inside it is bounded on its own).

@@ -51,6 +51,56 @@ const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
 
+/// Knobs of the I/O batching, for measuring what each step gives (the benchmark's ablation);
+/// read from the environment (`NETAGENT_WG_TUN_BATCH`, `NETAGENT_WG_RX_BATCH`,
+/// `NETAGENT_WG_GSO`, `NETAGENT_WG_GRO`, `NETAGENT_WG_COALESCE`). The defaults are the fast
+/// path; nothing in production sets them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// TUN packets read per batch (1: one read per packet, as boringtun's device does).
+    pub tun_batch: usize,
+    /// Messages per `recvmmsg`.
+    pub rx_batch: usize,
+    /// UDP GSO sends (else one datagram per message).
+    pub gso: bool,
+    /// UDP GRO receives.
+    pub gro: bool,
+    /// Coalesced TUN writes (else one write per packet).
+    pub coalesce: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            tun_batch: TUN_BATCH,
+            rx_batch: RX_BATCH,
+            gso: true,
+            gro: true,
+            coalesce: true,
+        }
+    }
+}
+
+impl Tuning {
+    pub fn from_env() -> Self {
+        let d = Self::default();
+        let num = |k: &str, def: usize, max: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(def, |v| v.clamp(1, max))
+        };
+        let flag = |k: &str| std::env::var(k).map_or(true, |v| v != "0");
+        Self {
+            tun_batch: num("NETAGENT_WG_TUN_BATCH", d.tun_batch, TUN_BATCH),
+            rx_batch: num("NETAGENT_WG_RX_BATCH", d.rx_batch, RX_BATCH),
+            gso: flag("NETAGENT_WG_GSO"),
+            gro: flag("NETAGENT_WG_GRO"),
+            coalesce: flag("NETAGENT_WG_COALESCE"),
+        }
+    }
+}
+
 /// How to set the device up.
 #[derive(Clone, Debug)]
 pub struct DeviceConfig {
@@ -181,7 +231,7 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
-fn open_udp(listen: SocketAddrV4) -> io::Result<OwnedFd> {
+fn open_udp(listen: SocketAddrV4, gro: bool) -> io::Result<OwnedFd> {
     // SAFETY: socket(2) with constants.
     let fd = cvt(unsafe {
         libc::socket(
@@ -201,7 +251,7 @@ fn open_udp(listen: SocketAddrV4) -> io::Result<OwnedFd> {
     if setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, SOCKET_BUFFER).is_err() {
         setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, SOCKET_BUFFER)?;
     }
-    if let Err(e) = setsockopt(raw, SOL_UDP, UDP_GRO, 1) {
+    if gro && let Err(e) = setsockopt(raw, SOL_UDP, UDP_GRO, 1) {
         tracing::info!(error = %e, "UDP GRO not available; receiving datagram by datagram");
     }
     let addr = sockaddr(listen);
@@ -232,8 +282,12 @@ impl Device {
     /// Opens the TUN and the socket and starts the threads. Addresses and routes of the TUN
     /// are the caller's (the agent sets them through rtnetlink).
     pub fn start(config: &DeviceConfig) -> io::Result<Device> {
+        let tuning = Tuning::from_env();
+        if tuning != Tuning::default() {
+            tracing::warn!(?tuning, "WireGuard I/O tuned away from the defaults");
+        }
         let tun = Arc::new(open_tun(&config.tun_name)?);
-        let udp = Arc::new(open_udp(config.listen)?);
+        let udp = Arc::new(open_udp(config.listen, tuning.gro)?);
         let engine = Arc::new(Engine::new(
             config.key.clone(),
             LocalTunnel {
@@ -257,7 +311,7 @@ impl Device {
             );
             threads.push(spawn(
                 "wg-tx",
-                Box::new(move || tx_loop(&tun, &udp, &engine, &stats, &stop)),
+                Box::new(move || tx_loop(&tun, &udp, &engine, &stats, &stop, tuning)),
             )?);
         }
         {
@@ -270,7 +324,7 @@ impl Device {
             );
             threads.push(spawn(
                 "wg-rx",
-                Box::new(move || rx_loop(&tun, &udp, &engine, &stats, &stop)),
+                Box::new(move || rx_loop(&tun, &udp, &engine, &stats, &stop, tuning)),
             )?);
         }
         {
@@ -278,7 +332,7 @@ impl Device {
                 (udp.clone(), engine.clone(), stats.clone(), stop.clone());
             threads.push(spawn(
                 "wg-timers",
-                Box::new(move || timer_loop(&udp, &engine, &stats, &stop)),
+                Box::new(move || timer_loop(&udp, &engine, &stats, &stop, tuning)),
             )?);
         }
         tracing::info!(tun = %config.tun_name, listen = %config.listen, "WireGuard device up");
@@ -303,14 +357,14 @@ impl Device {
     pub fn set_peers(&self, peers: &[PeerConfig]) {
         let mut out = Outbox::default();
         self.engine.set_peers(peers, &mut out);
-        send_all(self.udp.as_raw_fd(), &out, &self.stats);
+        send_all(self.udp.as_raw_fd(), &out, &self.stats, true);
     }
 
     /// Starts using `key` (see [`Engine::rotate_key`]).
     pub fn rotate_key(&self, key: KeyPair) {
         let mut out = Outbox::default();
         self.engine.rotate_key(key, &mut out);
-        send_all(self.udp.as_raw_fd(), &out, &self.stats);
+        send_all(self.udp.as_raw_fd(), &out, &self.stats, true);
     }
 
     pub fn peer_stats(&self) -> Vec<PeerStats> {
@@ -328,7 +382,14 @@ impl Drop for Device {
 }
 
 /// Reads batches from the TUN, encrypts, sends.
-fn tx_loop(tun: &OwnedFd, udp: &OwnedFd, engine: &Engine, stats: &DeviceStats, stop: &AtomicBool) {
+fn tx_loop(
+    tun: &OwnedFd,
+    udp: &OwnedFd,
+    engine: &Engine,
+    stats: &DeviceStats,
+    stop: &AtomicBool,
+    tuning: Tuning,
+) {
     let fd = tun.as_raw_fd();
     let mut bufs: Vec<Vec<u8>> = (0..TUN_BATCH)
         .map(|_| vec![0u8; RX_BUF + VNET_HDR_LEN])
@@ -340,7 +401,7 @@ fn tx_loop(tun: &OwnedFd, udp: &OwnedFd, engine: &Engine, stats: &DeviceStats, s
             continue;
         }
         let mut n = 0;
-        while n < TUN_BATCH {
+        while n < tuning.tun_batch {
             // SAFETY: read(2) into a buffer we own.
             let r = unsafe { libc::read(fd, bufs[n].as_mut_ptr().cast(), bufs[n].len()) };
             if r <= 0 {
@@ -392,12 +453,19 @@ fn tx_loop(tun: &OwnedFd, udp: &OwnedFd, engine: &Engine, stats: &DeviceStats, s
                 .collect();
             engine.encapsulate(peer, &pkts, &mut out);
         }
-        send_all(udp.as_raw_fd(), &out, stats);
+        send_all(udp.as_raw_fd(), &out, stats, tuning.gso);
     }
 }
 
 /// Receives batches from the socket, decrypts, writes into the TUN.
-fn rx_loop(tun: &OwnedFd, udp: &OwnedFd, engine: &Engine, stats: &DeviceStats, stop: &AtomicBool) {
+fn rx_loop(
+    tun: &OwnedFd,
+    udp: &OwnedFd,
+    engine: &Engine,
+    stats: &DeviceStats,
+    stop: &AtomicBool,
+    tuning: Tuning,
+) {
     let ufd = udp.as_raw_fd();
     let mut bufs: Vec<Vec<u8>> = (0..RX_BATCH).map(|_| vec![0u8; RX_BUF]).collect();
     let mut addrs = [libc::sockaddr_in {
@@ -462,8 +530,14 @@ fn rx_loop(tun: &OwnedFd, udp: &OwnedFd, engine: &Engine, stats: &DeviceStats, s
                 engine.receive(from, chunk, &mut inbox, &mut out);
             }
         }
-        write_tun(tun.as_raw_fd(), &inbox, &mut write_buf, stats);
-        send_all(ufd, &out, stats);
+        write_tun(
+            tun.as_raw_fd(),
+            &inbox,
+            &mut write_buf,
+            stats,
+            tuning.coalesce,
+        );
+        send_all(ufd, &out, stats, true);
     }
 }
 
@@ -484,12 +558,17 @@ fn gro_segment(h: &libc::msghdr) -> Option<usize> {
 }
 
 /// Writes decrypted packets into the TUN, coalesced where they can be.
-fn write_tun(fd: RawFd, inbox: &Inbox, buf: &mut Vec<u8>, stats: &DeviceStats) {
+fn write_tun(fd: RawFd, inbox: &Inbox, buf: &mut Vec<u8>, stats: &DeviceStats, coalesce: bool) {
     if inbox.items.is_empty() {
         return;
     }
     let pkts = inbox.packets();
-    for run in packet::plan_writes(&pkts) {
+    let runs = if coalesce {
+        packet::plan_writes(&pkts)
+    } else {
+        (0..pkts.len()).map(|i| i..i + 1).collect()
+    };
+    for run in runs {
         packet::build_write(&pkts[run.clone()], buf);
         // SAFETY: write(2) from a buffer we own.
         let r = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
@@ -506,7 +585,7 @@ fn write_tun(fd: RawFd, inbox: &Inbox, buf: &mut Vec<u8>, stats: &DeviceStats) {
 
 /// Sends everything in `out`: consecutive datagrams to one destination of one size (the last
 /// of a run may be shorter) as one UDP GSO message each, all messages in few `sendmmsg`s.
-fn send_all(fd: RawFd, out: &Outbox, stats: &DeviceStats) {
+fn send_all(fd: RawFd, out: &Outbox, stats: &DeviceStats, gso: bool) {
     if out.items.is_empty() {
         return;
     }
@@ -518,7 +597,8 @@ fn send_all(fd: RawFd, out: &Outbox, stats: &DeviceStats) {
             let (_, prev_len, prev_to) = out.items[first + count - 1];
             let same = to == out.items[first].2 && prev_to == to;
             // Extend only while every earlier datagram is full-size.
-            if same
+            if gso
+                && same
                 && prev_len == seg
                 && len <= seg
                 && count < GSO_SEGMENTS_MAX
@@ -591,7 +671,13 @@ fn send_all(fd: RawFd, out: &Outbox, stats: &DeviceStats) {
         .fetch_add(out.items.len() as u64, Ordering::Relaxed);
 }
 
-fn timer_loop(udp: &OwnedFd, engine: &Engine, stats: &DeviceStats, stop: &AtomicBool) {
+fn timer_loop(
+    udp: &OwnedFd,
+    engine: &Engine,
+    stats: &DeviceStats,
+    stop: &AtomicBool,
+    tuning: Tuning,
+) {
     let mut out = Outbox::default();
     let mut ticks = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -599,6 +685,6 @@ fn timer_loop(udp: &OwnedFd, engine: &Engine, stats: &DeviceStats, stop: &Atomic
         ticks += 1;
         out.clear();
         engine.tick(ticks.is_multiple_of(4), &mut out);
-        send_all(udp.as_raw_fd(), &out, stats);
+        send_all(udp.as_raw_fd(), &out, stats, tuning.gso);
     }
 }
