@@ -1,6 +1,11 @@
 use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
+    // A container's log shim is this binary too (one file to install).
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(netagent::runtime::logs::SHIM_FLAG) {
+        return netagent::runtime::logs::shim_main(&argv[2..]);
+    }
     let args = netagent::agent::Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -427,7 +427,7 @@ fn spawn_req(ns: &NsGuard, log: &Path, argv: &[&str]) -> SpawnRequest {
         netns: ns.path.clone(),
         argv: argv.iter().map(|s| s.to_string()).collect(),
         resolv_conf: None,
-        log: log.to_path_buf(),
+        log: sandbox::LogTarget::File(log.to_path_buf()),
         env: Vec::new(),
     }
 }

@@ -93,6 +93,25 @@ pub fn tool_line(argv: &[&str], needle: &str) -> String {
     }
 }
 
+/// The netagent the labs run (as netlab finds it: `NETAGENT_BIN`, else next to this
+/// executable) and its profile, read from the target directory it was built into.
+pub fn netagent_binary() -> (String, String) {
+    let path = std::env::var_os("NETAGENT_BIN")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            Some(exe.parent()?.join("netagent"))
+        });
+    let Some(path) = path else {
+        return ("unknown".to_owned(), "unknown".to_owned());
+    };
+    let profile = path
+        .parent()
+        .and_then(std::path::Path::file_name)
+        .map_or("unknown".to_owned(), |p| p.to_string_lossy().into_owned());
+    (path.display().to_string(), profile)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,23 +135,4 @@ mod tests {
         };
         assert_eq!(m.summary(), "2 CPUs (X), 23.5 GiB RAM, Linux 6.1.0");
     }
-}
-
-/// The netagent the labs run (as netlab finds it: `NETAGENT_BIN`, else next to this
-/// executable) and its profile, read from the target directory it was built into.
-pub fn netagent_binary() -> (String, String) {
-    let path = std::env::var_os("NETAGENT_BIN")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            let exe = std::env::current_exe().ok()?;
-            Some(exe.parent()?.join("netagent"))
-        });
-    let Some(path) = path else {
-        return ("unknown".to_owned(), "unknown".to_owned());
-    };
-    let profile = path
-        .parent()
-        .and_then(std::path::Path::file_name)
-        .map_or("unknown".to_owned(), |p| p.to_string_lossy().into_owned());
-    (path.display().to_string(), profile)
 }

@@ -424,7 +424,7 @@ fn create(
         service_id: flow.service_id,
         syn_seq: if l4.is_syn() { l4.seq } else { 0 },
     };
-    if CT_NEW.insert(key, &forward, flags).is_err() {
+    if CT_NEW.insert(key, forward, flags).is_err() {
         if flags == BPF_NOEXIST {
             // SAFETY: copied at once.
             if let Some(winner) = unsafe { CT_NEW.get(key) } {
@@ -436,8 +436,8 @@ fn create(
     }
     CT_NEW
         .insert(
-            &reverse_key_of(key, &forward),
-            &reverse_of(key, &forward, flow.reverse),
+            reverse_key_of(key, &forward),
+            reverse_of(key, &forward, flow.reverse),
             BPF_ANY,
         )
         .map_err(|_| DropReason::ConntrackFailed)?;

@@ -116,7 +116,7 @@ const BPF_F_NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC as u32;
 pub fn config() -> Result<Config, DropReason> {
     // SAFETY: copied immediately; with BPF_F_NO_PREALLOC the element is freed only after
     // every program that could see it has finished.
-    match unsafe { CONFIG.get(&CONFIG_KEY) } {
+    match unsafe { CONFIG.get(CONFIG_KEY) } {
         Some(cfg) if cfg.is_ready() => Ok(*cfg),
         _ => Err(DropReason::NotReady),
     }

@@ -34,7 +34,7 @@ const FABRIC: usize = 0;
 
 const STEPS: &[Step] = &[
     Step {
-        what: "create an overlay network from n1",
+        what: "create an encrypted overlay network from n1 (Docker's example, as written)",
         node: 1,
         args: &[
             "network",
@@ -43,6 +43,8 @@ const STEPS: &[Step] = &[
             "overlay",
             "--subnet",
             "10.10.1.0/24",
+            "--opt",
+            "encrypted",
             "services",
         ],
         expect: &[],
@@ -54,10 +56,10 @@ const STEPS: &[Step] = &[
         expect: &["services"],
     },
     Step {
-        what: "n3 inspects it",
+        what: "n3 inspects it: encrypted, and its MTU leaves room for VXLAN and WireGuard",
         node: 3,
         args: &["network", "inspect", "services"],
-        expect: &["10.10.1.0/24"],
+        expect: &["10.10.1.0/24", "\"encrypted\":true", "\"mtu\":1390"],
     },
     Step {
         what: "every node has joined the cluster",
@@ -123,7 +125,7 @@ const STEPS: &[Step] = &[
         expect: &["10.10.1.2", "10.10.1.3", "10.10.1.4"],
     },
     Step {
-        what: "a on n1 pings b on n2: eBPF routes it into VXLAN with the network's VNI",
+        what: "a on n1 pings b on n2: eBPF routes it into VXLAN, the agent's WireGuard encrypts it",
         node: 1,
         args: &[
             "container",
@@ -318,10 +320,34 @@ const STEPS: &[Step] = &[
         ],
     },
     Step {
-        what: "n1's datapath counters (drops by reason)",
+        what: "a keeps pinging b for a few seconds in the background",
+        node: 1,
+        args: &[
+            "container",
+            "exec",
+            "a",
+            "--",
+            "sh",
+            "-c",
+            "ping -c 15 -i 0.2 10.10.1.3 >/dev/null 2>&1 &",
+        ],
+        expect: &[],
+    },
+    Step {
+        what: "on the wire only WireGuard: a capture on the fabric shows UDP 51820 between the nodes, no VXLAN",
+        node: FABRIC,
+        args: &[
+            "sh",
+            "-c",
+            "timeout 4 tcpdump -nn -i br0 -c 4 udp 2>/dev/null",
+        ],
+        expect: &[".51820 >"],
+    },
+    Step {
+        what: "n1's datapath counters (drops by reason) and its WireGuard peers (handshakes, bytes)",
         node: 1,
         args: &["node", "inspect", "n1"],
-        expect: &["drops"],
+        expect: &["drops", "last_handshake_secs_ago"],
     },
 ];
 

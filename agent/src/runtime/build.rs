@@ -61,7 +61,7 @@ impl Runtime {
             netns: netns.clone(),
             argv: c.command.clone(),
             resolv_conf: Some(resolv),
-            log: dir.join(super::logs::LOG),
+            log: self.log_target(&dir),
             env: vec![("NETAGENT_CONTAINER".into(), c.name.clone())],
         })
         .map_err(|e| {

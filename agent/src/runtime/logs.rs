@@ -1,27 +1,33 @@
-//! Container logs: bounded on disk, read by offset.
+//! Container logs: bounded on disk, lossless, read by offset.
 //!
-//! The process writes its stdout and stderr straight into `log` (opened `O_APPEND`), so it
-//! keeps logging while the agent restarts. Rotation is copy-then-truncate: once `log` is past
-//! the limit, its content becomes `log.1` (replacing the previous one) and `log` is truncated;
-//! `O_APPEND` writers continue at the new end. Lines written between the copy and the
-//! truncation are lost, which is the known price of rotating a file someone else holds open.
+//! A container's stdout and stderr go into a pipe read by a small log shim (`netagent
+//! --log-shim`, started beside the process, in its own session like it), which appends them
+//! to segment files. The shim, not the agent, holds the pipe, so the container keeps logging
+//! while the agent restarts; it ends when every writer has closed the pipe.
 //!
-//! Offsets are logical and only grow: `log.base` holds how many bytes were rotated out of `log`
-//! so far, so `log.1` covers `[base - len(log.1), base)` and `log` covers `[base, base +
-//! len(log))`. A reader that asks for an offset that has been rotated away gets what is still
-//! there.
+//! Offsets are logical and only grow. Each segment is named for the logical offset of its first
+//! byte (`log.<start>`) and is only ever appended to, so a reader never needs a second file
+//! to know where a byte is: it lists the segments and reads across them. Once the live
+//! segment reaches the size limit the shim starts a new one and deletes all but the previous,
+//! so at most two segments (about twice the limit) stay on disk. Nothing is copied or
+//! truncated, so no output is lost to rotation; a reader that asks for an offset that has been
+//! deleted gets the oldest bytes still there.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read as _, Seek as _, SeekFrom};
-use std::path::Path;
+use std::io::{Read, Seek as _, SeekFrom, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
 
-/// Name of the live log in the container's directory.
-pub const LOG: &str = "log";
-const OLD: &str = "log.1";
-const BASE: &str = "log.base";
+const PREFIX: &str = "log.";
+
+/// The folder of a container's state directory that holds its log segments.
+pub const DIR: &str = "logs";
 
 /// Largest chunk one read returns.
 pub const READ_MAX: usize = 1 << 20;
+
+/// The flag that makes `netagent` run as a log shim: `netagent --log-shim <dir> <max-bytes>`.
+pub const SHIM_FLAG: &str = "--log-shim";
 
 /// A read of the log: the bytes from `offset`, and where the next read continues.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,53 +41,78 @@ pub struct Chunk {
     pub end: u64,
 }
 
-fn base(dir: &Path) -> u64 {
-    fs::read_to_string(dir.join(BASE))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+/// The segments in `dir` as (start offset, path), oldest first.
+fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let start = e.file_name().to_str()?.strip_prefix(PREFIX)?.parse().ok()?;
+            Some((start, e.path()))
+        })
+        .collect();
+    out.sort_unstable_by_key(|(start, _)| *start);
+    Ok(out)
 }
 
-fn len(path: &Path) -> u64 {
-    fs::metadata(path).map_or(0, |m| m.len())
+fn segment_path(dir: &Path, start: u64) -> PathBuf {
+    dir.join(format!("{PREFIX}{start}"))
 }
 
-/// Rotates `dir/log` if it holds more than `max_bytes`; returns whether it did.
-pub fn rotate_if_needed(dir: &Path, max_bytes: u64) -> std::io::Result<bool> {
-    let live = dir.join(LOG);
-    let size = len(&live);
-    if size <= max_bytes {
-        return Ok(false);
-    }
-    let old = dir.join(OLD);
-    fs::copy(&live, &old)?;
-    let copied = len(&old);
-    // The new base first: if we die between the two steps, offsets stay monotonic (a reader
-    // may then skip the copied bytes once, never see them twice).
-    let new_base = base(dir) + copied;
-    fs::write(dir.join(BASE), new_base.to_string())?;
-    OpenOptions::new().write(true).open(&live)?.set_len(0)?;
-    Ok(true)
+/// Bytes of log on disk in `dir` (all segments).
+pub fn disk_usage(dir: &Path) -> u64 {
+    segments(dir)
+        .unwrap_or_default()
+        .iter()
+        .map(|(_, p)| fs::metadata(p).map_or(0, |m| m.len()))
+        .sum()
 }
 
 /// Reads up to `max` bytes of the log from logical `offset`.
 pub fn read(dir: &Path, offset: u64, max: usize) -> std::io::Result<Chunk> {
     let max = max.clamp(1, READ_MAX);
-    let base = base(dir);
-    let live = dir.join(LOG);
-    let old = dir.join(OLD);
-    let old_len = len(&old).min(base);
-    let live_len = len(&live);
-    let end = base + live_len;
-    let oldest = base - old_len;
-    let offset = offset.clamp(oldest, end);
-    let mut data = Vec::new();
-    if offset < base {
-        read_into(&old, old_len - (base - offset), max, &mut data)?;
+    let segs = segments(dir)?;
+    // Lengths are taken once, before reading: bytes appended meanwhile wait for the next read.
+    let mut spans = Vec::with_capacity(segs.len());
+    for (start, path) in segs {
+        match fs::metadata(&path) {
+            Ok(m) => spans.push((start, m.len(), path)),
+            // Deleted by a rotation since the listing: it only held older bytes.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     }
-    if data.len() < max && offset + data.len() as u64 >= base {
-        let from = offset + data.len() as u64 - base;
-        read_into(&live, from, max - data.len(), &mut data)?;
+    let oldest = spans.first().map_or(0, |(s, _, _)| *s);
+    let end = spans.last().map_or(0, |(s, l, _)| s + l);
+    let mut offset = offset.clamp(oldest, end);
+    let mut data = Vec::new();
+    for (start, len, path) in &spans {
+        let pos = offset + data.len() as u64;
+        let seg_end = start + len;
+        if pos >= seg_end || data.len() >= max {
+            continue;
+        }
+        // A gap (a segment deleted between listing and reading) skips ahead.
+        if pos < *start {
+            if !data.is_empty() {
+                break;
+            }
+            offset = *start;
+        }
+        let from = offset + data.len() as u64 - start;
+        let want = ((len - from) as usize).min(max - data.len());
+        match read_into(path, from, want, &mut data) {
+            Ok(()) => {}
+            // Rotated away while we read: only older bytes, go on with the next segment.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && data.is_empty() => {
+                offset = seg_end;
+            }
+            Err(e) => return Err(e),
+        }
     }
     let next = offset + data.len() as u64;
     Ok(Chunk {
@@ -93,59 +124,159 @@ pub fn read(dir: &Path, offset: u64, max: usize) -> std::io::Result<Chunk> {
 }
 
 fn read_into(path: &Path, from: u64, max: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
-    let mut f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
+    let mut f = File::open(path)?;
     f.seek(SeekFrom::Start(from))?;
     f.take(max as u64).read_to_end(out)?;
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use std::io::Write as _;
+/// The shim's writer: appends to the live segment, starts a new one past `max` bytes.
+pub struct SegmentWriter {
+    dir: PathBuf,
+    max: u64,
+    start: u64,
+    len: u64,
+    file: File,
+}
 
-    use super::*;
-
-    fn append(dir: &Path, s: &str) {
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(LOG))
-            .unwrap();
-        f.write_all(s.as_bytes()).unwrap();
+impl SegmentWriter {
+    /// Continues the log in `dir` (after the newest segment, if any).
+    pub fn open(dir: &Path, max: u64) -> std::io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let (start, len) = match segments(dir)?.last() {
+            Some((start, path)) => (*start, fs::metadata(path)?.len()),
+            None => (0, 0),
+        };
+        let file = open_segment(dir, start)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            max: max.max(1),
+            start,
+            len,
+            file,
+        })
     }
 
+    /// Appends `buf` (whole: a chunk is never split across segments, so a segment may end
+    /// up to one read past the limit).
+    pub fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if self.len >= self.max {
+            self.rotate()?;
+        }
+        self.file.write_all(buf)?;
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let start = self.start + self.len;
+        self.file = open_segment(&self.dir, start)?;
+        let previous = self.start;
+        self.start = start;
+        self.len = 0;
+        // Keep the segment just finished; everything older goes.
+        for (s, path) in segments(&self.dir)? {
+            if s < previous {
+                let _ = fs::remove_file(path);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn open_segment(dir: &Path, start: u64) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(segment_path(dir, start))
+}
+
+/// The log shim's main loop: copies `input` into the segments of `dir` until end of file.
+pub fn run_shim(mut input: impl Read, dir: &Path, max: u64) -> std::io::Result<()> {
+    let mut out = SegmentWriter::open(dir, max)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.write(&buf[..n])?;
+    }
+}
+
+/// Entry point of `netagent --log-shim <dir> <max-bytes>` (stdin is the container's pipe).
+pub fn shim_main(args: &[String]) -> std::process::ExitCode {
+    let (Some(dir), Some(max)) = (args.first(), args.get(1).and_then(|m| m.parse().ok())) else {
+        eprintln!("usage: netagent {SHIM_FLAG} <dir> <max-bytes>");
+        return std::process::ExitCode::FAILURE;
+    };
+    // The agent's stop signals are not ours: the shim ends when the container's output does.
+    // SAFETY: setting dispositions to SIG_IGN before any threads exist.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+    }
+    match run_shim(std::io::stdin().lock(), Path::new(dir), max) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netagent log shim {dir}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
     #[test]
-    fn offsets_survive_rotation_and_the_file_stays_bounded() {
+    fn offsets_survive_rotation_and_the_disk_stays_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         assert_eq!(read(d, 0, 100).unwrap().data, b"");
-        append(d, "0123456789");
+        let mut w = SegmentWriter::open(d, 5).unwrap();
+        w.write(b"0123456789").unwrap();
         let c = read(d, 0, 4).unwrap();
         assert_eq!(
             (c.data.as_slice(), c.offset, c.next, c.end),
             (&b"0123"[..], 0, 4, 10)
         );
-        assert!(!rotate_if_needed(d, 10).unwrap());
-        assert!(rotate_if_needed(d, 5).unwrap());
-        assert_eq!(len(&d.join(LOG)), 0);
-        // A writer that kept its O_APPEND fd open goes on at the start of the truncated file.
-        append(d, "abc");
-        // Reading across the rotation: the old part from log.1, the rest from log.
+        // Past the limit: the next write starts log.10.
+        w.write(b"abc").unwrap();
+        assert!(d.join("log.10").exists());
+        // Reading across the segments.
         let c = read(d, 4, 100).unwrap();
         assert_eq!(c.data, b"456789abc");
         assert_eq!((c.offset, c.next, c.end), (4, 13, 13));
-        // Twice more: the first rotated part is gone, offsets keep growing.
-        append(d, "defghij");
-        assert!(rotate_if_needed(d, 5).unwrap());
-        append(d, "XY");
+        // Two more rotations: the first segment is gone, offsets keep growing.
+        w.write(b"defghij").unwrap();
+        w.write(b"XY").unwrap();
         let c = read(d, 0, 100).unwrap();
-        assert_eq!(c.offset, 10, "bytes before the oldest kept part are gone");
+        assert_eq!(
+            c.offset, 10,
+            "bytes before the oldest kept segment are gone"
+        );
         assert_eq!(c.data, b"abcdefghijXY");
         assert_eq!(read(d, c.next, 100).unwrap().data, b"");
-        assert!(len(&d.join(OLD)) + len(&d.join(LOG)) <= 2 * 10 + 2);
+        assert_eq!(segments(d).unwrap().len(), 2);
+        // A new writer (a restarted shim) continues after the newest segment.
+        drop(w);
+        let mut w = SegmentWriter::open(d, 5).unwrap();
+        w.write(b"!").unwrap();
+        let c = read(d, 20, 100).unwrap();
+        assert_eq!((c.data.as_slice(), c.offset), (&b"XY!"[..], 20));
+    }
+
+    #[test]
+    fn the_shim_copies_everything_until_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        run_shim(&input[..], dir.path(), 1 << 30).unwrap();
+        let c = read(dir.path(), 0, READ_MAX).unwrap();
+        assert_eq!(c.data, input);
     }
 }

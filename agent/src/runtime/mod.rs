@@ -121,6 +121,21 @@ impl Runtime {
         self.state_dir.join("containers").join(name)
     }
 
+    /// A container's output goes to a log shim: this very binary, run as `--log-shim`.
+    fn log_target(&self, dir: &std::path::Path) -> sandbox::LogTarget {
+        // The binary on disk may have been replaced since start; /proc/self/exe is still us.
+        let exe = std::env::current_exe()
+            .ok()
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+        sandbox::LogTarget::Shim(vec![
+            exe.into_os_string(),
+            logs::SHIM_FLAG.into(),
+            dir.join(logs::DIR).into_os_string(),
+            self.log_max_size.to_string().into(),
+        ])
+    }
+
     fn netns_name(&self, container: &str) -> String {
         format!("{}{container}", self.netns_prefix)
     }
@@ -286,7 +301,7 @@ impl Runtime {
     pub async fn logs(&self, name: &str, offset: u64, max: usize) -> Result<logs::Chunk> {
         let rec = containers::get(&*self.store, name).await?;
         self.check_local(&rec)?;
-        let dir = self.container_dir(name);
+        let dir = self.container_dir(name).join(logs::DIR);
         tokio::task::spawn_blocking(move || logs::read(&dir, offset, max))
             .await
             .map_err(internal("reading the log"))?

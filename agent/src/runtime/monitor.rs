@@ -1,6 +1,5 @@
 //! Watching a container's process: when it ends, the container leaves the balancer and DNS
-//! (here at once, everywhere within the store's round trip), and its exit is recorded. The
-//! same task keeps the container's log bounded while it runs.
+//! (here at once, everywhere within the store's round trip), and its exit is recorded.
 
 use std::os::fd::{FromRawFd as _, OwnedFd};
 use std::sync::Arc;
@@ -10,11 +9,11 @@ use tokio::io::unix::AsyncFd;
 
 use crate::containers;
 use crate::model::ContainerExit;
-use crate::runtime::{Runtime, lock, logs};
+use crate::runtime::{Runtime, lock};
 use crate::sandbox::{self, ProcessHandle};
 
-/// How often the log size is checked.
-const LOG_CHECK: Duration = Duration::from_secs(1);
+/// How often /proc is polled when a pidfd cannot be waited on.
+const POLL: Duration = Duration::from_secs(1);
 /// How long an exit status may take to arrive from the reaper thread once the process is gone.
 const STATUS_WAIT: Duration = Duration::from_secs(1);
 
@@ -47,30 +46,12 @@ impl Runtime {
     }
 
     async fn watch(self: Arc<Self>, name: String, process: ProcessHandle) {
-        let dir = self.container_dir(&name);
-        if let Some(fd) = pidfd(&process) {
-            loop {
-                tokio::select! {
-                    ready = fd.readable() => {
-                        if ready.is_err() {
-                            // Cannot wait on it: fall back to polling /proc.
-                            while sandbox::is_alive(&process) {
-                                tokio::time::sleep(LOG_CHECK).await;
-                            }
-                        }
-                        break;
-                    }
-                    _ = tokio::time::sleep(LOG_CHECK) => {
-                        let dir = dir.clone();
-                        let max = self.log_max_size;
-                        let _ = tokio::task::spawn_blocking(move || {
-                            if let Err(e) = logs::rotate_if_needed(&dir, max) {
-                                tracing::warn!(dir = %dir.display(), error = %e, "rotating log");
-                            }
-                        })
-                        .await;
-                    }
-                }
+        if let Some(fd) = pidfd(&process)
+            && fd.readable().await.is_err()
+        {
+            // Cannot wait on it: fall back to polling /proc.
+            while sandbox::is_alive(&process) {
+                tokio::time::sleep(POLL).await;
             }
         }
         let code = match sandbox::wait_exit(&process, STATUS_WAIT).await {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 pub use iface::{AttachRequest, AttachedInterface, attach, detach, host_ifname_for};
 pub use netns::{NETNS_RUN_DIR, create_netns, delete_netns, is_netns, netns_exists, netns_path};
 pub use process::{
-    ProcessExit, ProcessHandle, SpawnRequest, is_alive, kill_namespace_processes,
+    LogTarget, ProcessExit, ProcessHandle, SpawnRequest, is_alive, kill_namespace_processes,
     process_start_time, spawn, stop, wait_exit,
 };
 

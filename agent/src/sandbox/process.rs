@@ -41,10 +41,20 @@ pub struct SpawnRequest {
     /// the process, so only the process sees it. The bind pins the file's inode: update it
     /// in place (write/truncate), not by rename, or the process keeps the old contents.
     pub resolv_conf: Option<PathBuf>,
-    /// stdout and stderr are appended here (created 0640 if missing).
-    pub log: PathBuf,
+    /// Where stdout and stderr go.
+    pub log: LogTarget,
     /// The process's environment, on top of a default PATH.
     pub env: Vec<(String, String)>,
+}
+
+/// Where a sandbox process's output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Appended to this file (created 0640 if missing).
+    File(PathBuf),
+    /// Into a pipe read by this program (argv), started in its own session beside the
+    /// process; it sees end of file once the process and everything it started are gone.
+    Shim(Vec<std::ffi::OsString>),
 }
 
 /// A running (or once running) process, identified so that pid reuse is detected.
@@ -143,6 +153,64 @@ fn child_fail(msg: &[u8]) -> std::io::Error {
     err
 }
 
+/// The two ends stdout and stderr of the process get.
+fn open_log(target: &LogTarget) -> Result<(OwnedFd, OwnedFd)> {
+    let (out, what) = match target {
+        LogTarget::File(path) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o640)
+                .open(path)
+                .map_err(SandboxError::io("opening log", path))?;
+            (OwnedFd::from(f), path.clone())
+        }
+        LogTarget::Shim(argv) => (spawn_shim(argv)?, PathBuf::from(&argv[0])),
+    };
+    let err = out
+        .try_clone()
+        .map_err(SandboxError::io("duplicating log fd", &what))?;
+    Ok((out, err))
+}
+
+/// Starts the log shim on the read end of a new pipe and returns the write end.
+fn spawn_shim(argv: &[std::ffi::OsString]) -> Result<OwnedFd> {
+    let program = argv
+        .first()
+        .ok_or_else(|| SandboxError::Invalid("empty log shim command".into()))?;
+    let (read, write) = std::io::pipe().map_err(SandboxError::io("creating log pipe", program))?;
+    let mut cmd = Command::new(program);
+    cmd.args(&argv[1..])
+        .stdin(Stdio::from(OwnedFd::from(read)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| SandboxError::Spawn {
+        program: program.to_string_lossy().into_owned(),
+        netns: PathBuf::from("(the agent's)"),
+        source,
+    })?;
+    // Reaped by a thread while this agent runs; after a restart init inherits it.
+    let spawned = std::thread::Builder::new()
+        .name(format!("reap-shim-{}", child.id()))
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let _ = child.wait();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the log shim's reaper thread");
+    }
+    Ok(OwnedFd::from(write))
+}
+
 /// Starts `req.argv` inside `req.netns` and returns its handle.
 ///
 /// The process runs in its own session (no controlling terminal, not in the agent's process
@@ -164,15 +232,7 @@ pub fn spawn(req: &SpawnRequest) -> Result<ProcessHandle> {
     // Opened before the fork: the child may only make raw system calls. O_CLOEXEC (std's
     // default) closes them at exec, so the process does not inherit them.
     let ns = File::open(&req.netns).map_err(SandboxError::io("opening namespace", &req.netns))?;
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(&req.log)
-        .map_err(SandboxError::io("opening log", &req.log))?;
-    let log_err = log
-        .try_clone()
-        .map_err(SandboxError::io("duplicating log fd", &req.log))?;
+    let (log, log_err) = open_log(&req.log)?;
     let resolv = match &req.resolv_conf {
         Some(p) => {
             // Fail here with a clear message rather than with a bare ENOENT from the child.
