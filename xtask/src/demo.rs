@@ -59,7 +59,7 @@ const STEPS: &[Step] = &[
         what: "n3 inspects it: encrypted, and its MTU leaves room for VXLAN and WireGuard",
         node: 3,
         args: &["network", "inspect", "services"],
-        expect: &["10.10.1.0/24", "\"encrypted\":true", "\"mtu\":1390"],
+        expect: &["10.10.1.0/24", "\"encrypted\": true", "\"mtu\": 1390"],
     },
     Step {
         what: "every node has joined the cluster",
