@@ -434,9 +434,23 @@ fn create(
         }
         return Err(DropReason::ConntrackFailed);
     }
+    // The replies' tuple may still belong to another connection: one that reached the same
+    // backend through another node's routing mesh with the same client address and port. A
+    // live one keeps it (the backend cannot tell two connections on one tuple apart); an
+    // ended one gives it up here, or its return route (in CONNTRACK, which lookups consult
+    // first) would take this connection's replies to the other node.
+    let reverse_key = reverse_key_of(key, &forward);
+    if let Some(old) = lookup(&reverse_key) {
+        let live = !clock.expired(key.proto, &old) && old.entry.flags & CT_F_CLOSING == 0;
+        if live {
+            remove(key, Table::New);
+            return Err(DropReason::MeshTupleConflict);
+        }
+        remove(&reverse_key, old.table);
+    }
     CT_NEW
         .insert(
-            reverse_key_of(key, &forward),
+            reverse_key,
             reverse_of(key, &forward, flow.reverse),
             BPF_ANY,
         )
@@ -578,8 +592,11 @@ pub fn record_mesh_return(
             return Ok(());
         }
         // A SYN after the old connection's FIN or RST reuses the tuple; anything else while
-        // the tuple is live through another node would hijack that connection.
-        if live && entry.tunnel_node != node && entry.flags & CT_F_CLOSING == 0 {
+        // the tuple is live through another node (or through this node's own mesh, whose
+        // entry is another kind) would hijack that connection.
+        let open = !clock.expired(key.proto, &found) && entry.flags & CT_F_CLOSING == 0;
+        let other_path = entry.kind != MESH_RETURN || entry.tunnel_node != node;
+        if open && other_path {
             return Err(DropReason::MeshTupleConflict);
         }
         // Expired, closed, or another kind of entry: the new connection takes the tuple.

@@ -436,3 +436,70 @@ fn a_tuple_live_through_one_node_is_not_taken_over_through_another() {
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(fx.ct_entry(&key).expect("entry").tunnel_addr(), REMOTE_NODE);
 }
+
+/// A client reuses its port towards another node while the backend's node still remembers
+/// the ended connection that came through the first one (a client closing first keeps no
+/// TIME_WAIT, so the kernel hands the port out again at once). The new connection through
+/// this node's own published port takes the tuple; a live one through another node keeps it.
+#[test]
+fn a_local_ingress_takes_a_tuple_only_once_its_mesh_connection_ended() {
+    if !have_root() {
+        return;
+    }
+    let mut fx = published();
+    fx.dp
+        .set_backends(SVC_ID, &[ip(LOCAL_PEER_IP)])
+        .expect("set");
+    let marked = |sport: u16, flags: TcpFlags| {
+        let mut f = tcp_frame(OUTSIDE_CLIENT, sport, LOCAL_PEER_IP, 80, flags, b"");
+        f[0..6].copy_from_slice(&LOCAL_PEER_MAC);
+        f[6..12].copy_from_slice(&MESH_INNER_SRC_MAC);
+        f
+    };
+    fx.send_as(LOCAL_PEER_IP, LOCAL_PEER_MAC, 46);
+    // Port 50010: through INGRESS_NODE, established and still open.
+    for flags in [TcpFlags::Syn, TcpFlags::Ack] {
+        let (verdict, _, _) = fx.run_overlay_from(VNI_A, INGRESS_NODE, &marked(50010, flags));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+    }
+    // The same client port through this node: refused while that connection lives.
+    let (verdict, _, _) = fx.run_uplink(&client_syn(50010));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    fx.assert_only_drops(Some(DropReason::MeshTupleConflict), 1);
+    let key = ct_key(LOCAL_PEER_IP, 80, OUTSIDE_CLIENT, 50010, TCP, CT_DIR_REPLY);
+    assert_eq!(
+        fx.ct_entry(&key).expect("kept").tunnel_addr(),
+        INGRESS_NODE,
+        "the open connection keeps its return route"
+    );
+    // Once the client has closed it (FIN through INGRESS_NODE), the tuple is free: the new
+    // connection's replies leave here with the published address, not through the tunnel.
+    let (verdict, _, _) = fx.run_overlay_from(VNI_A, INGRESS_NODE, &marked(50010, TcpFlags::Fin));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (verdict, out, _) = fx.run_uplink(&client_syn(50010));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(parse_checked(&out).dst, LOCAL_PEER_IP);
+    let rev = fx.ct_entry(&key).expect("reverse entry");
+    assert_ct(Some(rev), CtKind::MeshReverse, NODE, 8080);
+    let reply = tcp_frame(
+        LOCAL_PEER_IP,
+        80,
+        OUTSIDE_CLIENT,
+        50010,
+        TcpFlags::SynAck,
+        b"",
+    );
+    let (verdict, out, obs) = fx.run_container_hook(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_ne!(obs.tunnel_key_status, 0, "not into the tunnel");
+    let after = parse_checked(&out);
+    assert_eq!((after.src, after.sport), (NODE, 8080));
+
+    // The other way round: a connection through this node's port, then the same tuple
+    // arriving through another node's mesh, is refused while open.
+    let (verdict, _, _) = fx.run_uplink(&client_syn(50020));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (verdict, _, _) = fx.run_overlay_from(VNI_A, INGRESS_NODE, &marked(50020, TcpFlags::Syn));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(fx.counter(DropReason::MeshTupleConflict), 2);
+}
