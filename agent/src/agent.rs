@@ -22,6 +22,9 @@ use crate::{model, nodes};
 pub const VXLAN_DEVICE: &str = "netagent-vx";
 /// IANA's VXLAN port, as Linux, Docker and Cilium use.
 pub const VXLAN_PORT: u16 = 4789;
+/// TCP port of the agents' API to each other, on their tunnel addresses only (see
+/// `api::peer`): reachable by the other nodes through WireGuard and by nothing else.
+pub const CONTROL_PORT: u16 = 4791;
 
 /// The MAC containers see as their router. Locally administered and the same on every node,
 /// so a container's neighbour entry stays valid wherever its peers live (Calico does the same).
@@ -279,6 +282,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut background = tokio::task::JoinSet::new();
+    let runner = crate::runner::Runner::new(
+        runtime.clone(),
+        store.clone(),
+        args.node_name.clone(),
+        view_rx.clone(),
+        &args.state_dir,
+    );
 
     // Registration retries until the store answers: an agent that starts while etcd is down
     // still serves its API (which reports the outage) and joins once etcd is back. The record
@@ -321,6 +331,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             args.wireguard_port,
         );
         let view_rx = view_rx.clone();
+        let runner = runner.clone();
         background.spawn(async move {
             let setup = TunnelSetup {
                 node: &node,
@@ -334,8 +345,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             };
             match Tunnels::start(setup).await {
                 Ok(t) => {
-                    registration.send_modify(|r| r.wireguard = Some(t.record()));
+                    let record = t.record();
+                    registration.send_modify(|r| r.wireguard = Some(record.clone()));
                     let _ = tunnels.set(t.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = api::peer::serve(record.tunnel_addr, CONTROL_PORT, runner).await {
+                            tracing::error!(error = %e, "the peer API stopped: other nodes cannot read this node's task logs");
+                        }
+                    });
                     t.follow(view_rx).await;
                 }
                 Err(e) => tracing::error!(
@@ -362,6 +379,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     background.spawn(reconciler.clone().run());
+    background.spawn(runner.clone().run());
+    background.spawn(crate::orchestrator::run(
+        store.clone(),
+        args.node_name.clone(),
+        Duration::from_secs(args.lease_ttl),
+        view_rx.clone(),
+        shutdown_rx.clone(),
+    ));
     background.spawn(reconcile::conntrack_gc(datapath.clone()));
 
     let state = ApiState {
@@ -371,6 +396,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ops: tokio_util::task::TaskTracker::new(),
         tunnels,
         registration,
+        runner,
     };
     let ops = state.ops.clone();
     let mut stop = shutdown_rx.clone();

@@ -142,6 +142,12 @@ mod tests {
                 }],
                 ports: vec![],
                 created: String::new(),
+                spec: None,
+                previous_spec: None,
+                version: 0,
+                update_status: None,
+                labels: Default::default(),
+                updated: None,
             },
         );
         for i in 0..BACKENDS_PER_SET_MAX {

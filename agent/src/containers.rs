@@ -33,6 +33,13 @@ pub struct ContainerCreate {
     pub service: Option<String>,
     #[serde(default)]
     pub command: Vec<String>,
+    /// The task this container runs (the orchestrator's containers only; not from the API).
+    #[serde(skip)]
+    pub task: Option<String>,
+    /// Endpoints start unready: the container takes traffic only once it is marked ready
+    /// (a task that passed its health check). Not from the API.
+    #[serde(skip)]
+    pub start_unready: bool,
 }
 
 /// A container with its endpoints, in network order.
@@ -188,7 +195,7 @@ pub async fn reserve(
                     .filter(|svc| svc.networks.iter().any(|n| &n.network == net_name))
                     .map(|svc| svc.name.clone()),
                 aliases: req.aliases.clone(),
-                ready: true,
+                ready: !req.start_unready,
             };
             compares.push(Compare::mod_revision(
                 keys::network(net_name),
@@ -216,6 +223,7 @@ pub async fn reserve(
             start_time: None,
             created: model::now_rfc3339(),
             exit: None,
+            task: req.task.clone(),
         };
         ops.push(Op::put(keys::container(&name), encode(&container)?));
         if store.txn(compares, ops).await? {

@@ -171,6 +171,7 @@ mod tests {
                     uplink_mtu: None,
                     reserved_ports: vec![],
                     wireguard: None,
+                    labels: Default::default(),
                 },
             );
             if alive {
@@ -208,6 +209,12 @@ mod tests {
                 }],
                 ports: vec![crate::model::PortConfig::parse("8080:80").unwrap()],
                 created: String::new(),
+                spec: None,
+                previous_spec: None,
+                version: 0,
+                update_status: None,
+                labels: Default::default(),
+                updated: None,
             },
         );
         let d = dns_view(&v);

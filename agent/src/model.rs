@@ -32,6 +32,32 @@ pub mod keys {
     /// `/netagent/tunnel-addrs/<ip>`: a node's address on the WireGuard tunnel devices.
     pub const TUNNEL_ADDRS: &str = "/netagent/tunnel-addrs/";
 
+    /// `/netagent/tasks/<id>`: a service's task, written by the leader.
+    pub const TASKS: &str = "/netagent/tasks/";
+    /// `/netagent/task-status/<id>`: a task as its node reports it (the node's key alone).
+    pub const TASK_STATUS: &str = "/netagent/task-status/";
+    /// `/netagent/orchestrator/<service>`: bumped by every leader write for the service; the
+    /// leader compares it, so a plan made from a view that missed its own last write fails.
+    pub const ORCHESTRATOR: &str = "/netagent/orchestrator/";
+    /// The leader's key, held under its lease; its revision fences the leader's writes.
+    pub const LEADER: &str = "/netagent/leader";
+    /// `/netagent-secrets/<name>`: outside `ROOT` on purpose, so secret values are never part
+    /// of the watched (and saved) cluster view; agents read one when a task needs it.
+    pub const SECRETS: &str = "/netagent-secrets/";
+
+    pub fn task(id: &str) -> String {
+        format!("{TASKS}{id}")
+    }
+    pub fn task_status(id: &str) -> String {
+        format!("{TASK_STATUS}{id}")
+    }
+    pub fn orchestrator(service: &str) -> String {
+        format!("{ORCHESTRATOR}{service}")
+    }
+    pub fn secret(name: &str) -> String {
+        format!("{SECRETS}{name}")
+    }
+
     pub fn tunnel_addr(ip: std::net::Ipv4Addr) -> String {
         format!("{TUNNEL_ADDRS}{ip}")
     }
@@ -406,6 +432,9 @@ pub struct Node {
     /// The node's end of the encrypted tunnels, once its agent has one.
     #[serde(default)]
     pub wireguard: Option<NodeWireguard>,
+    /// Set with `node update --label-add`; matched by `node.labels.*` constraints.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What other nodes need to tunnel to a node.
@@ -509,6 +538,9 @@ pub struct Container {
     /// when the agent that saw it end was not its parent), and when.
     #[serde(default)]
     pub exit: Option<ContainerExit>,
+    /// The service task it runs, for containers the orchestrator started.
+    #[serde(default)]
+    pub task: Option<String>,
 }
 
 /// How a container's process ended.
@@ -630,7 +662,8 @@ pub struct ServiceNetwork {
     pub vip: Option<Ipv4Addr>,
 }
 
-/// A service as stored. Its replicas are the endpoints whose `service` names it.
+/// A service as stored. Its replicas are the endpoints whose `service` names it: the tasks
+/// the orchestrator runs from `spec`, and containers started by hand with `--service`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub name: String,
@@ -642,6 +675,22 @@ pub struct Service {
     #[serde(default)]
     pub ports: Vec<PortConfig>,
     pub created: String,
+    /// What its tasks run; `None`: a VIP for hand-made replicas only.
+    #[serde(default)]
+    pub spec: Option<netagent_orchestrator::ServiceSpec>,
+    /// The spec before the last update, for `service rollback`.
+    #[serde(default)]
+    pub previous_spec: Option<netagent_orchestrator::ServiceSpec>,
+    /// Bumped by every change of the spec.
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    pub update_status: Option<netagent_orchestrator::UpdateStatus>,
+    /// Service labels (`--label`): metadata, changing them restarts nothing.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub updated: Option<String>,
 }
 
 /// MAC of an endpoint, derived from its address the way Docker does (02:42 + IPv4), so it is

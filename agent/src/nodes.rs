@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use netagent_store::{Compare, LeaseId, Op, Store, StoreError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::error::{AgentError, Result};
@@ -30,6 +30,7 @@ pub struct NodeView {
     pub reserved_ports: Vec<model::ReservedPort>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<serde_json::Value>,
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Filled in only by the node's own agent (it alone can read its kernel state).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub datapath: Option<serde_json::Value>,
@@ -81,8 +82,23 @@ fn view(node: Node, status: NodeStatus) -> NodeView {
         wireguard: node
             .wireguard
             .map(|w| serde_json::to_value(w).unwrap_or_default()),
+        labels: node.labels,
         datapath: None,
     }
+}
+
+/// `node update`: availability and labels, in one compare-and-swap.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeUpdate {
+    /// `active` or `drain`.
+    #[serde(default)]
+    pub availability: Option<String>,
+    /// `KEY=VALUE` (or `KEY`, an empty value).
+    #[serde(default)]
+    pub label_add: Vec<String>,
+    #[serde(default)]
+    pub label_rm: Vec<String>,
 }
 
 pub async fn set_availability(
@@ -90,22 +106,72 @@ pub async fn set_availability(
     name: &str,
     availability: Availability,
 ) -> Result<NodeView> {
+    update(
+        store,
+        name,
+        &NodeUpdate {
+            availability: Some(
+                match availability {
+                    Availability::Active => "active",
+                    Availability::Drain => "drain",
+                }
+                .into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+pub async fn update(store: &dyn Store, name: &str, req: &NodeUpdate) -> Result<NodeView> {
+    let availability: Option<Availability> = match &req.availability {
+        Some(a) => Some(a.parse()?),
+        None => None,
+    };
+    if availability.is_none() && req.label_add.is_empty() && req.label_rm.is_empty() {
+        return Err(AgentError::BadRequest(
+            "nothing to update: give --availability, --label-add or --label-rm".into(),
+        ));
+    }
+    let mut add = Vec::new();
+    for l in &req.label_add {
+        let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
+        if k.is_empty() || k.contains(char::is_whitespace) {
+            return Err(AgentError::BadRequest(format!(
+                "invalid --label-add {l:?}: expected KEY=VALUE"
+            )));
+        }
+        add.push((k.to_string(), v.to_string()));
+    }
     for _ in 0..16 {
         let Some(kv) = store.get(&keys::node(name)).await? else {
             return Err(AgentError::NotFound(format!("node {name:?} not found")));
         };
-        let mut node: Node = serde_json::from_slice(&kv.value)?;
-        if node.availability == availability {
+        let old: Node = serde_json::from_slice(&kv.value)?;
+        let mut node = old.clone();
+        for k in &req.label_rm {
+            if node.labels.remove(k).is_none() {
+                return Err(AgentError::NotFound(format!(
+                    "node {name:?} has no label {k:?}"
+                )));
+            }
+        }
+        for (k, v) in &add {
+            node.labels.insert(k.clone(), v.clone());
+        }
+        if let Some(a) = availability {
+            node.availability = a;
+        }
+        if node == old {
             return get(store, name).await;
         }
-        node.availability = availability;
         let value = serde_json::to_vec(&node)
             .map_err(|e| AgentError::Internal(format!("encoding node: {e}")))?;
         if store
             .compare_and_swap(&keys::node(name), kv.mod_revision, value)
             .await?
         {
-            tracing::info!(node = %name, ?availability, "node availability changed");
+            tracing::info!(node = %name, availability = ?node.availability, labels = ?node.labels, "node updated");
             return get(store, name).await;
         }
     }
@@ -149,6 +215,7 @@ pub async fn register(store: &dyn Store, name: &str, reg: &Registration) -> Resu
                     uplink_mtu: Some(reg.uplink_mtu),
                     reserved_ports: reg.reserved_ports.clone(),
                     wireguard: reg.wireguard.clone(),
+                    labels: Default::default(),
                 },
                 0,
             ),

@@ -77,6 +77,7 @@ impl Tunnels {
             tun_name: TUN_DEVICE.into(),
             tunnel_addr,
             vxlan_port: VXLAN_ENC_PORT,
+            control_port: crate::agent::CONTROL_PORT,
             listen: SocketAddrV4::new(s.advertise, s.port),
             key: key.clone(),
         })

@@ -25,6 +25,43 @@ pub struct ClusterView {
     pub services: BTreeMap<String, Service>,
     #[serde(default)]
     pub containers: BTreeMap<String, Container>,
+    #[serde(default)]
+    pub tasks: BTreeMap<String, netagent_orchestrator::Task>,
+    #[serde(default)]
+    pub task_status: BTreeMap<String, netagent_orchestrator::TaskStatus>,
+    /// Revisions the orchestrator fences its writes on: service records, its own per-service
+    /// keys, the leader key.
+    #[serde(default)]
+    pub revisions: BTreeMap<String, Revision>,
+    /// The node holding the leader key.
+    #[serde(default)]
+    pub leader: Option<String>,
+}
+
+/// Keys whose revisions the view keeps (see [`ClusterView::revisions`]).
+fn keeps_revision(key: &str) -> bool {
+    key.starts_with(keys::SERVICES) || key.starts_with(keys::ORCHESTRATOR) || key == keys::LEADER
+}
+
+fn decode<T: serde::de::DeserializeOwned>(kv: &KeyValue, what: &str) -> Option<T> {
+    match serde_json::from_slice(&kv.value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(key = %kv.key, error = %e, "skipping corrupt {what}");
+            None
+        }
+    }
+}
+
+fn put_decoded<T: serde::de::DeserializeOwned>(
+    map: &mut BTreeMap<String, T>,
+    name: &str,
+    kv: &KeyValue,
+    what: &str,
+) {
+    if let Some(v) = decode(kv, what) {
+        map.insert(name.to_string(), v);
+    }
 }
 
 impl ClusterView {
@@ -74,47 +111,33 @@ impl ClusterView {
     }
 
     fn put(&mut self, kv: &KeyValue) {
-        if let Some(name) = kv.key.strip_prefix(keys::NETWORKS) {
-            match serde_json::from_slice(&kv.value) {
-                Ok(n) => {
-                    self.networks.insert(name.to_string(), n);
-                }
-                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping corrupt network"),
-            }
-        } else if let Some(name) = kv.key.strip_prefix(keys::NODES) {
-            match serde_json::from_slice(&kv.value) {
-                Ok(n) => {
-                    self.nodes.insert(name.to_string(), n);
-                }
-                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping corrupt node"),
-            }
-        } else if let Some(name) = kv.key.strip_prefix(keys::ALIVE) {
+        if keeps_revision(&kv.key) {
+            self.revisions.insert(kv.key.clone(), kv.mod_revision);
+        }
+        let k = kv.key.as_str();
+        if let Some(name) = k.strip_prefix(keys::NETWORKS) {
+            put_decoded(&mut self.networks, name, kv, "network");
+        } else if let Some(name) = k.strip_prefix(keys::NODES) {
+            put_decoded(&mut self.nodes, name, kv, "node");
+        } else if let Some(name) = k.strip_prefix(keys::ALIVE) {
             self.alive.insert(name.to_string());
-        } else if let Some(name) = kv.key.strip_prefix(keys::SERVICES) {
-            match serde_json::from_slice(&kv.value) {
-                Ok(s) => {
-                    self.services.insert(name.to_string(), s);
-                }
-                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping corrupt service"),
-            }
-        } else if let Some(id) = kv.key.strip_prefix(keys::ENDPOINTS) {
-            match serde_json::from_slice(&kv.value) {
-                Ok(e) => {
-                    self.endpoints.insert(id.to_string(), e);
-                }
-                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping corrupt endpoint"),
-            }
-        } else if let Some(name) = kv.key.strip_prefix(keys::CONTAINERS) {
-            match serde_json::from_slice(&kv.value) {
-                Ok(c) => {
-                    self.containers.insert(name.to_string(), c);
-                }
-                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping corrupt container"),
-            }
+        } else if let Some(name) = k.strip_prefix(keys::SERVICES) {
+            put_decoded(&mut self.services, name, kv, "service");
+        } else if let Some(id) = k.strip_prefix(keys::ENDPOINTS) {
+            put_decoded(&mut self.endpoints, id, kv, "endpoint");
+        } else if let Some(name) = k.strip_prefix(keys::CONTAINERS) {
+            put_decoded(&mut self.containers, name, kv, "container");
+        } else if let Some(id) = k.strip_prefix(keys::TASKS) {
+            put_decoded(&mut self.tasks, id, kv, "task");
+        } else if let Some(id) = k.strip_prefix(keys::TASK_STATUS) {
+            put_decoded(&mut self.task_status, id, kv, "task status");
+        } else if k == keys::LEADER {
+            self.leader = decode::<crate::orchestrator::LeaderRecord>(kv, "leader").map(|l| l.node);
         }
     }
 
     fn delete(&mut self, key: &str) {
+        self.revisions.remove(key);
         if let Some(name) = key.strip_prefix(keys::NETWORKS) {
             self.networks.remove(name);
         } else if let Some(name) = key.strip_prefix(keys::NODES) {
@@ -127,6 +150,12 @@ impl ClusterView {
             self.endpoints.remove(id);
         } else if let Some(name) = key.strip_prefix(keys::CONTAINERS) {
             self.containers.remove(name);
+        } else if let Some(id) = key.strip_prefix(keys::TASKS) {
+            self.tasks.remove(id);
+        } else if let Some(id) = key.strip_prefix(keys::TASK_STATUS) {
+            self.task_status.remove(id);
+        } else if key == keys::LEADER {
+            self.leader = None;
         }
     }
 

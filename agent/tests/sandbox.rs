@@ -429,6 +429,10 @@ fn spawn_req(ns: &NsGuard, log: &Path, argv: &[&str]) -> SpawnRequest {
         resolv_conf: None,
         log: sandbox::LogTarget::File(log.to_path_buf()),
         env: Vec::new(),
+        hosts_file: None,
+        hostname: None,
+        mounts: Vec::new(),
+        secrets: Vec::new(),
     }
 }
 

@@ -58,14 +58,6 @@ impl Client {
         self.request(Method::POST, path, Some(body)).await
     }
 
-    pub async fn put(
-        &self,
-        path: &str,
-        body: &serde_json::Value,
-    ) -> anyhow::Result<serde_json::Value> {
-        self.request(Method::PUT, path, Some(body)).await
-    }
-
     pub async fn delete(&self, path: &str) -> anyhow::Result<serde_json::Value> {
         self.request(Method::DELETE, path, None).await
     }

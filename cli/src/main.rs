@@ -2,6 +2,8 @@
 
 mod client;
 mod container;
+mod node;
+mod secret;
 mod service;
 mod table;
 
@@ -47,15 +49,18 @@ enum Command {
     /// Manage overlay networks.
     #[command(subcommand)]
     Network(NetworkCmd),
-    /// Inspect nodes and change their availability.
+    /// Inspect nodes and change their availability and labels.
     #[command(subcommand)]
-    Node(NodeCmd),
+    Node(node::NodeCmd),
     /// Run and manage containers (sandboxes) on the agent's node.
     #[command(subcommand)]
     Container(container::ContainerCmd),
     /// Manage services: virtual IPs, published ports, replicas.
     #[command(subcommand)]
-    Service(service::ServiceCmd),
+    Service(Box<service::ServiceCmd>),
+    /// Manage secrets for services' tasks (read at /run/secrets/NAME).
+    #[command(subcommand)]
+    Secret(secret::SecretCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,30 +96,6 @@ enum NetworkCmd {
         names: Vec<String>,
     },
     /// Remove networks.
-    #[command(alias = "remove")]
-    Rm {
-        #[arg(required = true)]
-        names: Vec<String>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum NodeCmd {
-    /// List nodes.
-    #[command(alias = "list")]
-    Ls,
-    /// Show a node in detail (JSON).
-    Inspect { name: String },
-    /// Change a node's availability.
-    Update {
-        #[arg(long)]
-        availability: String,
-        name: String,
-    },
-    /// Give this node (the agent netctl talks to) a new WireGuard key; peers switch over
-    /// without interrupting traffic.
-    RotateKey,
-    /// Forget nodes that are down and run nothing (their peers and routes go everywhere).
     #[command(alias = "remove")]
     Rm {
         #[arg(required = true)]
@@ -167,9 +148,14 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Network(cmd) => network(&client, cli.format, cmd)
             .await
             .map(|()| Outcome::Done),
-        Command::Node(cmd) => node(&client, cli.format, cmd).await.map(|()| Outcome::Done),
+        Command::Node(cmd) => node::run(&client, cli.format, cmd)
+            .await
+            .map(|()| Outcome::Done),
+        Command::Secret(cmd) => secret::run(&client, cli.format, cmd)
+            .await
+            .map(|()| Outcome::Done),
         Command::Container(cmd) => container::run(&client, cli.format, cmd).await,
-        Command::Service(cmd) => service::run(&client, cli.format, cmd)
+        Command::Service(cmd) => service::run(&client, cli.format, *cmd)
             .await
             .map(|()| Outcome::Done),
     }
@@ -276,65 +262,6 @@ async fn network(client: &Client, format: Format, cmd: NetworkCmd) -> anyhow::Re
             }
             if !failed.is_empty() {
                 bail!("{}", failed.join("; "));
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn node(client: &Client, format: Format, cmd: NodeCmd) -> anyhow::Result<()> {
-    match cmd {
-        NodeCmd::Ls => {
-            let nodes = client.get("/v1/nodes").await?;
-            match format {
-                Format::Json => println!("{nodes}"),
-                Format::Table => {
-                    let rows = as_array(&nodes)
-                        .iter()
-                        .map(|n| {
-                            vec![
-                                str_field(n, "name"),
-                                str_field(n, "address"),
-                                str_field(n, "status"),
-                                str_field(n, "availability"),
-                            ]
-                        })
-                        .collect();
-                    table::print(&["NAME", "ADDRESS", "STATUS", "AVAILABILITY"], rows);
-                }
-            }
-        }
-        NodeCmd::Inspect { name } => {
-            let n = client.get(&format!("/v1/nodes/{}", seg(&name))).await?;
-            print_inspect(format, vec![n])?;
-        }
-        NodeCmd::Rm { names } => {
-            for name in &names {
-                client.delete(&format!("/v1/nodes/{}", seg(name))).await?;
-                println!("{name}");
-            }
-        }
-        NodeCmd::RotateKey => {
-            let ping = client.get("/v1/ping").await?;
-            let name = str_field(&ping, "node");
-            let r = client
-                .post(&format!("/v1/nodes/{}/rotate-key", seg(&name)), &json!({}))
-                .await?;
-            match format {
-                Format::Json => println!("{r}"),
-                Format::Table => println!("{name} {}", str_field(&r, "public_key")),
-            }
-        }
-        NodeCmd::Update { availability, name } => {
-            let n = client
-                .put(
-                    &format!("/v1/nodes/{}/availability", seg(&name)),
-                    &json!({ "availability": availability }),
-                )
-                .await?;
-            match format {
-                Format::Json => println!("{n}"),
-                Format::Table => println!("{name}"),
             }
         }
     }

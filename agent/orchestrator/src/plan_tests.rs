@@ -53,7 +53,6 @@ impl Sim {
                 task: template("v1"),
                 update: UpdateConfig::default(),
                 rollback: UpdateConfig::default(),
-                labels: BTreeMap::new(),
             },
             previous: None,
             version: 1,

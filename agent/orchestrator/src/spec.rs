@@ -42,7 +42,7 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// A service's whole spec. Changing `task` rolls out new tasks; the rest does not.
+/// What a service runs and how. Changing `task` rolls out new tasks; the rest does not.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub mode: Mode,
@@ -51,14 +51,11 @@ pub struct ServiceSpec {
     pub task: TaskTemplate,
     pub update: UpdateConfig,
     pub rollback: UpdateConfig,
-    /// Service labels (`--label`): metadata; changing them restarts nothing.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
 }
 
 /// What each task runs. Tasks keep the template they were made from, so a running task never
 /// changes under a rolling update: it is replaced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskTemplate {
     pub command: Vec<String>,
     /// `KEY=VALUE`, in the order given.
@@ -89,6 +86,24 @@ pub struct TaskTemplate {
 
 fn default_stop_grace() -> u64 {
     10_000
+}
+
+impl Default for TaskTemplate {
+    fn default() -> Self {
+        Self {
+            command: Vec::new(),
+            env: Vec::new(),
+            labels: BTreeMap::new(),
+            mounts: Vec::new(),
+            secrets: Vec::new(),
+            hostname: None,
+            health: None,
+            restart: RestartPolicy::default(),
+            stop_grace_ms: default_stop_grace(),
+            constraints: Vec::new(),
+            force_update: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -642,7 +657,6 @@ mod tests {
             },
             update: UpdateConfig::default(),
             rollback: UpdateConfig::default(),
-            labels: BTreeMap::new(),
         };
         spec.validate().unwrap();
         spec.replicas = MAX_REPLICAS + 1;
@@ -665,6 +679,7 @@ mod tests {
     fn defaults_follow_docker() {
         let t: TaskTemplate = serde_json::from_str(r#"{"command":["x"]}"#).unwrap();
         assert_eq!(t.stop_grace_ms, 10_000);
+        assert_eq!(TaskTemplate::default().stop_grace_ms, 10_000);
         assert_eq!(t.restart, RestartPolicy::default());
         assert_eq!(t.restart.delay_ms, 5_000);
         let u = UpdateConfig::default();

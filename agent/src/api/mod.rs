@@ -18,10 +18,13 @@ use crate::containers::{self, ContainerCreate};
 use crate::error::AgentError;
 use crate::model::{Availability, NetworkCreate};
 use crate::runtime::{AttachRequest, ContainerView, Runtime, lock};
-use crate::services::{self, ServiceCreate, ServiceUpdate, ServiceView};
 use crate::{capacity, networks, nodes};
 
 mod listener;
+pub mod peer;
+mod secrets;
+mod services;
+mod tasks;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -36,6 +39,8 @@ pub struct ApiState {
     pub tunnels: Arc<std::sync::OnceLock<Arc<crate::tunnels::Tunnels>>>,
     /// This node's record as the agent keeps publishing it.
     pub registration: tokio::sync::watch::Sender<nodes::Registration>,
+    /// Runs this node's tasks (and has their logs).
+    pub runner: Arc<crate::runner::Runner>,
 }
 
 impl ApiState {
@@ -71,12 +76,21 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/containers/{name}/wait", post(container_wait))
         .route("/v1/containers/{name}/logs", get(container_logs))
-        .route("/v1/services", get(service_list).post(service_create))
+        .route("/v1/services", get(services::list).post(services::create))
         .route(
             "/v1/services/{name}",
-            get(service_inspect).delete(service_remove),
+            get(services::inspect).delete(services::remove),
         )
-        .route("/v1/services/{name}/update", post(service_update))
+        .route("/v1/services/{name}/update", post(services::update))
+        .route("/v1/services/{name}/rollback", post(services::rollback))
+        .route("/v1/services/{name}/tasks", get(services::tasks))
+        .route("/v1/tasks/{id}/logs", get(tasks::logs))
+        .route("/v1/secrets", get(secrets::list).post(secrets::create))
+        .route(
+            "/v1/secrets/{name}",
+            get(secrets::inspect).delete(secrets::remove),
+        )
+        .route("/v1/nodes/{name}/update", post(node_update))
         .route("/v1/attach", post(attach))
         .route("/v1/attach/{id}", delete(detach))
         .fallback(|| async { AgentError::NotFound("no such API path".into()) })
@@ -276,6 +290,15 @@ async fn node_availability(
     ))
 }
 
+async fn node_update(
+    State(st): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<nodes::NodeView> {
+    let req: nodes::NodeUpdate = parse_body(&body)?;
+    Ok(axum::Json(nodes::update(&*st.store, &name, &req).await?))
+}
+
 async fn container_run(
     State(st): State<ApiState>,
     body: Bytes,
@@ -400,57 +423,4 @@ async fn detach(
     st.run_op(async move { rt.detach_external(&id).await })
         .await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-async fn service_create(
-    State(st): State<ApiState>,
-    body: Bytes,
-) -> Result<(StatusCode, axum::Json<ServiceView>), AgentError> {
-    let req: ServiceCreate = parse_body(&body)?;
-    let mode = services::parse_mode(req.endpoint_mode.as_deref())?;
-    capacity::check_service(
-        &st.runtime.reconciler.view(),
-        req.networks.len(),
-        req.publish.len(),
-        mode,
-    )?;
-    let svc = services::create(&*st.store, &req).await?;
-    let eps = services::all_endpoints(&*st.store).await?;
-    Ok((StatusCode::CREATED, axum::Json(services::view(&svc, &eps))))
-}
-
-async fn service_list(State(st): State<ApiState>) -> ApiResult<Vec<ServiceView>> {
-    let svcs = services::list(&*st.store).await?;
-    let eps = services::all_endpoints(&*st.store).await?;
-    Ok(axum::Json(
-        svcs.iter().map(|s| services::view(s, &eps)).collect(),
-    ))
-}
-
-async fn service_inspect(
-    State(st): State<ApiState>,
-    UrlPath(name): UrlPath<String>,
-) -> ApiResult<ServiceView> {
-    let (svc, _) = services::get(&*st.store, &name).await?;
-    let eps = services::all_endpoints(&*st.store).await?;
-    Ok(axum::Json(services::view(&svc, &eps)))
-}
-
-async fn service_remove(
-    State(st): State<ApiState>,
-    UrlPath(name): UrlPath<String>,
-) -> Result<StatusCode, AgentError> {
-    services::remove(&*st.store, &name).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn service_update(
-    State(st): State<ApiState>,
-    UrlPath(name): UrlPath<String>,
-    body: Bytes,
-) -> ApiResult<ServiceView> {
-    let req: ServiceUpdate = parse_body(&body)?;
-    let svc = services::update(&*st.store, &name, &req).await?;
-    let eps = services::all_endpoints(&*st.store).await?;
-    Ok(axum::Json(services::view(&svc, &eps)))
 }

@@ -219,6 +219,7 @@ mod tests {
                     uplink_mtu: None,
                     reserved_ports: vec![],
                     wireguard: None,
+                    labels: Default::default(),
                 },
             );
         }
@@ -270,6 +271,12 @@ mod tests {
                 }],
                 ports: vec![crate::model::PortConfig::parse("8080:80").unwrap()],
                 created: String::new(),
+                spec: None,
+                previous_spec: None,
+                version: 0,
+                update_status: None,
+                labels: Default::default(),
+                updated: None,
             },
         );
         let ifx = LocalState::with_ifaces([("nac1", 11u32)]);

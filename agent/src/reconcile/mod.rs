@@ -139,6 +139,12 @@ impl Reconciler {
         self.adopted.send_replace(true);
     }
 
+    /// Returns once the runtime has taken back this node's containers.
+    pub async fn wait_adopted(&self) {
+        let mut rx = self.adopted.subscribe();
+        let _ = rx.wait_for(|a| *a).await;
+    }
+
     pub fn status(&self) -> ReconcileStatus {
         lock(&self.status).clone()
     }

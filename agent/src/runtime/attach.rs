@@ -125,7 +125,7 @@ impl Runtime {
                 "{id:?} is a container; remove it with `container rm`"
             )));
         }
-        self.teardown(&rec).await;
+        self.teardown(&rec, super::STOP_GRACE, None).await;
         containers::release(&*self.store, &rec).await
     }
 }

@@ -34,6 +34,7 @@ impl Runtime {
         &self,
         rec: &ContainerRecord,
         built: &mut Built,
+        extras: &super::SandboxExtras,
     ) -> Result<sandbox::ProcessHandle> {
         let c = &rec.container;
         let ns_name = self.netns_name(&c.name);
@@ -53,6 +54,24 @@ impl Runtime {
         // service names from being tried against search domains first.
         std::fs::write(&resolv, "nameserver 127.0.0.11\noptions ndots:0\n")
             .map_err(internal("writing resolv.conf"))?;
+        // A sandbox with its own hostname resolves it to its own address without asking DNS
+        // (as Docker's /etc/hosts does): servers that look their name up at start (Python's
+        // http.server) would otherwise wait for a resolver timeout.
+        let hosts = match (&extras.hostname, rec.endpoints.first()) {
+            (Some(h), Some(ep)) => {
+                let path = dir.join("hosts");
+                std::fs::write(
+                    &path,
+                    format!(
+                        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{h}\n",
+                        ep.ip
+                    ),
+                )
+                .map_err(internal("writing the hosts file"))?;
+                Some(path)
+            }
+            _ => None,
+        };
         self.dns
             .start(&c.name, &netns, &c.networks)
             .map_err(internal("starting the container's DNS"))?;
@@ -62,7 +81,13 @@ impl Runtime {
             argv: c.command.clone(),
             resolv_conf: Some(resolv),
             log: self.log_target(&dir),
-            env: vec![("NETAGENT_CONTAINER".into(), c.name.clone())],
+            env: std::iter::once(("NETAGENT_CONTAINER".into(), c.name.clone()))
+                .chain(extras.env.iter().cloned())
+                .collect(),
+            hosts_file: hosts,
+            hostname: extras.hostname.clone(),
+            mounts: extras.mounts.clone(),
+            secrets: extras.secrets.clone(),
         })
         .map_err(|e| {
             AgentError::BadRequest(format!("cannot start {:?}: {e}", c.command.join(" ")))
@@ -202,8 +227,14 @@ impl Runtime {
     }
 
     /// Removes everything the kernel holds for a container (`rm`, detach); tolerant of parts
-    /// already gone. The process is stopped only after the container left the balancer.
-    pub(super) async fn teardown(&self, rec: &ContainerRecord) {
+    /// already gone. The process is stopped only after the container left the balancer, and
+    /// gets `grace` between SIGTERM and SIGKILL. `keep_logs`: move the log there first.
+    pub(super) async fn teardown(
+        &self,
+        rec: &ContainerRecord,
+        grace: std::time::Duration,
+        keep_logs: Option<&Path>,
+    ) {
         let c = &rec.container;
         self.take_out_of_service(rec).await;
         if let Some(m) = lock(&self.monitors).remove(&c.name) {
@@ -213,7 +244,7 @@ impl Runtime {
         self.dns.stop(&c.name).await;
         if let (Some(pid), Some(start_time)) = (c.pid, c.start_time) {
             let p = sandbox::ProcessHandle { pid, start_time };
-            if let Err(e) = sandbox::stop(&p, STOP_GRACE).await {
+            if let Err(e) = sandbox::stop(&p, grace).await {
                 tracing::warn!(container = %c.name, error = %e, "stopping process");
             }
         }
@@ -236,6 +267,18 @@ impl Runtime {
         if c.kind == ContainerKind::Sandbox {
             if let Err(e) = sandbox::delete_netns(&self.netns_name(&c.name)) {
                 tracing::warn!(container = %c.name, error = %e, "deleting namespace");
+            }
+            if let Some(to) = keep_logs {
+                let from = self.container_dir(&c.name).join(super::logs::DIR);
+                let moved = to
+                    .parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|()| std::fs::rename(&from, to));
+                if let Err(e) = moved
+                    && from.exists()
+                {
+                    tracing::warn!(container = %c.name, error = %e, "keeping the log");
+                }
             }
             let _ = std::fs::remove_dir_all(self.container_dir(&c.name));
         }

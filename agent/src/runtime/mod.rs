@@ -37,6 +37,15 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// is signalled: long enough for every node to have stopped sending it new connections.
 const DRAIN: Duration = Duration::from_secs(1);
 
+/// What a task's sandbox has beyond a plain container's.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxExtras {
+    pub env: Vec<(String, String)>,
+    pub hostname: Option<String>,
+    pub mounts: Vec<sandbox::MountRequest>,
+    pub secrets: Vec<sandbox::SecretFile>,
+}
+
 /// Node settings the runtime needs.
 pub struct RuntimeConfig {
     pub node: String,
@@ -142,6 +151,15 @@ impl Runtime {
 
     /// `container run`: reserve in the store, then build the sandbox; undo both on failure.
     pub async fn run(self: &Arc<Self>, req: &ContainerCreate) -> Result<ContainerView> {
+        self.run_with(req, &SandboxExtras::default()).await
+    }
+
+    /// `run`, with what a task adds to its sandbox.
+    pub async fn run_with(
+        self: &Arc<Self>,
+        req: &ContainerCreate,
+        extras: &SandboxExtras,
+    ) -> Result<ContainerView> {
         // Refused before anything is reserved: a namespace of that name is not ours.
         if let Some(name) = &req.name {
             let ns = self.netns_name(name);
@@ -168,7 +186,7 @@ impl Runtime {
         )
         .await?;
         let mut built = build::Built::default();
-        let outcome = self.build_sandbox(&rec, &mut built).await;
+        let outcome = self.build_sandbox(&rec, &mut built, extras).await;
         let mut rec = rec;
         let result = match outcome {
             Ok(process) => {
@@ -223,10 +241,40 @@ impl Runtime {
                 "{name:?} is an external attachment; detach it with the attach API"
             )));
         }
-        self.teardown(&rec).await;
+        self.teardown(&rec, STOP_GRACE, None).await;
         containers::release(&*self.store, &rec).await?;
         lock(&self.exits).remove(name);
         Ok(())
+    }
+
+    /// Stops and removes a task's container: out of the balancer and DNS, a drain, SIGTERM,
+    /// SIGKILL after `grace`; its log moves to `keep_logs` for `service logs`.
+    pub async fn remove_task_container(
+        &self,
+        name: &str,
+        grace: Duration,
+        keep_logs: &std::path::Path,
+    ) -> Result<()> {
+        let rec = match containers::get(&*self.store, name).await {
+            Ok(rec) => rec,
+            // The store may be down: what the view knows is enough to stop it.
+            Err(AgentError::Unavailable(_)) => self
+                .reconciler
+                .view()
+                .container_record(name)
+                .ok_or_else(|| AgentError::NotFound(format!("container {name:?} not found")))?,
+            Err(e) => return Err(e),
+        };
+        self.check_local(&rec)?;
+        self.teardown(&rec, grace, Some(keep_logs)).await;
+        containers::release(&*self.store, &rec).await?;
+        lock(&self.exits).remove(name);
+        Ok(())
+    }
+
+    /// Where the log of a local container is, if it still runs here.
+    pub fn log_dir(&self, container: &str) -> PathBuf {
+        self.container_dir(container).join(logs::DIR)
     }
 
     pub fn state_of(&self, rec: &ContainerRecord) -> &'static str {

@@ -5,18 +5,22 @@
 //! paths, and it makes or removes exactly those kernel objects. Every creation undoes itself
 //! on failure, so a failed call leaves nothing behind for the caller to find.
 
+mod exec;
 mod iface;
 mod netns;
 mod process;
+mod setup;
 
 use std::path::PathBuf;
 
+pub use exec::{ExecOutcome, exec_in};
 pub use iface::{AttachRequest, AttachedInterface, attach, detach, host_ifname_for};
 pub use netns::{NETNS_RUN_DIR, create_netns, delete_netns, is_netns, netns_exists, netns_path};
 pub use process::{
     LogTarget, ProcessExit, ProcessHandle, SpawnRequest, is_alive, kill_namespace_processes,
     process_start_time, spawn, stop, wait_exit,
 };
+pub use setup::{MountRequest, MountRequestKind, SECRETS_DIR, SecretFile};
 
 use crate::netlink::NetlinkError;
 

@@ -3,10 +3,8 @@
 //! tell its process from an unrelated one that got the same pid.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
@@ -21,7 +19,8 @@ use super::{Result, SandboxError};
 
 /// The PATH a sandbox process starts with unless the request sets one: the agent's own
 /// environment is not passed on (it would leak the agent's settings into every container).
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(super) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How long [`stop`] waits after SIGKILL before reporting the process as unkillable (e.g.
 /// stuck in uninterruptible sleep).
@@ -45,6 +44,13 @@ pub struct SpawnRequest {
     pub log: LogTarget,
     /// The process's environment, on top of a default PATH.
     pub env: Vec<(String, String)>,
+    /// Bind-mounted (read-only) over /etc/hosts, like `resolv_conf`.
+    pub hosts_file: Option<PathBuf>,
+    /// Set in a UTS namespace of its own.
+    pub hostname: Option<String>,
+    pub mounts: Vec<super::MountRequest>,
+    /// Files on a tmpfs at /run/secrets that only the process's mount namespace has.
+    pub secrets: Vec<super::SecretFile>,
 }
 
 /// Where a sandbox process's output goes.
@@ -138,21 +144,6 @@ pub fn is_alive(handle: &ProcessHandle) -> bool {
         if start == handle.start_time && state != 'Z' && state != 'X' && state != 'x')
 }
 
-fn cstring(what: &str, bytes: &[u8]) -> Result<CString> {
-    CString::new(bytes).map_err(|_| SandboxError::Invalid(format!("{what} contains a NUL byte")))
-}
-
-/// Writes a fixed message to stderr (the log file by then) from the forked child, where only
-/// async-signal-safe calls are allowed, so the log says which setup step failed.
-fn child_fail(msg: &[u8]) -> std::io::Error {
-    let err = std::io::Error::last_os_error();
-    // SAFETY: write(2) on fd 2 with a valid buffer; async-signal-safe.
-    unsafe {
-        libc::write(2, msg.as_ptr().cast(), msg.len());
-    }
-    err
-}
-
 /// The two ends stdout and stderr of the process get.
 fn open_log(target: &LogTarget) -> Result<(OwnedFd, OwnedFd)> {
     let (out, what) = match target {
@@ -233,21 +224,13 @@ pub fn spawn(req: &SpawnRequest) -> Result<ProcessHandle> {
     // default) closes them at exec, so the process does not inherit them.
     let ns = File::open(&req.netns).map_err(SandboxError::io("opening namespace", &req.netns))?;
     let (log, log_err) = open_log(&req.log)?;
-    let resolv = match &req.resolv_conf {
-        Some(p) => {
-            // Fail here with a clear message rather than with a bare ENOENT from the child.
-            if !p.is_file() {
-                return Err(SandboxError::Invalid(format!(
-                    "resolv.conf {} is not a file",
-                    p.display()
-                )));
-            }
-            Some(cstring("resolv.conf path", p.as_os_str().as_bytes())?)
-        }
-        None => None,
-    };
-    let etc_resolv = cstring("target", b"/etc/resolv.conf")?;
-    let root = cstring("root", b"/")?;
+    let setup = super::setup::ChildSetup::prepare(
+        req.resolv_conf.as_deref(),
+        req.hosts_file.as_deref(),
+        &req.mounts,
+        &req.secrets,
+        req.hostname.as_deref(),
+    )?;
     let ns_fd = ns.as_raw_fd();
 
     let mut cmd = Command::new(&program);
@@ -261,62 +244,20 @@ pub fn spawn(req: &SpawnRequest) -> Result<ProcessHandle> {
         .stderr(Stdio::from(log_err));
 
     // SAFETY: the closure runs in the forked child before exec and only makes raw system
-    // calls (setsid, setns, unshare, mount, write) on values prepared before the fork; it
+    // calls (setsid, setns, and the namespace setup) on values prepared before the fork; it
     // allocates nothing and takes no locks.
     unsafe {
         cmd.pre_exec(move || {
             // Own session: the agent's terminal or process group signals do not reach it.
             if libc::setsid() < 0 {
-                return Err(child_fail(b"netagent: setsid failed\n"));
+                return Err(super::setup::child_fail(b"netagent: setsid failed\n"));
             }
             if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(child_fail(
+                return Err(super::setup::child_fail(
                     b"netagent: entering the network namespace failed\n",
                 ));
             }
-            if let Some(src) = &resolv {
-                // A mount namespace of its own, so the resolv.conf bind is invisible to the
-                // node. Slave, not private: mounts made on the node later still show up
-                // inside (the process sees the node's filesystem), ours never leak out.
-                if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                    return Err(child_fail(b"netagent: unshare(CLONE_NEWNS) failed\n"));
-                }
-                if libc::mount(
-                    std::ptr::null(),
-                    root.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_SLAVE,
-                    std::ptr::null(),
-                ) != 0
-                {
-                    return Err(child_fail(b"netagent: making / a slave mount failed\n"));
-                }
-                if libc::mount(
-                    src.as_ptr(),
-                    etc_resolv.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ) != 0
-                {
-                    return Err(child_fail(
-                        b"netagent: bind-mounting resolv.conf over /etc/resolv.conf failed\n",
-                    ));
-                }
-                // Read-only, so the process cannot rewrite the agent's copy.
-                if libc::mount(
-                    std::ptr::null(),
-                    etc_resolv.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-                    std::ptr::null(),
-                ) != 0
-                {
-                    return Err(child_fail(
-                        b"netagent: making /etc/resolv.conf read-only failed\n",
-                    ));
-                }
-            }
+            setup.apply()?;
             Ok(())
         });
     }

@@ -1,8 +1,12 @@
-//! Service objects in the store: VIP allocation, published ports, numeric ids, updates.
+//! Service objects in the store: VIP allocation, published ports, numeric ids, specs, updates.
 //!
 //! Like networks and containers, every change is one transaction: the service record, one key
 //! per published port (so two services can never publish the same port), one IPAM key per VIP
-//! (so a VIP is never handed to a container) and one key for the datapath id.
+//! (so a VIP is never handed to a container) and one key for the datapath id. A change of the
+//! spec is a compare-and-swap on the record; the leader's orchestrator does the rest.
+
+pub mod spec;
+pub mod tasks;
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -27,6 +31,12 @@ pub struct ServiceCreate {
     pub publish: Vec<String>,
     #[serde(default)]
     pub endpoint_mode: Option<String>,
+    /// Service labels, `KEY=VALUE`.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// What the tasks run; none at all: a VIP for hand-made replicas.
+    #[serde(default)]
+    pub task: spec::TaskFlags,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -37,6 +47,26 @@ pub struct ServiceUpdate {
     /// `PUBLISHED[/proto]`.
     #[serde(default)]
     pub publish_rm: Vec<String>,
+    #[serde(default)]
+    pub label_add: Vec<String>,
+    #[serde(default)]
+    pub label_rm: Vec<String>,
+    #[serde(default)]
+    pub spec: spec::SpecUpdate,
+    /// `service update --rollback`: back to the previous spec.
+    #[serde(default)]
+    pub rollback: bool,
+}
+
+impl ServiceUpdate {
+    pub fn is_empty(&self) -> bool {
+        self.publish_add.is_empty()
+            && self.publish_rm.is_empty()
+            && self.label_add.is_empty()
+            && self.label_rm.is_empty()
+            && !self.spec.touches_spec()
+            && !self.rollback
+    }
 }
 
 /// What `service inspect` shows.
@@ -49,6 +79,24 @@ pub struct ServiceView {
     pub ports: Vec<PortConfig>,
     pub backends: Vec<BackendView>,
     pub created: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated: Option<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// `replicated`, `global`, or `none` (hand-made replicas only).
+    pub mode: &'static str,
+    /// Tasks wanted, and running (filled in from the tasks by the API).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<tasks::ReplicaCount>,
+    pub version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spec: Option<netagent_orchestrator::ServiceSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_spec: Option<netagent_orchestrator::ServiceSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_status: Option<netagent_orchestrator::UpdateStatus>,
+    /// Said once, by create and update: e.g. no node can ever meet the constraints.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -62,6 +110,8 @@ pub struct BackendView {
     pub container: String,
     pub node: String,
     pub ip: Ipv4Addr,
+    /// Takes new connections (running, and healthy if it has a check).
+    pub ready: bool,
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -169,6 +219,12 @@ pub async fn create(store: &dyn Store, req: &ServiceCreate) -> Result<Service> {
             return Err(AgentError::BadRequest(format!("network {n:?} given twice")));
         }
     }
+    let labels = spec::parse_labels("label", &req.labels)?;
+    let spec = spec::from_create(&req.task)?;
+    let secret_compares = match &spec {
+        Some(sp) => check_secrets(store, &sp.task).await?,
+        None => Vec::new(),
+    };
     check_reserved(store, &ports).await?;
     for _ in 0..MAX_ATTEMPTS {
         if store.get(&keys::service(&req.name)).await?.is_some() {
@@ -178,6 +234,7 @@ pub async fn create(store: &dyn Store, req: &ServiceCreate) -> Result<Service> {
             )));
         }
         let mut compares = vec![Compare::absent(keys::service(&req.name))];
+        compares.extend(secret_compares.iter().cloned());
         let mut ops = Vec::new();
         claim_ports(store, &req.name, &ports, &mut compares, &mut ops).await?;
         let mut networks = Vec::new();
@@ -188,6 +245,9 @@ pub async fn create(store: &dyn Store, req: &ServiceCreate) -> Result<Service> {
                 )));
             };
             let net: Network = serde_json::from_slice(&kv.value)?;
+            if let Some(sp) = &spec {
+                check_room(&net, sp)?;
+            }
             let vip = if mode == EndpointMode::Vip {
                 let (taken, _) = store.list(&keys::ipam_of(net_name)).await?;
                 let used: BTreeSet<Ipv4Addr> = taken
@@ -239,6 +299,12 @@ pub async fn create(store: &dyn Store, req: &ServiceCreate) -> Result<Service> {
             networks,
             ports: ports.clone(),
             created: model::now_rfc3339(),
+            spec: spec.clone(),
+            previous_spec: None,
+            version: 1,
+            update_status: None,
+            labels: labels.clone(),
+            updated: None,
         };
         ops.push(Op::put(keys::service(&service.name), encode(&service)?));
         if store.txn(compares, ops).await? {
@@ -272,9 +338,11 @@ pub async fn remove(store: &dyn Store, name: &str) -> Result<()> {
     let lease = store
         .grant_lease(crate::containers::ADDRESS_QUARANTINE)
         .await?;
+    // Its tasks go with it: the leader deletes them, and their nodes stop them.
     let mut ops = vec![
         Op::delete(keys::service(name)),
         Op::delete(keys::service_id(svc.num)),
+        Op::delete(keys::orchestrator(name)),
     ];
     for p in &svc.ports {
         ops.push(Op::delete(keys::port(p.protocol, p.published)));
@@ -300,12 +368,88 @@ pub async fn remove(store: &dyn Store, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses more replicas than a network of the service has addresses: they could never run.
+fn check_room(net: &Network, spec: &netagent_orchestrator::ServiceSpec) -> Result<()> {
+    if spec.mode != netagent_orchestrator::Mode::Replicated {
+        return Ok(());
+    }
+    // Network and broadcast addresses, the gateway and the VIP are not for tasks.
+    let usable = (1u64 << (32 - net.subnet.prefix_len())).saturating_sub(4);
+    if spec.replicas > usable {
+        return Err(AgentError::BadRequest(format!(
+            "--replicas {} cannot fit: network {:?} ({}) has {usable} addresses for tasks",
+            spec.replicas, net.name, net.subnet
+        )));
+    }
+    Ok(())
+}
+
+/// Every secret the template names must exist; the compares keep them existing until the
+/// service record is written (a concurrent `secret rm` fails or makes this fail).
+async fn check_secrets(
+    store: &dyn Store,
+    t: &netagent_orchestrator::TaskTemplate,
+) -> Result<Vec<Compare>> {
+    let mut compares = Vec::new();
+    for s in &t.secrets {
+        match store.get(&keys::secret(&s.name)).await? {
+            Some(kv) => compares.push(Compare::mod_revision(kv.key, kv.mod_revision)),
+            None => {
+                return Err(AgentError::NotFound(format!(
+                    "secret {:?} not found",
+                    s.name
+                )));
+            }
+        }
+    }
+    Ok(compares)
+}
+
+/// Applies a new spec to the record: the old one becomes the previous (for rollback), the
+/// version goes up, and a changed template starts a rolling update.
+fn set_spec(svc: &mut Service, new: netagent_orchestrator::ServiceSpec, rollback: bool) {
+    use netagent_orchestrator::{UpdateState, UpdateStatus};
+    let Some(old) = svc.spec.replace(new) else {
+        return;
+    };
+    let template_changed = svc.spec.as_ref().is_some_and(|n| n.task != old.task);
+    svc.previous_spec = Some(old);
+    svc.version += 1;
+    if template_changed {
+        svc.update_status = Some(UpdateStatus {
+            state: if rollback {
+                UpdateState::RollbackStarted
+            } else {
+                UpdateState::Updating
+            },
+            started_ms: tasks::now_ms(),
+            completed_ms: None,
+            message: if rollback {
+                "manually requested rollback".into()
+            } else {
+                "update in progress".into()
+            },
+        });
+    }
+}
+
 pub async fn update(store: &dyn Store, name: &str, req: &ServiceUpdate) -> Result<Service> {
+    if req.is_empty() {
+        return Err(AgentError::BadRequest(
+            "nothing to update: give at least one flag".into(),
+        ));
+    }
     let add = parse_ports(&req.publish_add)?;
     check_reserved(store, &add).await?;
     let mut rm = Vec::new();
     for s in &req.publish_rm {
         rm.push(PortConfig::parse_published(s)?);
+    }
+    let label_add = spec::parse_labels("label-add", &req.label_add)?;
+    if req.rollback && req.spec.touches_spec() {
+        return Err(AgentError::BadRequest(
+            "--rollback cannot be combined with other spec changes".into(),
+        ));
     }
     for _ in 0..MAX_ATTEMPTS {
         let (mut svc, rev) = get(store, name).await?;
@@ -316,6 +460,39 @@ pub async fn update(store: &dyn Store, name: &str, req: &ServiceUpdate) -> Resul
         }
         let mut compares = vec![Compare::mod_revision(keys::service(name), rev)];
         let mut ops = Vec::new();
+        if req.spec.touches_spec() || req.rollback {
+            let Some(current) = svc.spec.clone() else {
+                return Err(AgentError::BadRequest(format!(
+                    "service {name:?} runs no tasks (it was created without a command); only \
+                     its ports and labels can change"
+                )));
+            };
+            if req.rollback {
+                let Some(prev) = svc.previous_spec.clone() else {
+                    return Err(AgentError::BadRequest(format!(
+                        "service {name:?} has no previous spec to roll back to"
+                    )));
+                };
+                set_spec(&mut svc, prev, true);
+            } else {
+                let new = req.spec.apply(name, &current)?;
+                compares.extend(check_secrets(store, &new.task).await?);
+                for n in &svc.networks {
+                    if let Some(net) = store.get(&keys::network(&n.network)).await? {
+                        check_room(&serde_json::from_slice(&net.value)?, &new)?;
+                    }
+                }
+                set_spec(&mut svc, new, false);
+            }
+        }
+        for k in &req.label_rm {
+            if svc.labels.remove(k).is_none() {
+                return Err(AgentError::NotFound(format!(
+                    "service {name:?} has no label {k:?}"
+                )));
+            }
+        }
+        svc.labels.extend(label_add.clone());
         for &(port, proto) in &rm {
             let before = svc.ports.len();
             svc.ports
@@ -350,15 +527,29 @@ pub async fn update(store: &dyn Store, name: &str, req: &ServiceUpdate) -> Resul
         claim_ports(store, name, &new, &mut compares, &mut ops).await?;
         svc.ports.extend(new);
         svc.ports.sort();
+        svc.updated = Some(model::now_rfc3339());
         ops.push(Op::put(keys::service(name), encode(&svc)?));
         if store.txn(compares, ops).await? {
-            tracing::info!(service = %name, ports = ?svc.ports, "service updated");
+            tracing::info!(service = %name, version = svc.version, ports = ?svc.ports, "service updated");
             return Ok(svc);
         }
     }
     Err(AgentError::Unavailable(
         "service update kept conflicting with concurrent changes; try again".into(),
     ))
+}
+
+/// `service rollback`: the previous spec again.
+pub async fn rollback(store: &dyn Store, name: &str) -> Result<Service> {
+    update(
+        store,
+        name,
+        &ServiceUpdate {
+            rollback: true,
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// The backends a view shows: every replica endpoint of the service on its networks.
@@ -371,6 +562,7 @@ pub fn backends(svc: &Service, endpoints: &[Endpoint]) -> Vec<BackendView> {
             container: e.container.clone(),
             node: e.node.clone(),
             ip: e.ip,
+            ready: e.ready,
         })
         .collect();
     out.sort();
@@ -393,6 +585,19 @@ pub fn view(svc: &Service, endpoints: &[Endpoint]) -> ServiceView {
         ports: svc.ports.clone(),
         backends: backends(svc, endpoints),
         created: svc.created.clone(),
+        updated: svc.updated.clone(),
+        labels: svc.labels.clone(),
+        mode: match &svc.spec {
+            None => "none",
+            Some(s) if s.mode == netagent_orchestrator::Mode::Global => "global",
+            Some(_) => "replicated",
+        },
+        replicas: None,
+        version: svc.version,
+        spec: svc.spec.clone(),
+        previous_spec: svc.previous_spec.clone(),
+        update_status: svc.update_status.clone(),
+        warnings: Vec::new(),
     }
 }
 
@@ -442,7 +647,7 @@ mod tests {
             name: name.into(),
             networks: vec!["services".into()],
             publish: publish.iter().map(|s| s.to_string()).collect(),
-            endpoint_mode: None,
+            ..Default::default()
         }
     }
 
@@ -528,6 +733,7 @@ mod tests {
         let up = ServiceUpdate {
             publish_add: vec!["8443:443".into()],
             publish_rm: vec!["8080".into()],
+            ..Default::default()
         };
         let svc = update(&*s, "web", &up).await.unwrap();
         assert_eq!(svc.ports, vec![PortConfig::parse("8443:443").unwrap()]);

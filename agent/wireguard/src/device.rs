@@ -108,8 +108,11 @@ pub struct DeviceConfig {
     pub tun_name: String,
     /// Our address on it.
     pub tunnel_addr: Ipv4Addr,
-    /// UDP port of the encrypted VXLAN device (the only traffic allowed out of the tunnel).
+    /// UDP port of the encrypted VXLAN device (allowed out of the tunnel).
     pub vxlan_port: u16,
+    /// TCP port of the agents' control API between tunnel addresses (allowed both ways; 0:
+    /// none).
+    pub control_port: u16,
     /// Where the WireGuard socket binds (advertise address and port).
     pub listen: SocketAddrV4,
     pub key: KeyPair,
@@ -293,6 +296,7 @@ impl Device {
             LocalTunnel {
                 addr: config.tunnel_addr,
                 vxlan_port: config.vxlan_port,
+                control_port: config.control_port,
             },
         ));
         let stats = Arc::new(DeviceStats::default());

@@ -63,6 +63,8 @@ pub struct LocalTunnel {
     pub addr: Ipv4Addr,
     /// UDP port of our encrypted VXLAN device.
     pub vxlan_port: u16,
+    /// TCP port of the agents' own API between tunnel addresses (0: none).
+    pub control_port: u16,
 }
 
 /// Datagrams to send: contiguous bytes and (offset, length, destination) per datagram.
@@ -579,16 +581,31 @@ impl Engine {
         verdict
     }
 
-    /// A decrypted packet may enter the node only as VXLAN from the peer's tunnel address to
-    /// ours on the encrypted VXLAN port.
+    /// A decrypted packet may enter the node only from the peer's tunnel address to ours, as
+    /// VXLAN on the encrypted VXLAN port or as TCP to or from the agents' control port.
     fn allowed(&self, pkt: &[u8], inner_src: Ipv4Addr, peer_addr: Ipv4Addr) -> bool {
-        inner_src == peer_addr
+        let addressed = inner_src == peer_addr
             && packet::ipv4_src(pkt) == Some(peer_addr.octets())
             && packet::ipv4_dst(pkt) == Some(self.local.addr.octets())
             && pkt.len() >= 28
-            && pkt[0] == 0x45
-            && pkt[9] == 17
-            && u16::from_be_bytes([pkt[22], pkt[23]]) == self.local.vxlan_port
+            && pkt[0] == 0x45;
+        if !addressed {
+            return false;
+        }
+        let (sport, dport) = (
+            u16::from_be_bytes([pkt[20], pkt[21]]),
+            u16::from_be_bytes([pkt[22], pkt[23]]),
+        );
+        match pkt[9] {
+            17 => dport == self.local.vxlan_port,
+            6 => {
+                let c = self.local.control_port;
+                // Not a fragment: the ports are really there.
+                let unfragmented = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff == 0;
+                c != 0 && unfragmented && pkt.len() >= 40 && (dport == c || sport == c)
+            }
+            _ => false,
+        }
     }
 
     fn by_index(&self, index: u32) -> Option<Arc<Peer>> {

@@ -57,6 +57,7 @@ impl Pair {
             LocalTunnel {
                 addr: a_addr,
                 vxlan_port: VXLAN_PORT,
+                control_port: 0,
             },
         );
         let b = Engine::new(
@@ -64,6 +65,7 @@ impl Pair {
             LocalTunnel {
                 addr: b_addr,
                 vxlan_port: VXLAN_PORT,
+                control_port: 0,
             },
         );
         let mut oa = Outbox::default();

@@ -44,6 +44,7 @@ mod tests {
                 LocalTunnel {
                     addr,
                     vxlan_port: VXLAN_PORT,
+                    control_port: 0,
                 },
             ),
             key,
@@ -255,6 +256,7 @@ mod tests {
                 LocalTunnel {
                     addr: b.addr,
                     vxlan_port: VXLAN_PORT,
+                    control_port: 0,
                 },
             ),
             key: b.key.clone(),

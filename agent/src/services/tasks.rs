@@ -1,0 +1,164 @@
+//! Tasks in the store as users see them: `service ps`, the replica counts of `service ls`.
+
+use std::collections::BTreeMap;
+
+use netagent_orchestrator::{Desired, Mode, Task, TaskState, TaskStatus};
+use netagent_store::Store;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::model::{Availability, Service, keys};
+use crate::view::ClusterView;
+
+/// Wall-clock milliseconds since the Unix epoch: the time base of tasks.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct ReplicaCount {
+    pub running: usize,
+    pub desired: usize,
+}
+
+/// One row of `service ps`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskView {
+    pub id: String,
+    /// `web.1` (`web.n1` in global mode).
+    pub name: String,
+    pub service: String,
+    pub slot: u64,
+    pub node: Option<String>,
+    pub desired: Desired,
+    /// `pending`, `assigned`, `preparing`, `starting`, `running`, `complete`, `failed`,
+    /// `rejected`, `shutdown`.
+    pub state: String,
+    /// When it entered `state` (RFC 3339) and how long ago, in seconds.
+    pub since: String,
+    pub since_secs_ago: u64,
+    pub error: Option<String>,
+    pub exit_code: Option<i32>,
+    /// Why the leader stopped it.
+    pub reason: Option<&'static str>,
+    pub container: Option<String>,
+    pub spec_version: u64,
+    /// An ended task kept for the record (shown indented under its slot's current one).
+    pub history: bool,
+}
+
+/// The tasks in the store (of one service, or all) with their nodes' reports.
+pub async fn list(
+    store: &dyn Store,
+    service: Option<&Service>,
+) -> Result<Vec<(Task, Option<TaskStatus>)>> {
+    let (tasks, _) = store.list(keys::TASKS).await?;
+    let (statuses, _) = store.list(keys::TASK_STATUS).await?;
+    let mut status: BTreeMap<String, TaskStatus> = statuses
+        .iter()
+        .filter_map(|kv| {
+            let id = kv.key.strip_prefix(keys::TASK_STATUS)?;
+            Some((id.to_string(), serde_json::from_slice(&kv.value).ok()?))
+        })
+        .collect();
+    Ok(tasks
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<Task>(&kv.value).ok())
+        .filter(|t| service.is_none_or(|s| t.service == s.name && t.service_id == s.id))
+        .map(|t| {
+            let st = status.remove(&t.id);
+            (t, st)
+        })
+        .collect())
+}
+
+/// Rows for `service ps`: per slot the current task first, then its history, newest first.
+pub fn views(tasks: &[(Task, Option<TaskStatus>)]) -> Vec<TaskView> {
+    let now = now_ms();
+    // A slot is its number, or in global mode its node.
+    let key = |t: &Task| {
+        if t.slot == 0 {
+            (0, t.node.clone())
+        } else {
+            (t.slot, None)
+        }
+    };
+    let mut sorted: Vec<&(Task, Option<TaskStatus>)> = tasks.iter().collect();
+    sorted.sort_by(|(a, _), (b, _)| {
+        key(a)
+            .cmp(&key(b))
+            .then(b.created_ms.cmp(&a.created_ms))
+            .then(b.id.cmp(&a.id))
+    });
+    let mut out = Vec::new();
+    let mut last_key = None;
+    for (t, st) in sorted {
+        let key = key(t);
+        // The first row of a slot is its current task unless it is a stopped one.
+        let first = last_key.as_ref() != Some(&key);
+        last_key = Some(key);
+        let state = match st {
+            Some(s) => s.state.as_str().to_string(),
+            None if t.node.is_none() => "pending".to_string(),
+            None => "assigned".to_string(),
+        };
+        let since_ms = st.as_ref().map_or(t.created_ms, |s| s.since_ms);
+        out.push(TaskView {
+            id: t.id.clone(),
+            name: t.name(),
+            service: t.service.clone(),
+            slot: t.slot,
+            node: t.node.clone(),
+            desired: t.desired,
+            state,
+            since: rfc3339(since_ms),
+            since_secs_ago: now.saturating_sub(since_ms) / 1000,
+            error: st
+                .as_ref()
+                .and_then(|s| s.error.clone())
+                .or_else(|| t.note.clone()),
+            exit_code: st.as_ref().and_then(|s| s.exit_code),
+            reason: t.shutdown_reason.map(|r| r.text()),
+            container: st.as_ref().and_then(|s| s.container.clone()),
+            spec_version: t.spec_version,
+            history: !(first && t.desired == Desired::Running),
+        });
+    }
+    out
+}
+
+/// Running and wanted tasks of a service. Global mode wants one per node that may run it.
+pub fn replica_count(
+    svc: &Service,
+    tasks: &[(Task, Option<TaskStatus>)],
+    view: &ClusterView,
+) -> Option<ReplicaCount> {
+    let spec = svc.spec.as_ref()?;
+    let running = tasks
+        .iter()
+        .filter(|(t, s)| {
+            t.desired == Desired::Running
+                && s.as_ref().is_some_and(|s| s.state == TaskState::Running)
+        })
+        .count();
+    let desired = match spec.mode {
+        Mode::Replicated => spec.replicas as usize,
+        Mode::Global => view
+            .nodes
+            .values()
+            .filter(|n| {
+                view.alive.contains(&n.name)
+                    && n.availability == Availability::Active
+                    && spec.task.allows(&n.name, &n.labels)
+            })
+            .count(),
+    };
+    Some(ReplicaCount { running, desired })
+}
