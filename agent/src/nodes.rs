@@ -31,12 +31,24 @@ pub struct NodeView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<serde_json::Value>,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Its agent is the orchestrator (holds the leader key).
+    pub leader: bool,
     /// Filled in only by the node's own agent (it alone can read its kernel state).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub datapath: Option<serde_json::Value>,
 }
 
+/// The node whose agent holds the leader key, if any.
+async fn leader(store: &dyn Store) -> Result<Option<String>> {
+    Ok(store
+        .get(keys::LEADER)
+        .await?
+        .and_then(|kv| serde_json::from_slice::<crate::orchestrator::LeaderRecord>(&kv.value).ok())
+        .map(|l| l.node))
+}
+
 pub async fn list(store: &dyn Store) -> Result<Vec<NodeView>> {
+    let leader = leader(store).await?;
     let (nodes, _) = store.list(keys::NODES).await?;
     let (alive, _) = store.list(keys::ALIVE).await?;
     let alive: std::collections::BTreeSet<&str> = alive
@@ -52,7 +64,9 @@ pub async fn list(store: &dyn Store) -> Result<Vec<NodeView>> {
             } else {
                 NodeStatus::Down
             };
-            Ok(view(node, status))
+            let mut v = view(node, status);
+            v.leader = leader.as_deref() == Some(v.name.as_str());
+            Ok(v)
         })
         .collect()
 }
@@ -67,7 +81,9 @@ pub async fn get(store: &dyn Store, name: &str) -> Result<NodeView> {
     } else {
         NodeStatus::Down
     };
-    Ok(view(node, status))
+    let mut v = view(node, status);
+    v.leader = leader(store).await?.as_deref() == Some(name);
+    Ok(v)
 }
 
 fn view(node: Node, status: NodeStatus) -> NodeView {
@@ -83,6 +99,7 @@ fn view(node: Node, status: NodeStatus) -> NodeView {
             .wireguard
             .map(|w| serde_json::to_value(w).unwrap_or_default()),
         labels: node.labels,
+        leader: false,
         datapath: None,
     }
 }

@@ -110,8 +110,38 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// clap's usage errors in one line, like every other error of netctl: the first line of its
+/// message (which names the flag or value), without the usage block.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("invalid arguments");
+    let mut out = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    // "the following required arguments were not provided:" lists them below.
+    if out.ends_with(':') {
+        let items: Vec<&str> = lines
+            .take_while(|l| !l.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        out.push(' ');
+        out.push_str(&items.join(", "));
+    }
+    out
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
+            let _ = e.print();
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("Error: {}", one_line(&e));
+            return std::process::ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -56,17 +56,19 @@ pub async fn run(client: &Client, format: Format, cmd: NodeCmd) -> anyhow::Resul
                                         .join(",")
                                 })
                                 .unwrap_or_default();
+                            let leader = if n["leader"] == true { "leader" } else { "" };
                             vec![
                                 str_field(n, "name"),
                                 str_field(n, "address"),
                                 str_field(n, "status"),
                                 str_field(n, "availability"),
+                                leader.to_string(),
                                 labels,
                             ]
                         })
                         .collect();
                     table::print(
-                        &["NAME", "ADDRESS", "STATUS", "AVAILABILITY", "LABELS"],
+                        &["NAME", "ADDRESS", "STATUS", "AVAILABILITY", "ORCHESTRATOR", "LABELS"],
                         rows,
                     );
                 }

@@ -179,10 +179,13 @@ pub(crate) fn advance(p: &mut Pass) -> Outcome {
             UpdateState::Completed
         };
         status.completed_ms = Some(p.now);
-        status.message = if rollback {
-            "rollback completed".into()
-        } else {
+        status.message = if !rollback {
             "update completed".into()
+        } else if status.message.starts_with("update rolled back") {
+            // Why it was rolled back stays what the status says.
+            format!("{}; rollback completed", status.message)
+        } else {
+            "rollback completed".into()
         };
     }
     changed(stored, status)

@@ -59,12 +59,10 @@ impl HealthFlags {
             }
             return Ok(None);
         }
+        // A new command keeps the interval, timeout and retries already set.
         let mut hc = match (current, &self.cmd) {
-            (_, Some(cmd)) => HealthCheck {
-                cmd: cmd.clone(),
-                ..HealthCheck::new(String::new())
-            },
-            (Some(hc), None) => hc,
+            (Some(hc), _) => hc,
+            (None, Some(cmd)) => HealthCheck::new(cmd.clone()),
             (None, None) => {
                 if self.is_empty() {
                     return Ok(None);

@@ -97,13 +97,16 @@ pub fn views(tasks: &[(Task, Option<TaskStatus>)]) -> Vec<TaskView> {
             .then(b.created_ms.cmp(&a.created_ms))
             .then(b.id.cmp(&a.id))
     });
+    // The current task of a slot: its newest that should run. The rest is history.
+    let mut current: BTreeMap<(u64, Option<String>), &str> = BTreeMap::new();
+    for (t, _) in &sorted {
+        if t.desired == Desired::Running {
+            current.entry(key(t)).or_insert(t.id.as_str());
+        }
+    }
     let mut out = Vec::new();
-    let mut last_key = None;
-    for (t, st) in sorted {
-        let key = key(t);
-        // The first row of a slot is its current task unless it is a stopped one.
-        let first = last_key.as_ref() != Some(&key);
-        last_key = Some(key);
+    for (t, st) in sorted.iter().copied() {
+        let is_current = current.get(&key(t)) == Some(&t.id.as_str());
         let state = match st {
             Some(s) => s.state.as_str().to_string(),
             None if t.node.is_none() => "pending".to_string(),
@@ -128,9 +131,14 @@ pub fn views(tasks: &[(Task, Option<TaskStatus>)]) -> Vec<TaskView> {
             reason: t.shutdown_reason.map(|r| r.text()),
             container: st.as_ref().and_then(|s| s.container.clone()),
             spec_version: t.spec_version,
-            history: !(first && t.desired == Desired::Running),
+            history: !is_current,
         });
     }
+    // Stable: within a slot the current task first, the history newest first.
+    out.sort_by_key(|v| {
+        let node = if v.slot == 0 { v.node.clone() } else { None };
+        (v.slot, node, v.history)
+    });
     out
 }
 
@@ -161,4 +169,42 @@ pub fn replica_count(
             .count(),
     };
     Some(ReplicaCount { running, desired })
+}
+
+#[cfg(test)]
+mod tests {
+    use netagent_orchestrator::{ShutdownReason, TaskTemplate};
+
+    use super::*;
+
+    fn task(id: &str, slot: u64, created: u64, desired: Desired) -> Task {
+        Task {
+            id: id.into(),
+            service: "web".into(),
+            service_id: "s".into(),
+            slot,
+            node: Some("n1".into()),
+            desired,
+            shutdown_reason: (desired == Desired::Shutdown).then_some(ShutdownReason::Restarted),
+            spec_version: 1,
+            template: TaskTemplate::default(),
+            created_ms: created,
+            start_after_ms: None,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn the_current_task_of_a_slot_comes_first_whatever_its_age() {
+        // Slot 1: a newer task already stopped (a failed start-first replacement) above the
+        // older one that still runs.
+        let tasks = vec![
+            (task("old", 1, 1, Desired::Running), None),
+            (task("new", 1, 2, Desired::Shutdown), None),
+            (task("other", 2, 3, Desired::Running), None),
+        ];
+        let v = views(&tasks);
+        let rows: Vec<(&str, bool)> = v.iter().map(|t| (t.id.as_str(), t.history)).collect();
+        assert_eq!(rows, [("old", false), ("new", true), ("other", false)]);
+    }
 }

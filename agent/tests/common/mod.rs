@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+pub mod tasks;
+
 use netlab::{Lab, Output};
 use serde_json::Value;
 
