@@ -42,8 +42,18 @@ fn replicas_spread_answer_round_robin_and_scale_from_the_busiest() {
     create(
         &lab,
         &[
-            "--name", "web", "--replicas", "3", "--network", "services", "-p", "8080:80", "--",
-            "python3", "-c", HOSTNAME_SERVER,
+            "--name",
+            "web",
+            "--replicas",
+            "3",
+            "--network",
+            "services",
+            "-p",
+            "8080:80",
+            "--",
+            "python3",
+            "-c",
+            HOSTNAME_SERVER,
         ],
     );
     let placed = running_per_node(&lab, 1, "web");
@@ -96,8 +106,17 @@ fn killed_tasks_are_replaced_and_drain_moves_tasks_without_moving_them_back() {
     create(
         &lab,
         &[
-            "--name", "web", "--replicas", "3", "--network", "services", "--restart-delay",
-            "500ms", "--", "sleep", "3600",
+            "--name",
+            "web",
+            "--replicas",
+            "3",
+            "--network",
+            "services",
+            "--restart-delay",
+            "500ms",
+            "--",
+            "sleep",
+            "3600",
         ],
     );
     let victim = current(&lab, 1, "web")
@@ -113,7 +132,11 @@ fn killed_tasks_are_replaced_and_drain_moves_tasks_without_moving_them_back() {
             && tasks.iter().all(|t| t["state"] == "running")
             && tasks.iter().all(|t| t["id"] != victim["id"])
     });
-    assert!(replaced.is_some(), "not replaced: {:#?}", ps(&lab, 1, "web"));
+    assert!(
+        replaced.is_some(),
+        "not replaced: {:#?}",
+        ps(&lab, 1, "web")
+    );
     let old = ps(&lab, 1, "web")
         .into_iter()
         .find(|t| t["id"] == victim["id"])
@@ -126,13 +149,21 @@ fn killed_tasks_are_replaced_and_drain_moves_tasks_without_moving_them_back() {
         "the new task is in the same slot"
     );
 
-    ok(&lab, 1, &["node", "update", "--availability", "drain", "n3"]);
+    ok(
+        &lab,
+        1,
+        &["node", "update", "--availability", "drain", "n3"],
+    );
     let moved = wait_until(Duration::from_secs(30), || {
         let placed = running_per_node(&lab, 1, "web");
         !placed.contains_key("n3") && placed.values().sum::<usize>() == 3
     });
     assert!(moved.is_some(), "{:#?}", ps(&lab, 1, "web"));
-    ok(&lab, 1, &["node", "update", "--availability", "active", "n3"]);
+    ok(
+        &lab,
+        1,
+        &["node", "update", "--availability", "active", "n3"],
+    );
     std::thread::sleep(Duration::from_secs(3));
     let placed = running_per_node(&lab, 1, "web");
     assert!(!placed.contains_key("n3"), "tasks moved back: {placed:?}");
@@ -145,7 +176,14 @@ fn a_lost_node_s_tasks_move_and_come_back_stopped() {
     create(
         &lab,
         &[
-            "--name", "web", "--replicas", "3", "--network", "services", "--", "sleep",
+            "--name",
+            "web",
+            "--replicas",
+            "3",
+            "--network",
+            "services",
+            "--",
+            "sleep",
             "3600",
         ],
     );
@@ -162,7 +200,10 @@ fn a_lost_node_s_tasks_move_and_come_back_stopped() {
     });
     assert!(moved.is_some(), "{:#?}", ps(&lab, 1, "web"));
     let after = moved.unwrap();
-    assert!(after >= Duration::from_secs(2), "moved before the lease TTL: {after:?}");
+    assert!(
+        after >= Duration::from_secs(2),
+        "moved before the lease TTL: {after:?}"
+    );
     assert!(
         std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "still running on the cut-off node"
@@ -190,7 +231,14 @@ fn global_services_follow_the_nodes_and_constraints_place_tasks() {
     create(
         &lab,
         &[
-            "--name", "agentd", "--mode", "global", "--network", "services", "--", "sleep",
+            "--name",
+            "agentd",
+            "--mode",
+            "global",
+            "--network",
+            "services",
+            "--",
+            "sleep",
             "3600",
         ],
     );
@@ -199,12 +247,24 @@ fn global_services_follow_the_nodes_and_constraints_place_tasks() {
         BTreeMap::from([("n1".into(), 1), ("n2".into(), 1), ("n3".into(), 1)])
     );
     assert_eq!(current(&lab, 1, "agentd")[0]["name"], "agentd.n1");
-    ok(&lab, 1, &["node", "update", "--availability", "drain", "n2"]);
+    ok(
+        &lab,
+        1,
+        &["node", "update", "--availability", "drain", "n2"],
+    );
     let gone = wait_until(Duration::from_secs(20), || {
-        running_per_node(&lab, 1, "agentd").keys().cloned().collect::<Vec<_>>() == ["n1", "n3"]
+        running_per_node(&lab, 1, "agentd")
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            == ["n1", "n3"]
     });
     assert!(gone.is_some(), "{:#?}", ps(&lab, 1, "agentd"));
-    ok(&lab, 1, &["node", "update", "--availability", "active", "n2"]);
+    ok(
+        &lab,
+        1,
+        &["node", "update", "--availability", "active", "n2"],
+    );
     wait_running(&lab, "agentd", 3, Duration::from_secs(20));
     must_fail(
         &lab,
@@ -218,19 +278,35 @@ fn global_services_follow_the_nodes_and_constraints_place_tasks() {
         &lab,
         1,
         &[
-            "service", "create", "-d", "--name", "zoned", "--replicas", "2", "--network",
-            "services", "--constraint", "node.labels.zone==a", "--", "sleep", "3600",
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "zoned",
+            "--replicas",
+            "2",
+            "--network",
+            "services",
+            "--constraint",
+            "node.labels.zone==a",
+            "--",
+            "sleep",
+            "3600",
         ],
     );
     assert!(
-        out.stderr.contains("no node satisfies the constraints node.labels.zone==a"),
+        out.stderr
+            .contains("no node satisfies the constraints node.labels.zone==a"),
         "{}",
         out.stderr
     );
     std::thread::sleep(Duration::from_secs(1));
     let pending = current(&lab, 1, "zoned");
     assert_eq!(pending.len(), 2);
-    assert!(pending.iter().all(|t| t["state"] == "pending"), "{pending:#?}");
+    assert!(
+        pending.iter().all(|t| t["state"] == "pending"),
+        "{pending:#?}"
+    );
     assert!(
         pending[0]["error"]
             .as_str()
@@ -260,15 +336,32 @@ fn a_secret_is_readable_in_its_task_and_nowhere_else() {
         &lab,
         1,
         &[
-            "service", "create", "-d", "--name", "app", "--network", "services", "--secret",
-            "nope", "--", "sleep", "1",
+            "service",
+            "create",
+            "-d",
+            "--name",
+            "app",
+            "--network",
+            "services",
+            "--secret",
+            "nope",
+            "--",
+            "sleep",
+            "1",
         ],
         "secret \"nope\" not found",
     );
     create(
         &lab,
         &[
-            "--name", "app", "--network", "services", "--secret", "db_pass", "--", "sleep",
+            "--name",
+            "app",
+            "--network",
+            "services",
+            "--secret",
+            "db_pass",
+            "--",
+            "sleep",
             "3600",
         ],
     );
@@ -278,12 +371,20 @@ fn a_secret_is_readable_in_its_task_and_nowhere_else() {
         &lab,
         node,
         &container_of(&task),
-        &["sh", "-c", "cat /run/secrets/db_pass; echo; stat -c '%a %U' /run/secrets/db_pass; grep ' /run/secrets ' /proc/self/mounts"],
+        &[
+            "sh",
+            "-c",
+            "cat /run/secrets/db_pass; echo; stat -c '%a %U' /run/secrets/db_pass; grep ' /run/secrets ' /proc/self/mounts",
+        ],
     );
     let lines: Vec<&str> = read.stdout.lines().collect();
     assert_eq!(lines[0], value, "{}{}", read.stdout, read.stderr);
     assert_eq!(lines[1], "400 root");
-    assert!(lines[2].contains("tmpfs /run/secrets tmpfs ro"), "{}", lines[2]);
+    assert!(
+        lines[2].contains("tmpfs /run/secrets tmpfs ro"),
+        "{}",
+        lines[2]
+    );
     // Not outside the task: not in the node's /run/secrets, any inspect, any agent's log or
     // state (the saved view included).
     let outside = std::fs::read_dir("/run/secrets")
@@ -314,7 +415,12 @@ fn a_secret_is_readable_in_its_task_and_nowhere_else() {
             String::from_utf8_lossy(&grep.stdout)
         );
     }
-    must_fail(&lab, 1, &["secret", "rm", "db_pass"], "in use by service \"app\"");
+    must_fail(
+        &lab,
+        1,
+        &["secret", "rm", "db_pass"],
+        "in use by service \"app\"",
+    );
     ok(&lab, 1, &["service", "rm", "app"]);
     ok(&lab, 1, &["secret", "rm", "db_pass"]);
 }
@@ -325,7 +431,15 @@ fn logs_of_every_task_come_through_any_node_prefixed() {
     create(
         &lab,
         &[
-            "--name", "talk", "--replicas", "3", "--network", "services", "--", "sh", "-c",
+            "--name",
+            "talk",
+            "--replicas",
+            "3",
+            "--network",
+            "services",
+            "--",
+            "sh",
+            "-c",
             "echo hello from $(hostname); sleep 3600",
         ],
     );
@@ -349,41 +463,115 @@ fn bad_service_input_is_refused_and_changes_nothing() {
     create(
         &lab,
         &[
-            "--name", "web", "--replicas", "2", "--network", "services", "--", "sleep", "3600",
+            "--name",
+            "web",
+            "--replicas",
+            "2",
+            "--network",
+            "services",
+            "--",
+            "sleep",
+            "3600",
         ],
     );
     let before = json(&lab, 1, &["service", "inspect", "web"]);
-    let base = ["service", "create", "-d", "--name", "x", "--network", "services"];
+    let base = [
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "x",
+        "--network",
+        "services",
+    ];
     let with = |extra: &[&'static str]| -> Vec<&'static str> {
         let mut v: Vec<&'static str> = base.to_vec();
         v.extend_from_slice(extra);
         v
     };
     for (args, expect) in [
-        (with(&["--replicas", "-1", "--", "sleep", "1"]), "unexpected argument '-1'"),
-        (with(&["--replicas", "100000", "--", "sleep", "1"]), "more than 10000"),
-        (with(&["--replicas", "300", "--", "sleep", "1"]), "cannot fit"),
+        (
+            with(&["--replicas", "-1", "--", "sleep", "1"]),
+            "unexpected argument '-1'",
+        ),
+        (
+            with(&["--replicas", "100000", "--", "sleep", "1"]),
+            "more than 10000",
+        ),
+        (
+            with(&["--replicas", "300", "--", "sleep", "1"]),
+            "cannot fit",
+        ),
         (with(&["--replicas", "2"]), "no command given"),
-        (with(&["--update-delay", "2", "--", "sleep", "1"]), "--update-delay: invalid duration"),
-        (with(&["--update-order", "sideways", "--", "x"]), "expected stop-first or start-first"),
-        (with(&["--update-failure-action", "ignore", "--", "x"]), "expected pause, continue or rollback"),
-        (with(&["--restart-condition", "always", "--", "x"]), "expected any, on-failure or none"),
-        (with(&["--mode", "sometimes", "--", "x"]), "expected replicated or global"),
-        (with(&["--constraint", "node.role==manager", "--", "x"]), "unknown field"),
-        (with(&["--mount", "type=volume,source=/a,target=/b", "--", "x"]), "expected bind or tmpfs"),
-        (with(&["--bogus", "--", "x"]), "unexpected argument '--bogus'"),
+        (
+            with(&["--update-delay", "2", "--", "sleep", "1"]),
+            "--update-delay: invalid duration",
+        ),
+        (
+            with(&["--update-order", "sideways", "--", "x"]),
+            "expected stop-first or start-first",
+        ),
+        (
+            with(&["--update-failure-action", "ignore", "--", "x"]),
+            "expected pause, continue or rollback",
+        ),
+        (
+            with(&["--restart-condition", "always", "--", "x"]),
+            "expected any, on-failure or none",
+        ),
+        (
+            with(&["--mode", "sometimes", "--", "x"]),
+            "expected replicated or global",
+        ),
+        (
+            with(&["--constraint", "node.role==manager", "--", "x"]),
+            "unknown field",
+        ),
+        (
+            with(&["--mount", "type=volume,source=/a,target=/b", "--", "x"]),
+            "expected bind or tmpfs",
+        ),
+        (
+            with(&["--bogus", "--", "x"]),
+            "unexpected argument '--bogus'",
+        ),
     ] {
         must_fail(&lab, 1, &args, expect);
     }
-    must_fail(&lab, 1, &["service", "update", "web", "--update-monitor", "soon"], "--update-monitor");
-    must_fail(&lab, 1, &["service", "update", "web", "--env-rm", "NOPE"], "--env-rm");
-    must_fail(&lab, 1, &["service", "scale", "web=-2"], "replicas must be a number");
-    must_fail(&lab, 1, &["service", "scale", "nope=2"], "service \"nope\" not found");
+    must_fail(
+        &lab,
+        1,
+        &["service", "update", "web", "--update-monitor", "soon"],
+        "--update-monitor",
+    );
+    must_fail(
+        &lab,
+        1,
+        &["service", "update", "web", "--env-rm", "NOPE"],
+        "--env-rm",
+    );
+    must_fail(
+        &lab,
+        1,
+        &["service", "scale", "web=-2"],
+        "replicas must be a number",
+    );
+    must_fail(
+        &lab,
+        1,
+        &["service", "scale", "nope=2"],
+        "service \"nope\" not found",
+    );
     must_fail(&lab, 1, &["service", "rollback", "web"], "no previous spec");
-    must_fail(&lab, 1, &["node", "update", "--availability", "away", "n1"], "invalid availability");
+    must_fail(
+        &lab,
+        1,
+        &["node", "update", "--availability", "away", "n1"],
+        "invalid availability",
+    );
     assert_eq!(json(&lab, 1, &["service", "inspect", "web"]), before);
     assert!(
-        lab.netctl(1, &["service", "inspect", "x"])
+        lab.netctl(1, ["service", "inspect", "x"])
             .expect("netctl")
             .stderr
             .contains("not found")

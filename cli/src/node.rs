@@ -68,7 +68,14 @@ pub async fn run(client: &Client, format: Format, cmd: NodeCmd) -> anyhow::Resul
                         })
                         .collect();
                     table::print(
-                        &["NAME", "ADDRESS", "STATUS", "AVAILABILITY", "ORCHESTRATOR", "LABELS"],
+                        &[
+                            "NAME",
+                            "ADDRESS",
+                            "STATUS",
+                            "AVAILABILITY",
+                            "ORCHESTRATOR",
+                            "LABELS",
+                        ],
                         rows,
                     );
                 }

@@ -1,7 +1,8 @@
 //! When a task takes traffic: with a health command, once it passes (and no longer once it
 //! fails `retries` times in a row); without one, once the process listens on every TCP port
 //! the service publishes (so a rolling update never sends a connection to a server that has
-//! not bound its port yet); otherwise as soon as it runs.
+//! not bound its port yet), or [`LISTEN_WAIT`] after it started if it never does (it is then
+//! running as far as anyone can tell, as Docker would say); otherwise as soon as it runs.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -12,6 +13,9 @@ use crate::sandbox::{self, ExecOutcome, ProcessHandle};
 
 /// How often the listening sockets are looked at.
 const LISTEN_POLL: Duration = Duration::from_millis(100);
+/// How long a task without a health check may take to listen on its published ports before
+/// it counts as running anyway. Slower servers want a `--health-cmd`.
+pub const LISTEN_WAIT: Duration = Duration::from_secs(3);
 
 /// The TCP ports (host order) in LISTEN state in the network namespace of `pid`.
 pub fn listening_ports(pid: u32) -> BTreeSet<u16> {
@@ -37,13 +41,23 @@ pub fn listening_ports(pid: u32) -> BTreeSet<u16> {
     out
 }
 
-/// Waits until `process` listens on every port in `ports`; `false` if it ended first.
+/// Waits until `process` listens on every port in `ports`, at most [`LISTEN_WAIT`]; `false`
+/// if it ended first.
 pub async fn wait_listening(process: &ProcessHandle, ports: &BTreeSet<u16>) -> bool {
+    let deadline = tokio::time::Instant::now() + LISTEN_WAIT;
     loop {
         if !sandbox::is_alive(process) {
             return false;
         }
         if ports.is_subset(&listening_ports(process.pid)) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::info!(
+                pid = process.pid,
+                ?ports,
+                "the task does not listen on its published ports; counting it as running"
+            );
             return true;
         }
         tokio::time::sleep(LISTEN_POLL).await;

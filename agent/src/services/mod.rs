@@ -7,6 +7,9 @@
 
 pub mod spec;
 pub mod tasks;
+mod update;
+
+pub use update::{rollback, update};
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -19,7 +22,7 @@ use crate::model::{
     self, Endpoint, EndpointMode, Network, PortConfig, Protocol, Service, ServiceNetwork, keys,
 };
 
-const MAX_ATTEMPTS: usize = 32;
+pub(super) const MAX_ATTEMPTS: usize = 32;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,11 +117,11 @@ pub struct BackendView {
     pub ready: bool,
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+pub(super) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(v).map_err(|e| AgentError::Internal(format!("encoding record: {e}")))
 }
 
-fn parse_ports(specs: &[String]) -> Result<Vec<PortConfig>> {
+pub(super) fn parse_ports(specs: &[String]) -> Result<Vec<PortConfig>> {
     let mut ports = Vec::new();
     let mut seen = BTreeSet::new();
     for s in specs {
@@ -147,7 +150,7 @@ pub fn parse_mode(mode: Option<&str>) -> Result<EndpointMode> {
 
 /// Refuses ports the cluster itself uses on some node's address (VXLAN, etcd, the agent's
 /// listeners): the routing mesh takes a published port over on every node.
-async fn check_reserved(store: &dyn Store, ports: &[PortConfig]) -> Result<()> {
+pub(super) async fn check_reserved(store: &dyn Store, ports: &[PortConfig]) -> Result<()> {
     if ports.is_empty() {
         return Ok(());
     }
@@ -175,7 +178,7 @@ async fn check_reserved(store: &dyn Store, ports: &[PortConfig]) -> Result<()> {
 }
 
 /// Adds compares/ops claiming each port for `service`; fails if one is taken by another.
-async fn claim_ports(
+pub(super) async fn claim_ports(
     store: &dyn Store,
     service: &str,
     ports: &[PortConfig],
@@ -369,7 +372,7 @@ pub async fn remove(store: &dyn Store, name: &str) -> Result<()> {
 }
 
 /// Refuses more replicas than a network of the service has addresses: they could never run.
-fn check_room(net: &Network, spec: &netagent_orchestrator::ServiceSpec) -> Result<()> {
+pub(super) fn check_room(net: &Network, spec: &netagent_orchestrator::ServiceSpec) -> Result<()> {
     if spec.mode != netagent_orchestrator::Mode::Replicated {
         return Ok(());
     }
@@ -386,7 +389,7 @@ fn check_room(net: &Network, spec: &netagent_orchestrator::ServiceSpec) -> Resul
 
 /// Every secret the template names must exist; the compares keep them existing until the
 /// service record is written (a concurrent `secret rm` fails or makes this fail).
-async fn check_secrets(
+pub(super) async fn check_secrets(
     store: &dyn Store,
     t: &netagent_orchestrator::TaskTemplate,
 ) -> Result<Vec<Compare>> {
@@ -403,153 +406,6 @@ async fn check_secrets(
         }
     }
     Ok(compares)
-}
-
-/// Applies a new spec to the record: the old one becomes the previous (for rollback), the
-/// version goes up, and a changed template starts a rolling update.
-fn set_spec(svc: &mut Service, new: netagent_orchestrator::ServiceSpec, rollback: bool) {
-    use netagent_orchestrator::{UpdateState, UpdateStatus};
-    let Some(old) = svc.spec.replace(new) else {
-        return;
-    };
-    let template_changed = svc.spec.as_ref().is_some_and(|n| n.task != old.task);
-    svc.previous_spec = Some(old);
-    svc.version += 1;
-    if template_changed {
-        svc.update_status = Some(UpdateStatus {
-            state: if rollback {
-                UpdateState::RollbackStarted
-            } else {
-                UpdateState::Updating
-            },
-            started_ms: tasks::now_ms(),
-            completed_ms: None,
-            message: if rollback {
-                "manually requested rollback".into()
-            } else {
-                "update in progress".into()
-            },
-        });
-    }
-}
-
-pub async fn update(store: &dyn Store, name: &str, req: &ServiceUpdate) -> Result<Service> {
-    if req.is_empty() {
-        return Err(AgentError::BadRequest(
-            "nothing to update: give at least one flag".into(),
-        ));
-    }
-    let add = parse_ports(&req.publish_add)?;
-    check_reserved(store, &add).await?;
-    let mut rm = Vec::new();
-    for s in &req.publish_rm {
-        rm.push(PortConfig::parse_published(s)?);
-    }
-    let label_add = spec::parse_labels("label-add", &req.label_add)?;
-    if req.rollback && req.spec.touches_spec() {
-        return Err(AgentError::BadRequest(
-            "--rollback cannot be combined with other spec changes".into(),
-        ));
-    }
-    for _ in 0..MAX_ATTEMPTS {
-        let (mut svc, rev) = get(store, name).await?;
-        if svc.endpoint_mode == EndpointMode::Dnsrr && !add.is_empty() {
-            return Err(AgentError::BadRequest(
-                "published ports need --endpoint-mode vip".into(),
-            ));
-        }
-        let mut compares = vec![Compare::mod_revision(keys::service(name), rev)];
-        let mut ops = Vec::new();
-        if req.spec.touches_spec() || req.rollback {
-            let Some(current) = svc.spec.clone() else {
-                return Err(AgentError::BadRequest(format!(
-                    "service {name:?} runs no tasks (it was created without a command); only \
-                     its ports and labels can change"
-                )));
-            };
-            if req.rollback {
-                let Some(prev) = svc.previous_spec.clone() else {
-                    return Err(AgentError::BadRequest(format!(
-                        "service {name:?} has no previous spec to roll back to"
-                    )));
-                };
-                set_spec(&mut svc, prev, true);
-            } else {
-                let new = req.spec.apply(name, &current)?;
-                compares.extend(check_secrets(store, &new.task).await?);
-                for n in &svc.networks {
-                    if let Some(net) = store.get(&keys::network(&n.network)).await? {
-                        check_room(&serde_json::from_slice(&net.value)?, &new)?;
-                    }
-                }
-                set_spec(&mut svc, new, false);
-            }
-        }
-        for k in &req.label_rm {
-            if svc.labels.remove(k).is_none() {
-                return Err(AgentError::NotFound(format!(
-                    "service {name:?} has no label {k:?}"
-                )));
-            }
-        }
-        svc.labels.extend(label_add.clone());
-        for &(port, proto) in &rm {
-            let before = svc.ports.len();
-            svc.ports
-                .retain(|p| !(p.published == port && p.protocol == proto));
-            if svc.ports.len() == before {
-                return Err(AgentError::NotFound(format!(
-                    "service {name:?} does not publish {port}/{}",
-                    proto.as_str()
-                )));
-            }
-            ops.push(Op::delete(keys::port(proto, port)));
-        }
-        let new: Vec<PortConfig> = add
-            .iter()
-            .filter(|p| {
-                !svc.ports
-                    .iter()
-                    .any(|q| q.published == p.published && q.protocol == p.protocol)
-            })
-            .copied()
-            .collect();
-        if new.len() != add.len() {
-            let dup = add
-                .iter()
-                .find(|p| !new.contains(p))
-                .map(|p| format!("{}/{}", p.published, p.protocol.as_str()))
-                .unwrap_or_default();
-            return Err(AgentError::Conflict(format!(
-                "service {name:?} already publishes {dup}"
-            )));
-        }
-        claim_ports(store, name, &new, &mut compares, &mut ops).await?;
-        svc.ports.extend(new);
-        svc.ports.sort();
-        svc.updated = Some(model::now_rfc3339());
-        ops.push(Op::put(keys::service(name), encode(&svc)?));
-        if store.txn(compares, ops).await? {
-            tracing::info!(service = %name, version = svc.version, ports = ?svc.ports, "service updated");
-            return Ok(svc);
-        }
-    }
-    Err(AgentError::Unavailable(
-        "service update kept conflicting with concurrent changes; try again".into(),
-    ))
-}
-
-/// `service rollback`: the previous spec again.
-pub async fn rollback(store: &dyn Store, name: &str) -> Result<Service> {
-    update(
-        store,
-        name,
-        &ServiceUpdate {
-            rollback: true,
-            ..Default::default()
-        },
-    )
-    .await
 }
 
 /// The backends a view shows: every replica endpoint of the service on its networks.

@@ -72,9 +72,8 @@ pub fn wait_running(lab: &Lab, svc: &str, n: usize, limit: Duration) -> BTreeMap
 /// Answers of `n` sequential HTTP requests to `addr` from the fabric, counted; failures count
 /// as "FAIL".
 pub fn answers(lab: &Lab, addr: &str, n: usize) -> BTreeMap<String, usize> {
-    let script = format!(
-        "for i in $(seq {n}); do curl -s -m 3 http://{addr}/ || printf FAIL; echo; done"
-    );
+    let script =
+        format!("for i in $(seq {n}); do curl -s -m 3 http://{addr}/ || printf FAIL; echo; done");
     let out = lab
         .exec_in_fabric_timeout(&["sh", "-c", &script], Duration::from_secs(120))
         .expect("curl loop");
@@ -87,7 +86,10 @@ pub fn answers(lab: &Lab, addr: &str, n: usize) -> BTreeMap<String, usize> {
 
 /// The container that runs a task (as `service ps` reports it).
 pub fn container_of(task: &Value) -> String {
-    task["container"].as_str().expect("task container").to_string()
+    task["container"]
+        .as_str()
+        .expect("task container")
+        .to_string()
 }
 
 /// The pid of a task's process, asked on its node.
