@@ -95,12 +95,28 @@ pub struct Args {
     /// is kept, so a container's output takes at most twice this on disk).
     #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
     pub log_max_size: u64,
+    /// Source ports containers' egress flows get on --advertise-addr, `MIN-MAX`. Keep it
+    /// clear of the node's own ephemeral ports (net.ipv4.ip_local_port_range, 32768-60999 by
+    /// default) and of its listening ports: a flow never takes a port a node socket holds.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+    pub egress_ports: (u16, u16),
     /// UDP port of this node's WireGuard tunnels (encrypted networks), on --advertise-addr.
     #[arg(long, default_value_t = 51820, value_parser = clap::value_parser!(u16).range(1..))]
     pub wireguard_port: u16,
     /// Seconds without a refresh after which this node counts as down.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..=300))]
     pub lease_ttl: u64,
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("invalid port range {s:?}: expected MIN-MAX, 1 <= MIN <= MAX <= 65535");
+    let (min, max) = s.split_once('-').ok_or_else(bad)?;
+    let min: u16 = min.trim().parse().map_err(|_| bad())?;
+    let max: u16 = max.trim().parse().map_err(|_| bad())?;
+    if min == 0 || min > max {
+        return Err(bad());
+    }
+    Ok((min, max))
 }
 
 fn parse_netns_prefix(s: &str) -> Result<String, String> {
@@ -244,6 +260,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             close_timeout: Duration::from_secs(args.ct_close_timeout),
         })
         .context("configuring the load balancer")?;
+    datapath
+        .set_egress_ports(args.egress_ports.0, args.egress_ports.1)
+        .context("configuring egress")?;
     // The routing mesh: published ports answer on this node's address.
     datapath
         .attach_from_uplink(&uplink)

@@ -131,6 +131,10 @@ pub struct Network {
     pub gateway: Ipv4Addr,
     pub encrypted: bool,
     pub attachable: bool,
+    /// `--internal`: no egress (Docker's internal networks); containers reach only their own
+    /// overlay networks.
+    #[serde(default)]
+    pub internal: bool,
     /// Explicit `--opt mtu=N`; `None` means "uplink MTU minus encapsulation", decided per node.
     #[serde(default)]
     pub mtu: Option<u32>,
@@ -173,6 +177,8 @@ pub struct NetworkCreate {
     #[serde(default)]
     pub attachable: bool,
     #[serde(default)]
+    pub internal: bool,
+    #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
 
@@ -184,6 +190,7 @@ pub struct NetworkSpec {
     pub gateway: Ipv4Addr,
     pub encrypted: bool,
     pub attachable: bool,
+    pub internal: bool,
     pub mtu: Option<u32>,
     pub labels: BTreeMap<String, String>,
 }
@@ -300,6 +307,7 @@ impl NetworkCreate {
             gateway,
             encrypted,
             attachable: self.attachable,
+            internal: self.internal,
             mtu,
             labels: self.labels.clone(),
         })
@@ -786,6 +794,7 @@ mod tests {
             gateway: first_host(subnet.parse().unwrap()),
             encrypted: false,
             attachable: false,
+            internal: false,
             mtu: None,
             labels: BTreeMap::new(),
             created: now_rfc3339(),

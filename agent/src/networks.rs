@@ -91,6 +91,7 @@ pub async fn create(store: &dyn Store, req: &NetworkCreate) -> Result<Network> {
             gateway: spec.gateway,
             encrypted: spec.encrypted,
             attachable: spec.attachable,
+            internal: spec.internal,
             mtu: spec.mtu,
             labels: spec.labels.clone(),
             created: model::now_rfc3339(),

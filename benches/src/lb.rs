@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use crate::lbsetup::{BaseLab, LbLab};
 use crate::machine::{self, Machine};
-use crate::tools::median;
+use crate::tools::{have, median};
 
 pub struct Options {
     pub runs: usize,
@@ -101,11 +101,6 @@ const PATHS: [(&str, &str); 4] = [
     ("d", "HAProxy TCP roundrobin"),
 ];
 const MODES: [&str; 2] = ["new", "keepalive"];
-
-fn have(cmd: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
-}
 
 fn parse_run(out: &str) -> Result<Run> {
     let v: Value =

@@ -6,6 +6,7 @@ mod cluster;
 mod dns;
 mod dnslab;
 mod dnsperf;
+mod egress;
 mod lb;
 mod lbsetup;
 mod machine;
@@ -46,6 +47,29 @@ enum Bench {
     /// through (a) the VIP, (b) the routing mesh, against (c) iptables DNAT
     /// and (d) HAProxy when installed, with and without 1000 other services
     Lb(LbArgs),
+    /// Egress: new connections/s and TCP throughput from a container to a host outside the
+    /// overlay through (a) netagent's eBPF masquerade, against (b) iptables MASQUERADE on a
+    /// Linux bridge (Docker's way)
+    Egress(EgressArgs),
+}
+
+#[derive(Args)]
+struct EgressArgs {
+    /// Runs of each case (the median is quoted)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
+    runs: u16,
+    /// Seconds per run
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=60))]
+    secs: u32,
+    /// Concurrent client connections of the new-connection runs
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
+    /// Where to write the results as JSON
+    #[arg(long, default_value_os_t = default_json("egress"))]
+    json: PathBuf,
+    /// Print the table as Markdown (for the README)
+    #[arg(long)]
+    markdown: bool,
 }
 
 #[derive(Args)]
@@ -215,6 +239,13 @@ fn main() -> ExitCode {
             rate_secs: a.rate_secs,
             rate: a.rate,
             names: a.names as usize,
+            json: a.json,
+            markdown: a.markdown,
+        }),
+        Bench::Egress(a) => egress::run(&egress::Options {
+            runs: a.runs.into(),
+            secs: a.secs,
+            workers: a.workers,
             json: a.json,
             markdown: a.markdown,
         }),

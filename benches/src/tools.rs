@@ -54,6 +54,12 @@ pub fn run_in<S: AsRef<OsStr>>(netns: &Path, argv: &[S], timeout: Duration) -> R
         .stdout)
 }
 
+/// Whether `cmd` is on the PATH.
+pub fn have(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+}
+
 /// Runs a host command (`ip ...`, `bridge ...`) and fails with its stderr if it fails.
 pub fn host(program: &str, args: &[&str]) -> Result<String> {
     let mut c = Command::new(program);

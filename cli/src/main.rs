@@ -82,6 +82,9 @@ enum NetworkCmd {
         /// Allow standalone containers to attach.
         #[arg(long)]
         attachable: bool,
+        /// No way out: containers reach only overlay networks, not the outside world.
+        #[arg(long)]
+        internal: bool,
         /// Metadata labels, K=V.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
@@ -220,6 +223,7 @@ async fn network(client: &Client, format: Format, cmd: NetworkCmd) -> anyhow::Re
             gateway,
             opt,
             attachable,
+            internal,
             labels,
             name,
         } => {
@@ -231,6 +235,7 @@ async fn network(client: &Client, format: Format, cmd: NetworkCmd) -> anyhow::Re
                 "gateway": gateway,
                 "options": opt,
                 "attachable": attachable,
+                "internal": internal,
                 "labels": labels,
             });
             let net = client.post("/v1/networks", &body).await?;
@@ -256,6 +261,7 @@ async fn network(client: &Client, format: Format, cmd: NetworkCmd) -> anyhow::Re
                                 str_field(n, "gateway"),
                                 yes_no(n, "encrypted"),
                                 yes_no(n, "attachable"),
+                                yes_no(n, "internal"),
                             ]
                         })
                         .collect();
@@ -269,6 +275,7 @@ async fn network(client: &Client, format: Format, cmd: NetworkCmd) -> anyhow::Re
                             "GATEWAY",
                             "ENCRYPTED",
                             "ATTACHABLE",
+                            "INTERNAL",
                         ],
                         rows,
                     );

@@ -5,6 +5,7 @@
 use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use dataplane_common::DropReason;
 
+use crate::verdict::subprogram;
 use crate::{
     eth::{ETH_HLEN, EthHdr, ensure_linear, ifindex, ptr_at},
     maps,
@@ -41,10 +42,15 @@ struct ArpFrame {
     arp: ArpEthIpv4,
 }
 
-/// Turns an ARP request into the reply from the router MAC, in place, and sends it back out of
-/// the interface it came in on (the host side of the veth, i.e. into the container).
+subprogram! {
+    /// Turns an ARP request into the reply from the router MAC, in place, and sends it back out of
+    /// the interface it came in on (the host side of the veth, i.e. into the container). A
+    /// subprogram: its locals stay out of `from_container`'s frame.
+    pub fn respond => try_respond(ctx: &TcContext)
+}
+
 #[inline(always)]
-pub fn respond(ctx: &TcContext) -> Result<i32, DropReason> {
+fn try_respond(ctx: &TcContext) -> Result<i32, DropReason> {
     ensure_linear(ctx, ETH_HLEN + ARP_LEN)?;
     let frame: *mut ArpFrame = ptr_at(ctx, 0)?;
     // SAFETY: `ptr_at` checked that all 42 bytes lie inside the linear packet data, which is

@@ -46,7 +46,7 @@ const REFRESH_MAX_NS: u64 = NS_PER_S;
 
 /// Which table an entry was found in.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Table {
+pub(crate) enum Table {
     /// CONNTRACK: established.
     Live,
     /// CT_NEW: being set up.
@@ -55,15 +55,15 @@ pub enum Table {
 
 /// An entry found by [`lookup`]: where it lives and a copy of it.
 #[derive(Clone, Copy)]
-struct Found {
-    ptr: *mut CtEntry,
-    table: Table,
-    entry: CtEntry,
+pub(crate) struct Found {
+    pub ptr: *mut CtEntry,
+    pub table: Table,
+    pub entry: CtEntry,
 }
 
 /// The entry under `key`, established table first.
 #[inline(always)]
-fn lookup(key: &CtKey) -> Option<Found> {
+pub(crate) fn lookup(key: &CtKey) -> Option<Found> {
     let (ptr, table) = match CONNTRACK.get_ptr_mut(key) {
         Some(ptr) => (ptr, Table::Live),
         None => (CT_NEW.get_ptr_mut(key)?, Table::New),
@@ -74,7 +74,7 @@ fn lookup(key: &CtKey) -> Option<Found> {
 }
 
 #[inline(always)]
-fn remove(key: &CtKey, table: Table) {
+pub(crate) fn remove(key: &CtKey, table: Table) {
     // Best effort: an entry that is already gone is what we wanted.
     let _ = match table {
         Table::Live => CONNTRACK.remove(key),
@@ -83,7 +83,12 @@ fn remove(key: &CtKey, table: Table) {
 }
 
 #[inline(always)]
-fn insert(key: &CtKey, entry: &CtEntry, table: Table, flags: u64) -> Result<(), DropReason> {
+pub(crate) fn insert(
+    key: &CtKey,
+    entry: &CtEntry,
+    table: Table,
+    flags: u64,
+) -> Result<(), DropReason> {
     let r = match table {
         Table::Live => CONNTRACK.insert(key, entry, flags),
         Table::New => CT_NEW.insert(key, entry, flags),
@@ -94,7 +99,7 @@ fn insert(key: &CtKey, entry: &CtEntry, table: Table, flags: u64) -> Result<(), 
 /// The time and the idle timeouts that apply to one packet.
 #[derive(Clone, Copy)]
 pub struct Clock {
-    now: u64,
+    pub now: u64,
     tcp: u64,
     syn: u64,
     close: u64,
@@ -138,13 +143,13 @@ impl Clock {
     /// Idle for longer than its timeout. Saturating: another CPU may have stored a timestamp
     /// a tick newer than the one this CPU read.
     #[inline(always)]
-    fn expired(&self, proto: u8, found: &Found) -> bool {
+    pub(crate) fn expired(&self, proto: u8, found: &Found) -> bool {
         let timeout = self.timeout(proto, found.entry.flags, found.table);
         self.now.saturating_sub(found.entry.last_seen_ns) > timeout
     }
 
     #[inline(always)]
-    fn refresh_due(&self, proto: u8, found: &Found) -> bool {
+    pub(crate) fn refresh_due(&self, proto: u8, found: &Found) -> bool {
         let quarter = self.timeout(proto, found.entry.flags, found.table) / 4;
         let every = if quarter < REFRESH_MAX_NS {
             quarter
@@ -296,7 +301,7 @@ fn forward_of(key: &CtKey, entry: &CtEntry, kind: CtKind) -> (CtKey, CtEntry) {
 /// Moves a connection's entry pair from CT_NEW to CONNTRACK. If CONNTRACK is full the pair
 /// stays where it is: the connection still works, it is only not protected from eviction.
 #[inline(always)]
-fn promote(key_a: &CtKey, a: &CtEntry, key_b: &CtKey, b: &CtEntry) {
+pub(crate) fn promote(key_a: &CtKey, a: &CtEntry, key_b: &CtKey, b: &CtEntry) {
     if insert(key_a, a, Table::Live, BPF_ANY).is_err() {
         return;
     }
@@ -311,7 +316,7 @@ fn promote(key_a: &CtKey, a: &CtEntry, key_b: &CtKey, b: &CtEntry) {
 /// Sets `CT_F_CLOSING` on the entry behind `found` and on its partner under `partner` (the
 /// two entries of a connection share one state, so they expire together).
 #[inline(always)]
-fn mark_closing(found: &Found, partner: &CtKey) {
+pub(crate) fn mark_closing(found: &Found, partner: &CtKey) {
     // SAFETY: a valid map value pointer; a byte store, racing only with identical stores.
     unsafe { (*found.ptr).flags = found.entry.flags | CT_F_CLOSING };
     if let Some(p) = lookup(partner) {
@@ -387,7 +392,7 @@ pub fn balance(
 
 /// `l4` (a SYN) is a retransmission of the SYN that created the forward entry `entry`.
 #[inline(always)]
-fn same_syn(entry: &CtEntry, l4: &L4) -> bool {
+pub(crate) fn same_syn(entry: &CtEntry, l4: &L4) -> bool {
     entry.syn_seq != 0 && entry.syn_seq == l4.seq
 }
 
@@ -463,7 +468,7 @@ fn create(
 /// or no longer belongs to this connection (evicted, or replaced by a newer connection reusing
 /// the tuple: then the newer one wins and is left alone).
 #[inline(always)]
-fn refresh_partner(key: &CtKey, clock: &Clock, expected: &CtEntry, table: Table) {
+pub(crate) fn refresh_partner(key: &CtKey, clock: &Clock, expected: &CtEntry, table: Table) {
     match lookup(key) {
         Some(p) => {
             if p.entry.kind == expected.kind && p.entry.nat_ip == expected.nat_ip {

@@ -14,15 +14,16 @@
 //! 4. no endpoint: the subnet (NETWORKS) says why: own subnet -> `unknown_endpoint`, another
 //!    network's -> `policy_isolation`; none -> a reply to a routing-mesh client goes back the
 //!    way its connection came, and a hairpin VIP reply back into its sender
-//!    (`lb::to_outside`); anything else is `no_route` (the outside world comes later).
+//!    (`lb::to_outside`); anything else is the container's own traffic to the outside world
+//!    (`egress`: masquerade, or the node's own address).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use dataplane_common::{DropReason, Hook};
 
 use crate::{
-    arp, drop,
+    arp, drop, egress,
     eth::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, EthHdr, ensure_linear, ifindex, ptr_at},
-    forward, ipv4, lb, maps,
+    forward, ipv4, lb, maps, reset,
 };
 
 #[classifier]
@@ -66,7 +67,15 @@ fn route_ipv4(ctx: &TcContext) -> Result<i32, DropReason> {
 
     // 2. Service VIP.
     if let Some(svc) = maps::service(&ip.dst) {
-        return lb::to_vip(ctx, &ip, &svc, vni, &config);
+        if svc.vni != vni {
+            return Err(DropReason::PolicyIsolation);
+        }
+        return match lb::to_vip(ctx, &ip, &svc, config) {
+            Err(DropReason::NoConntrack) => {
+                reset::unknown_connection(ctx, &ip, vni, config.router_mac)
+            }
+            verdict => verdict,
+        };
     }
 
     // 3. Known endpoint.
@@ -75,11 +84,11 @@ fn route_ipv4(ctx: &TcContext) -> Result<i32, DropReason> {
             return Err(DropReason::PolicyIsolation);
         }
         if !dst.is_local() {
-            return forward::to_node(ctx, &dst, &config);
+            return forward::to_node(ctx, &dst, config);
         }
         // Delivery into the client of a VIP connection whose backend is on this node.
         if let Some(l4) = lb::balanced_l4(ctx, &ip)? {
-            lb::reverse_vip(ctx, &ip, &l4, &config)?;
+            lb::reverse_vip(ctx, &ip, &l4, config)?;
         }
         return forward::to_local(ctx, &dst, config.router_mac);
     }
@@ -88,6 +97,14 @@ fn route_ipv4(ctx: &TcContext) -> Result<i32, DropReason> {
     match maps::network_of(ip.dst) {
         Some(net) if net.vni == vni => Err(DropReason::UnknownEndpoint),
         Some(_) => Err(DropReason::PolicyIsolation),
-        None => lb::to_outside(ctx, &ip, &src, &config),
+        None => match lb::to_outside(ctx, &ip, &src, config)? {
+            lb::NOT_A_REPLY => match egress::from_container(ctx, &ip, &src, config) {
+                Err(DropReason::NoConntrack) => {
+                    reset::unknown_connection(ctx, &ip, vni, config.router_mac)
+                }
+                verdict => verdict,
+            },
+            verdict => Ok(verdict),
+        },
     }
 }

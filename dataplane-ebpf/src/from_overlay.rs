@@ -78,7 +78,7 @@ pub fn try_from_overlay(
         // A remote endpoint: a node tunnels only to the node the endpoint is on, so this
         // means stale state somewhere; never bounce it back out.
         Some(_) => return Err(DropReason::UnknownEndpoint),
-        None => return lb::overlay_to_outside(ctx, &ip, vni, encrypted, &maps::config()?),
+        None => return lb::overlay_to_outside(ctx, &ip, vni, encrypted, maps::config()?),
     };
     if dst.flags & ENDPOINT_F_ENCRYPTED != 0 && !encrypted {
         return Err(DropReason::Unencrypted);
@@ -87,6 +87,6 @@ pub fn try_from_overlay(
         return Err(DropReason::WrongVni);
     }
     let config = maps::config()?;
-    lb::on_overlay_delivery(ctx, &ip, vni, remote, encrypted, &config)?;
+    lb::on_overlay_delivery(ctx, &ip, vni, remote, encrypted, config)?;
     forward::to_local(ctx, &dst, config.router_mac)
 }

@@ -1,7 +1,8 @@
 //! `from_uplink`: tc ingress (TCX) on the node's uplink, the ingress routing mesh (path 4).
 //!
-//! Only TCP/UDP to `node_ip:<published port>` is ours: it is balanced over the port's backend
-//! set with the client's address kept (`lb::to_published`). Everything else passes untouched
+//! Ours, in order: replies of containers' egress flows and ICMP errors about translated
+//! packets (`egress::to_node`); TCP/UDP to `node_ip:<published port>`, balanced over the
+//! port's backend set with the client's address kept (`lb::to_published`). Everything else passes untouched
 //! (`TC_ACT_OK`) to the node's stack, which keeps the node's own services, its SSH, and the
 //! VXLAN underlay (UDP 4789 to the node) working; so does anything this program cannot parse,
 //! because it is not ours to judge.
@@ -13,10 +14,10 @@
 //! nodes' programs, never on the wire outside).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use dataplane_common::{DropReason, Hook, IPPROTO_UDP};
+use dataplane_common::{DropReason, Hook, IPPROTO_UDP, REINJECT_MARK};
 
 use crate::{
-    drop,
+    drop, egress,
     eth::{ETH_HLEN, ETH_P_IP, EthHdr, ptr_at},
     ipv4::{self, IPV4_HLEN},
     l4, lb, maps,
@@ -54,8 +55,20 @@ pub fn try_from_uplink(ctx: &TcContext) -> Result<i32, DropReason> {
     let Ok(config) = maps::config() else {
         return Ok(TC_ACT_OK);
     };
-    if config.node_ip == [0; 4] || ip.dst != config.node_ip {
+    if config.node_ip == [0; 4] {
         return Ok(TC_ACT_OK);
+    }
+    if ip.dst != config.node_ip {
+        // Overlay addresses are reached through the overlay, never routed in from outside
+        // (the node has host routes to its containers).
+        if maps::network_of(ip.dst).is_some() {
+            return Err(DropReason::OverlayDestOutside);
+        }
+        return Ok(TC_ACT_OK);
+    }
+    // Only this node's programs send it packets from its own address (marked).
+    if ip.src == config.node_ip && mark(ctx) != REINJECT_MARK {
+        return Err(DropReason::NodeSourceOutside);
     }
     // No ports to match on in later fragments; the stack reassembles what is its own.
     let l4 = if l4::is_tcp_or_udp(ip.proto) && !ip.is_later_fragment() {
@@ -76,6 +89,13 @@ pub fn try_from_uplink(ctx: &TcContext) -> Result<i32, DropReason> {
     if maps::network_of(ip.src).is_some() {
         return Err(DropReason::OverlaySourceOutside);
     }
+    // Replies of containers' egress flows, and ICMP errors about translated packets.
+    match egress::to_node(ctx, &ip, config) {
+        // Not ours, or too short to be: the node's stack judges it.
+        Ok(egress::NOT_OURS) | Err(DropReason::Malformed) => {}
+        Ok(verdict) => return Ok(verdict),
+        Err(e) => return Err(e),
+    }
     let Some(l4) = l4 else {
         return Ok(TC_ACT_OK);
     };
@@ -86,5 +106,13 @@ pub fn try_from_uplink(ctx: &TcContext) -> Result<i32, DropReason> {
     if ip.is_fragment() {
         return Err(DropReason::Fragmented);
     }
-    lb::to_published(ctx, &ip, &l4, &published, &config)
+    lb::to_published(ctx, &ip, &l4, &published, config)
+}
+
+/// `skb->mark`.
+#[inline(always)]
+fn mark(ctx: &TcContext) -> u32 {
+    // SAFETY: a read of a `__sk_buff` field through the context pointer (rewritten by the
+    // verifier).
+    unsafe { (*ctx.skb.skb).mark }
 }

@@ -3,6 +3,16 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{DropReason, IPPROTO_TCP, IPPROTO_UDP};
 
+pub const IPPROTO_ICMP: u8 = 1;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// The ICMP header before an error's quoted datagram, or an echo's data.
+pub const ICMP_HLEN: usize = 8;
+const ICMP_CSUM_OFF: usize = 2;
+
 use crate::{
     eth::{ETH_HLEN, ensure_linear, ptr_at},
     ipv4::Ipv4,
@@ -69,10 +79,10 @@ impl L4 {
     /// Offset of the checksum field from the start of the frame.
     #[inline(always)]
     pub fn csum_off(&self) -> usize {
-        if self.proto == IPPROTO_TCP {
-            self.off + TCP_CSUM_OFF
-        } else {
-            self.off + UDP_CSUM_OFF
+        match self.proto {
+            IPPROTO_TCP => self.off + TCP_CSUM_OFF,
+            IPPROTO_ICMP => self.off + ICMP_CSUM_OFF,
+            _ => self.off + UDP_CSUM_OFF,
         }
     }
 
@@ -128,4 +138,31 @@ pub fn parse(ctx: &TcContext, ip: &Ipv4) -> Result<L4, DropReason> {
             seq: 0,
         })
     }
+}
+
+/// The ICMP header after `ip` (not a later fragment): its type, and for an echo request or
+/// reply an `L4` whose "ports" are the identifier (the request's as source port, the reply's
+/// as destination port, the other 0), so the egress table keys echoes like UDP.
+#[inline(always)]
+pub fn parse_icmp(ctx: &TcContext, ip: &Ipv4) -> Result<(u8, Option<L4>), DropReason> {
+    let off = ETH_HLEN + ip.hdr_len;
+    ensure_linear(ctx, off + ICMP_HLEN)?;
+    let hdr: *const [u8; ICMP_HLEN] = ptr_at(ctx, off)?;
+    // SAFETY: `ptr_at` checked the 8 bytes lie inside the linear packet data.
+    let hdr = unsafe { *hdr };
+    let id = [hdr[4], hdr[5]];
+    let l4 = |sport, dport| L4 {
+        off,
+        proto: IPPROTO_ICMP,
+        sport,
+        dport,
+        tcp_flags: 0,
+        seq: 0,
+    };
+    let echo = match hdr[0] {
+        ICMP_ECHO if hdr[1] == 0 => Some(l4(id, [0; 2])),
+        ICMP_ECHO_REPLY if hdr[1] == 0 => Some(l4([0; 2], id)),
+        _ => None,
+    };
+    Ok((hdr[0], echo))
 }

@@ -15,24 +15,23 @@
 //!   restores node_ip:published as source and sends them out of the uplink, in `from_overlay`
 //!   or, for a local backend, `from_container`.
 
+use crate::verdict::subprogram;
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     BackendKey, CT_F_ENCRYPTED, CT_F_HAIRPIN, Config, CtKind, DropReason, ENDPOINT_F_ENCRYPTED,
-    EndpointInfo, HAIRPIN_SNAT_IP, Hook, MESH_INNER_SRC_MAC, PublishedInfo, PublishedKey, RrCursor,
+    EndpointInfo, HAIRPIN_SNAT_IP, MESH_INNER_SRC_MAC, PublishedInfo, PublishedKey, RrCursor,
     ServiceInfo,
 };
 
 use crate::{
     atomic,
     conntrack::{self, Clock, Flow, MESH_RETURN, MESH_REVERSE, Target, VIP_REVERSE},
-    drop,
     eth::{EthHdr, ptr_at},
     forward,
     ipv4::Ipv4,
     l4::{self, L4},
     maps::{self, BACKEND_SETS, BACKENDS, RR_CURSORS},
     nat::{self, Side},
-    reset,
     verdict::TC_ACT_OK,
 };
 
@@ -80,18 +79,24 @@ pub fn select(id: u32) -> Result<[u8; 4], DropReason> {
 #[allow(clippy::unnecessary_cast)]
 const BPF_NOEXIST: u64 = aya_ebpf::bindings::BPF_NOEXIST as u64;
 
-/// Path 3: a packet from a container (network `vni`) to the VIP of `svc`.
+subprogram! {
+    /// Path 3: a packet from a container to the VIP of `svc`, a service of the container's own
+    /// network (the caller checks).
+    ///
+    /// A subprogram (as are `to_outside` and the egress paths): its locals get a frame of their
+    /// own, so `from_container`'s stays small enough for the deepest path to fit the 512-byte
+    /// stack.
+    pub fn to_vip => try_to_vip(ctx: &TcContext, ip: &Ipv4, svc: &ServiceInfo, config: &Config)
+}
+
 #[inline(always)]
-pub fn to_vip(
+fn try_to_vip(
     ctx: &TcContext,
     ip: &Ipv4,
     svc: &ServiceInfo,
-    vni: u32,
     config: &Config,
 ) -> Result<i32, DropReason> {
-    if svc.vni != vni {
-        return Err(DropReason::PolicyIsolation);
-    }
+    let vni = svc.vni;
     if !l4::is_tcp_or_udp(ip.proto) {
         return Err(DropReason::VipUnsupportedProtocol);
     }
@@ -109,21 +114,15 @@ pub fn to_vip(
         vni,
     };
     let mut target = Target::default();
-    match conntrack::balance(
+    // `NoConntrack` (a mid-connection packet of a connection we do not know, any more) is
+    // reset by the caller (`reset::unknown_connection`).
+    conntrack::balance(
         &conntrack::original_key(ip, &l4),
         &l4,
         &clock,
         &flow,
         &mut target,
-    ) {
-        Ok(()) => {}
-        Err(DropReason::NoConntrack) if reset::can_answer(ip, &l4) => {
-            // Mid-connection packet of a connection we do not know (any more): reset it.
-            drop::report(ctx, DropReason::NoConntrack, Hook::FromContainer, vni);
-            return reset::to_sender(ctx, ip, config.router_mac);
-        }
-        Err(e) => return Err(e),
-    }
+    )?;
     nat::rewrite(
         ctx,
         &l4,
@@ -163,8 +162,22 @@ pub fn to_vip(
 ///
 /// Fragments are delivered as they are: only the first carries ports, and a datagram whose
 /// fragments disagree on the source cannot be reassembled anyway.
-#[inline(always)]
+///
+/// A subprogram for `from_container`: the conntrack lookup's locals stay out of its frame.
+#[inline(never)]
 pub fn reverse_vip(ctx: &TcContext, ip: &Ipv4, l4: &L4, config: &Config) -> Result<(), DropReason> {
+    reverse_vip_inline(ctx, ip, l4, config)
+}
+
+/// [`reverse_vip`] inlined, for `from_overlay`: its frame is the larger one there, and the
+/// two would not fit the stack together.
+#[inline(always)]
+pub fn reverse_vip_inline(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    l4: &L4,
+    config: &Config,
+) -> Result<(), DropReason> {
     if let Some(entry) = conntrack::reply(&conntrack::reply_key(ip, l4), l4, config)
         && entry.kind == VIP_REVERSE
     {
@@ -190,12 +203,27 @@ pub fn balanced_l4(ctx: &TcContext, ip: &Ipv4) -> Result<Option<L4>, DropReason>
     l4::parse(ctx, ip).map(Some)
 }
 
-/// `from_container`: a packet from the local endpoint `src` to an address outside every
-/// overlay network. Only replies of balanced connections go anywhere: replies of routing-mesh
-/// flows back through the tunnel to the ingress node, or, if this is the ingress node, out of
-/// the uplink; replies of a hairpin VIP connection back into the same container.
+subprogram! {
+    /// `from_container`: a packet from the local endpoint `src` to an address outside every
+    /// overlay network. Replies of balanced connections go back their way: replies of
+    /// routing-mesh flows through the tunnel to the ingress node, or, if this is the ingress node,
+    /// out of the uplink; replies of a hairpin VIP connection back into the same container.
+    /// Everything else ([`NOT_A_REPLY`]) is the container's own traffic to the outside world
+    /// (`egress`). A subprogram, like `to_vip`.
+    ///
+    /// The "not a reply" answer is a verdict value rather than an `Option`: LLVM fills the
+    /// payload of a `None` with whatever register is at hand, once a map pointer, which the
+    /// verifier then refuses to see shifted.
+    pub fn to_outside => try_to_outside(
+        ctx: &TcContext,
+        ip: &Ipv4,
+        src: &EndpointInfo,
+        config: &Config,
+    )
+}
+
 #[inline(always)]
-pub fn to_outside(
+fn try_to_outside(
     ctx: &TcContext,
     ip: &Ipv4,
     src: &EndpointInfo,
@@ -203,10 +231,10 @@ pub fn to_outside(
 ) -> Result<i32, DropReason> {
     let vni = src.vni;
     let Some(l4) = balanced_l4(ctx, ip)? else {
-        return Err(DropReason::NoRoute);
+        return Ok(NOT_A_REPLY);
     };
     let Some(entry) = conntrack::reply(&conntrack::reply_key(ip, &l4), &l4, config) else {
-        return Err(DropReason::NoRoute);
+        return Ok(NOT_A_REPLY);
     };
     // The entry was made for the backend's network; the key already pins the backend's
     // address, which anti-spoofing tied to this veth.
@@ -231,7 +259,7 @@ pub fn to_outside(
                 l4.sport,
                 entry.nat_port,
             )?;
-            forward::to_uplink(config)
+            leave(ctx, ip.dst, config)
         }
         VIP_REVERSE if entry.flags & CT_F_HAIRPIN != 0 => {
             // backend:port -> HAIRPIN_SNAT_IP:port becomes VIP:port -> client:port, and the
@@ -250,6 +278,20 @@ pub fn to_outside(
         }
         _ => Err(DropReason::NoRoute),
     }
+}
+
+/// [`to_outside`]'s answer for a packet that is no reply of a balanced connection.
+pub const NOT_A_REPLY: i32 = -1;
+
+/// A routing-mesh reply with the published address restored leaves through the uplink, or,
+/// if its client is this node itself (a container of the node reached its own published
+/// port through egress), goes back in through the uplink's ingress to that flow's reply path.
+#[inline(always)]
+fn leave(ctx: &TcContext, dst: [u8; 4], config: &Config) -> Result<i32, DropReason> {
+    if dst == config.node_ip {
+        return crate::egress::reinject(ctx, config);
+    }
+    forward::to_uplink(config)
 }
 
 /// `from_overlay`, before delivering a packet from `remote` (the sending node) with `vni` into
@@ -271,7 +313,7 @@ pub fn on_overlay_delivery(
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: `ptr_at` checked the 14 bytes are inside the linear packet data.
     if unsafe { (*eth).src } != MESH_INNER_SRC_MAC {
-        return reverse_vip(ctx, ip, &l4, config);
+        return reverse_vip_inline(ctx, ip, &l4, config);
     }
     let clock = Clock::new(config);
     let key = conntrack::reply_key_of(&conntrack::original_key(ip, &l4));
@@ -314,13 +356,24 @@ pub fn overlay_to_outside(
         l4.sport,
         entry.nat_port,
     )?;
-    forward::to_uplink(config)
+    leave(ctx, ip.dst, config)
 }
 
-/// Path 4 on the ingress node: a packet to `node_ip:port`, where the port is published as
-/// `published`.
+subprogram! {
+    /// Path 4 on the ingress node: a packet to `node_ip:port`, where the port is published as
+    /// `published`. A subprogram: its frame and `egress::to_node`'s, both `from_uplink`'s
+    /// largest, do not add up.
+    pub fn to_published => try_to_published(
+        ctx: &TcContext,
+        ip: &Ipv4,
+        l4: &L4,
+        published: &PublishedInfo,
+        config: &Config,
+    )
+}
+
 #[inline(always)]
-pub fn to_published(
+fn try_to_published(
     ctx: &TcContext,
     ip: &Ipv4,
     l4: &L4,

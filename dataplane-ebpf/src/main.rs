@@ -3,7 +3,7 @@
 //! Layout follows Cilium's split: one module per attachment point (`from_container`,
 //! `from_overlay`, `from_uplink`) and small shared modules for header parsing (`eth`, `arp`,
 //! `ipv4`, `l4`), map definitions (`maps`), packet exits (`forward`, `tunnel`), the load
-//! balancer (`lb`, `conntrack`, `nat`, `atomic`) and drop accounting (`drop`). `test_hooks` holds programs that exist only for tests. Each program is a thin
+//! balancer (`lb`, `conntrack`, `nat`, `atomic`), egress (`egress`) and drop accounting (`drop`). `test_hooks` holds programs that exist only for tests. Each program is a thin
 //! `#[classifier]` entry point around a `try_*(ctx) -> Result<i32, DropReason>` function, so
 //! every early exit with a reason ends in the one place that counts and reports it.
 // Only the BPF target gets the freestanding setup. On the host the binary compiles as an
@@ -17,6 +17,7 @@ mod arp;
 mod atomic;
 mod conntrack;
 mod drop;
+mod egress;
 mod eth;
 mod forward;
 mod from_container;

@@ -68,10 +68,13 @@ pub fn rewrite(
         (*ip).check = csum_replace4((*ip).check, old_ip, new_ip);
     }
     let port_changes = old_port != new_port;
+    // Bounded again (Ethernet + at most 60 bytes of IPv4 header): in a subprogram the offset
+    // comes from the caller's stack, and the verifier no longer knows its range.
+    let off = l4.off & 0x7f;
     if port_changes {
         let port_off = match side {
-            Side::Src => l4.off + SPORT_OFF,
-            Side::Dst => l4.off + DPORT_OFF,
+            Side::Src => off + SPORT_OFF,
+            Side::Dst => off + DPORT_OFF,
         };
         let port: *mut [u8; 2] = ptr_at(ctx, port_off)?;
         // SAFETY: as above.
@@ -103,7 +106,7 @@ pub fn rewrite(
 /// (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m'), in one's complement arithmetic over 16-bit
 /// words). All values in network order.
 #[inline(always)]
-fn csum_replace4(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2] {
+pub fn csum_replace4(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2] {
     let word = |b: [u8; 4], i: usize| u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
     let mut sum = u32::from(!u16::from_be_bytes(check));
     sum += word(old, 0) ^ 0xffff;

@@ -13,6 +13,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{DropReason, IPPROTO_TCP};
 
+use crate::verdict::subprogram;
 use crate::{
     eth::{ETH_HLEN, ETH_P_IP, EthHdr, ensure_linear, ifindex, ptr_at},
     ipv4::{IPV4_HLEN, Ipv4, Ipv4Hdr},
@@ -144,4 +145,38 @@ pub fn to_sender(ctx: &TcContext, ip: &Ipv4, router_mac: [u8; 6]) -> Result<i32,
         return Err(DropReason::Internal);
     }
     Ok(TC_ACT_REDIRECT)
+}
+
+subprogram! {
+    /// `from_container`, for a TCP packet a subprogram found no tracked connection for (to a VIP,
+    /// or of an egress flow that went idle): the container's socket gets a reset at once
+    /// instead of retransmitting into nothing, and the drop is counted as `no_conntrack`. A
+    /// subprogram of its own, called from `from_container` rather than from the subprograms that
+    /// find no connection, so their frames and `drop::report`'s never add up.
+    pub fn unknown_connection => try_unknown_connection(
+        ctx: &TcContext,
+        ip: &Ipv4,
+        vni: u32,
+        router_mac: [u8; 6],
+    )
+}
+
+#[inline(always)]
+fn try_unknown_connection(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    vni: u32,
+    router_mac: [u8; 6],
+) -> Result<i32, DropReason> {
+    let l4 = crate::l4::parse(ctx, ip)?;
+    if !can_answer(ip, &l4) {
+        return Err(DropReason::NoConntrack);
+    }
+    crate::drop::report(
+        ctx,
+        DropReason::NoConntrack,
+        dataplane_common::Hook::FromContainer,
+        vni,
+    );
+    to_sender(ctx, ip, router_mac)
 }

@@ -27,7 +27,10 @@ const KEY_SIZE: u32 = core::mem::size_of::<bpf_tunnel_key>() as u32;
 /// BPF_F_ZERO_CSUM_TX: no outer UDP checksum, as Linux VXLAN devices default to over IPv4 (the
 /// inner packet keeps its own checksums, and the outer IPv4 header has one). Computing it costs
 /// a software pass per GSO segment on veth uplinks, which the bridge+VXLAN baseline never pays.
-#[inline(always)]
+///
+/// A subprogram: the key (a 44-byte struct) lives in a frame of its own, not in every
+/// caller's (they are many, and several are deep).
+#[inline(never)]
 pub fn set_key(ctx: &TcContext, vni: u32, remote_be: u32) -> Result<(), DropReason> {
     // SAFETY: bpf_tunnel_key is plain integers and unions of integers; all zero is valid, and
     // the helper requires initialised memory (it reads the whole struct).

@@ -409,6 +409,52 @@ impl Lab {
         cmd::spawn(&mut sys::in_netns(&self.fabric_ns(), argv))
     }
 
+    /// Adds the outside host: a namespace (`<prefix>-wan`, removed with the lab) at
+    /// [`layout::OUTSIDE_ADDR`], behind the fabric, which now routes between the nodes and it
+    /// over a link of `mtu` bytes (smaller than the fabric's 1500: path MTU discovery has to
+    /// work across it). No node is on that link; the nodes reach it through their default
+    /// route, as a LAN server or the internet.
+    pub fn add_outside_host(&self, mtu: u32) -> Result<()> {
+        let fabric = self.fabric_ns();
+        let wan = self.outside_ns();
+        self.add_netns(&wan)?;
+        let mtu = mtu.to_string();
+        sys::ip(&[
+            "link", "add", "wan0", "netns", &fabric, "mtu", &mtu, "type", "veth", "peer", "name",
+            UPLINK, "netns", &wan, "mtu", &mtu,
+        ])?;
+        let gw = format!("{}/{}", layout::OUTSIDE_GATEWAY, layout::OUTSIDE_PREFIX_LEN);
+        sys::ip(&["-n", &fabric, "addr", "add", &gw, "dev", "wan0"])?;
+        sys::ip(&["-n", &fabric, "link", "set", "wan0", "up"])?;
+        let addr = format!("{}/{}", layout::OUTSIDE_ADDR, layout::OUTSIDE_PREFIX_LEN);
+        sys::ip(&["-n", &wan, "addr", "add", &addr, "dev", UPLINK])?;
+        sys::ip(&["-n", &wan, "link", "set", UPLINK, "up"])?;
+        let via = layout::OUTSIDE_GATEWAY.to_string();
+        sys::ip(&[
+            "-n", &wan, "route", "add", "default", "via", &via, "dev", UPLINK,
+        ])?;
+        let mut c = sys::in_netns(&fabric, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        cmd::run(&mut c, Duration::from_secs(10))?.check()?;
+        Ok(())
+    }
+
+    pub fn outside_ns(&self) -> String {
+        layout::outside_ns(&self.prefix)
+    }
+
+    /// Runs `argv` on the outside host (see [`Lab::add_outside_host`]).
+    pub fn exec_in_outside_timeout<S: AsRef<OsStr>>(
+        &self,
+        argv: &[S],
+        timeout: Duration,
+    ) -> Result<Output> {
+        cmd::run(&mut sys::in_netns(&self.outside_ns(), argv), timeout)
+    }
+
+    pub fn spawn_in_outside<S: AsRef<OsStr>>(&self, argv: &[S]) -> Result<Background> {
+        cmd::spawn(&mut sys::in_netns(&self.outside_ns(), argv))
+    }
+
     // ---- topology -------------------------------------------------------
 
     fn build_topology(&self) -> Result<()> {

@@ -70,6 +70,17 @@ pub fn fabric_ns(prefix: &str) -> String {
     format!("{prefix}-fabric")
 }
 
+/// The outside host's namespace (see `Lab::add_outside_host`).
+pub fn outside_ns(prefix: &str) -> String {
+    format!("{prefix}-wan")
+}
+
+/// The outside host: a server beyond the fabric, which routes to it over a link of its own
+/// (`OUTSIDE_GATEWAY` on the fabric's end).
+pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const OUTSIDE_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub const OUTSIDE_PREFIX_LEN: u8 = 24;
+
 pub fn node_name(i: usize) -> String {
     format!("n{i}")
 }

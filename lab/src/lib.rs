@@ -32,8 +32,8 @@ mod teardown;
 pub use cmd::{Background, Output, describe, run, run_inherit, spawn};
 pub use lab::{Lab, LabConfig, StoreKind};
 pub use layout::{
-    ETCD_ADDR, ETCD_PORT, FABRIC_GATEWAY, FABRIC_PREFIX_LEN, MAX_NODES, RUN_ROOT, UPLINK,
-    generate_prefix, validate_prefix,
+    ETCD_ADDR, ETCD_PORT, FABRIC_GATEWAY, FABRIC_PREFIX_LEN, MAX_NODES, OUTSIDE_ADDR,
+    OUTSIDE_GATEWAY, RUN_ROOT, UPLINK, generate_prefix, validate_prefix,
 };
 pub use nix::sys::signal::Signal;
 pub use record::{Owner, Record};

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use crate::{cargo, setup};
 
 /// The benchmarks `benches` knows; `cargo xtask bench` accepts only these.
-pub const NAMES: &[&str] = &["overlay", "encrypted", "dns", "lb"];
+pub const NAMES: &[&str] = &["overlay", "encrypted", "dns", "lb", "egress"];
 
 /// The benchmarks that measure netagent's own code (not only the eBPF
 /// programs, which are release builds either way): its resolver, its WireGuard.

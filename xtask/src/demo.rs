@@ -320,6 +320,82 @@ const STEPS: &[Step] = &[
         ],
     },
     Step {
+        what: "a reaches a host outside the overlay (beyond the fabric, behind a 1400-byte link): eBPF masquerades it to n1's address",
+        node: 1,
+        args: &[
+            "container",
+            "exec",
+            "a",
+            "--",
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            "http://203.0.113.10/",
+        ],
+        expect: &["outside sees 198.18.0.11"],
+    },
+    Step {
+        what: "and the published port of its own node, balanced as from outside",
+        node: 1,
+        args: &[
+            "container",
+            "exec",
+            "a",
+            "--",
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            "http://198.18.0.11:8080/",
+        ],
+        expect: &["sees 198.18.0.11"],
+    },
+    Step {
+        what: "an --internal network has no way out",
+        node: 1,
+        args: &[
+            "network",
+            "create",
+            "--subnet",
+            "10.10.9.0/24",
+            "--internal",
+            "backend",
+        ],
+        expect: &[],
+    },
+    Step {
+        what: "a container on it",
+        node: 1,
+        args: &[
+            "container",
+            "run",
+            "-d",
+            "--name",
+            "db",
+            "--network",
+            "backend",
+            "--",
+            "sleep",
+            "3600",
+        ],
+        expect: &["db"],
+    },
+    Step {
+        what: "cannot reach the outside host (dropped as egress_internal)",
+        node: 1,
+        args: &[
+            "container",
+            "exec",
+            "db",
+            "--",
+            "sh",
+            "-c",
+            "curl -s --max-time 1 http://203.0.113.10/ || echo no way out",
+        ],
+        expect: &["no way out"],
+    },
+    Step {
         what: "a keeps pinging b for a few seconds in the background",
         node: 1,
         args: &[
@@ -440,6 +516,13 @@ pub fn run(keep: bool) -> Result<()> {
         ..Default::default()
     })?;
     labcmd::print_lab(&lab);
+    // A host beyond the fabric for the egress steps: answers with the address it sees.
+    lab.add_outside_host(1400)?;
+    let _outside = lab.spawn_in_outside(&[
+        "socat",
+        "TCP-LISTEN:80,fork,reuseaddr",
+        "SYSTEM:read request; echo HTTP/1.0 200 OK; echo; echo outside sees $SOCAT_PEERADDR",
+    ])?;
 
     let result = STEPS.iter().try_for_each(|step| run_step(&lab, step));
 

@@ -58,7 +58,8 @@ pub fn live_entry_expired(key: &CtKey, entry: &CtEntry, config: &Config, now_ns:
     now_ns.saturating_sub(entry.last_seen_ns) > timeout
 }
 
-/// Whether the entry belongs to a connection with `backend` (an address being removed).
+/// Whether the entry belongs to a connection with `backend` (an address being removed), or
+/// to an egress flow of that address.
 fn involves(key: &CtKey, entry: &CtEntry, backend: [u8; 4]) -> bool {
     match CtKind::from_code(entry.kind) {
         // Forward entries point at their backend.
@@ -67,6 +68,9 @@ fn involves(key: &CtKey, entry: &CtEntry, backend: [u8; 4]) -> bool {
         Some(CtKind::VipReverse | CtKind::MeshReverse | CtKind::MeshReturn) => {
             key.src_ip == backend
         }
+        // A removed container's own flows to the outside world.
+        Some(CtKind::EgressForward) => key.src_ip == backend,
+        Some(CtKind::EgressReverse) => entry.nat_ip == backend,
         None => false,
     }
 }

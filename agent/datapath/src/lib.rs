@@ -68,9 +68,10 @@ pub use dataplane_common::{
     BackendSet, CONFIG_F_READY, CONNTRACK_MAX_ENTRIES, CT_CLOSE_TIMEOUT_DEFAULT_S, CT_DIR_ORIGINAL,
     CT_DIR_REPLY, CT_F_CLOSING, CT_F_ENCRYPTED, CT_F_HAIRPIN, CT_NEW_MAX_ENTRIES,
     CT_SYN_TIMEOUT_DEFAULT_S, CT_TCP_TIMEOUT_DEFAULT_S, CT_UDP_TIMEOUT_DEFAULT_S, Config, CtEntry,
-    CtKey, CtKind, DropEvent, DropReason, ENDPOINT_F_ENCRYPTED, ENDPOINT_F_LOCAL,
-    ENDPOINTS_MAX_ENTRIES, EndpointInfo, HAIRPIN_SNAT_IP, Hook, L4Proto, MESH_INNER_SRC_MAC,
-    NETWORK_F_ENCRYPTED, NETWORKS_MAX_ENTRIES, NODE_F_TUNNEL_ADDR, NODES_MAX_ENTRIES, NetworkInfo,
+    CtKey, CtKind, DropEvent, DropReason, EGRESS_PORT_MAX_DEFAULT, EGRESS_PORT_MIN_DEFAULT,
+    ENDPOINT_F_ENCRYPTED, ENDPOINT_F_INTERNAL, ENDPOINT_F_LOCAL, ENDPOINTS_MAX_ENTRIES,
+    EndpointInfo, HAIRPIN_SNAT_IP, Hook, L4Proto, MESH_INNER_SRC_MAC, NETWORK_F_ENCRYPTED,
+    NETWORK_F_INTERNAL, NETWORKS_MAX_ENTRIES, NODE_F_TUNNEL_ADDR, NODES_MAX_ENTRIES, NetworkInfo,
     NodeInfo, PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor, SERVICES_MAX_ENTRIES,
     ServiceInfo, TestInput, TestObservation, VNI_MAX, map_names, node_ip_from_abi, node_ip_to_abi,
     program_names,
@@ -388,6 +389,8 @@ impl Datapath {
         let mut abi = config.to_abi(&LbConfig::from_abi(&old))?;
         abi.vxlan_enc_ifindex = old.vxlan_enc_ifindex;
         abi.wireguard_port = old.wireguard_port;
+        abi.egress_port_min = old.egress_port_min;
+        abi.egress_port_max = old.egress_port_max;
         self.write_config(abi)
     }
 
@@ -395,6 +398,20 @@ impl Datapath {
     pub fn set_lb_config(&mut self, lb: LbConfig) -> Result<(), DatapathError> {
         let mut abi = self.config()?;
         lb.apply(&mut abi)?;
+        self.write_config(abi)
+    }
+
+    /// Sets the source ports egress flows get on the node's address (inclusive; `min` must not
+    /// be above `max`); the rest of the config stays.
+    pub fn set_egress_ports(&mut self, min: u16, max: u16) -> Result<(), DatapathError> {
+        if min == 0 || min > max {
+            return Err(DatapathError::InvalidConfig(format!(
+                "egress port range {min}-{max} is empty or starts at 0"
+            )));
+        }
+        let mut abi = self.config()?;
+        abi.egress_port_min = min;
+        abi.egress_port_max = max;
         self.write_config(abi)
     }
 

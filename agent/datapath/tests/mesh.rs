@@ -254,7 +254,8 @@ fn the_backends_node_sends_replies_back_through_the_ingress_node() {
         (VNI_A, INGRESS_NODE.octets())
     );
 
-    // Packets to outside addresses that are not such replies still have no route.
+    // A packet to an outside address that is no such reply is the container's own egress:
+    // mid-connection without a flow, it is answered with a reset (and counted).
     let other = tcp_frame(
         LOCAL_PEER_IP,
         80,
@@ -263,8 +264,10 @@ fn the_backends_node_sends_replies_back_through_the_ingress_node() {
         TcpFlags::SynAck,
         b"",
     );
-    assert_eq!(fx.run(&other).0, TC_ACT_SHOT);
-    fx.assert_only_drops(Some(DropReason::NoRoute), 1);
+    let (verdict, out, _) = fx.run_container_hook(&other);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_ne!(out, other, "a reset, not the packet");
+    fx.assert_only_drops(Some(DropReason::NoConntrack), 1);
 
     // Overlay traffic (router MAC as inner source) is not a routing-mesh client's: no return
     // entry, whatever its source address.

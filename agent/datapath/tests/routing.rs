@@ -199,20 +199,27 @@ fn unknown_address_in_own_subnet_is_dropped() {
 }
 
 #[test]
-fn destinations_outside_every_network_have_no_route() {
+fn destinations_outside_every_network_are_egress() {
     if !have_root() {
         return;
     }
+    // This fixture's node has no uplink configured: egress has no way out (tests/egress.rs
+    // gives it one).
     let fx = Fixture::routed();
     for dst in [
         Ipv4Address::new(8, 8, 8, 8),
         Ipv4Address::new(10, 2, 0, 1),
-        Ipv4Address::new(198, 18, 0, 12),
-        Ipv4Address::UNSPECIFIED,
+        Ipv4Address::new(198, 18, 0, 99),
     ] {
         assert_eq!(fx.run(&ipv4(dst, b"out")).0, TC_ACT_SHOT, "{dst}");
     }
-    fx.assert_only_drops(Some(DropReason::NoRoute), 4);
+    assert_eq!(fx.counter(DropReason::NoUplink), 3);
+    // "This network" is nobody's to reach, uplink or not.
+    assert_eq!(
+        fx.run(&ipv4(Ipv4Address::UNSPECIFIED, b"out")).0,
+        TC_ACT_SHOT
+    );
+    assert_eq!(fx.counter(DropReason::EgressForbidden), 1);
 }
 
 #[test]
@@ -330,11 +337,12 @@ fn endpoint_changes_take_effect_on_the_next_packet() {
     // The peer is removed: its address is now an unknown one of the subnet.
     assert!(fx.dp.remove_endpoint(ip(LOCAL_PEER_IP)).expect("remove"));
     assert_eq!(fx.run(&frame).0, TC_ACT_SHOT);
-    // The network is removed too: no route.
+    // The network is removed too: the address is an outside one, egress (which has no uplink
+    // in this fixture).
     assert!(fx.dp.remove_network(SUBNET_A).expect("remove"));
     assert_eq!(fx.run(&frame).0, TC_ACT_SHOT);
     assert_eq!(fx.counter(DropReason::UnknownEndpoint), 1);
-    assert_eq!(fx.counter(DropReason::NoRoute), 1);
+    assert_eq!(fx.counter(DropReason::NoUplink), 1);
 
     // And the sender itself removed: its packets are spoofed from now on.
     assert!(fx.dp.remove_endpoint(ip(CONTAINER_IP)).expect("remove"));

@@ -324,6 +324,48 @@ impl Netlink {
         }
     }
 
+    /// Adds `ip/32 dev index scope link` to the main table (idempotent): the node's own way
+    /// to a local container, for its replies to the container's packets (the container's
+    /// packets to the node's address reach its stack directly) and its own connections.
+    pub async fn add_host_route(&self, ip: Ipv4Addr, index: u32) -> Result<()> {
+        use rtnetlink::packet_route::route::RouteScope;
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(ip, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .build();
+        match self.handle.route().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if rt_errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(self.req_err(
+                "adding host route",
+                format!("{ip}/32 on link index {index}"),
+            )(e)),
+        }
+    }
+
+    /// Sets a permanent neighbour `ip lladdr mac` on link `index` (replacing one that is
+    /// there): the datapath answers ARP for the containers, never the containers for the node,
+    /// so the node must not have to ask.
+    pub async fn set_permanent_neighbour(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+    ) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .replace()
+            .execute()
+            .await
+            .map_err(self.req_err(
+                "setting neighbour",
+                format!("{ip} lladdr {mac:02x?} on link index {index}"),
+            ))
+    }
+
     /// Adds `unreachable dst/prefix_len metric <metric>` to the main table (idempotent): a
     /// floor under more specific or lower-metric routes, so traffic for the range is refused
     /// when they are gone instead of following the default route.

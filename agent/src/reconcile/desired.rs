@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use netagent_datapath::{
-    ENDPOINT_F_ENCRYPTED, EndpointInfo, L4Proto, NODE_F_TUNNEL_ADDR, NetworkInfo, NodeInfo,
-    PublishedInfo, ServiceInfo,
+    ENDPOINT_F_ENCRYPTED, ENDPOINT_F_INTERNAL, EndpointInfo, L4Proto, NODE_F_TUNNEL_ADDR,
+    NetworkInfo, NodeInfo, PublishedInfo, ServiceInfo,
 };
 
 use super::LocalState;
@@ -99,6 +99,10 @@ pub fn network_info(net: &Network) -> NetworkInfo {
             netagent_datapath::NETWORK_F_ENCRYPTED
         } else {
             0
+        } | if net.internal {
+            netagent_datapath::NETWORK_F_INTERNAL
+        } else {
+            0
         },
     }
 }
@@ -174,6 +178,9 @@ pub fn desired(view: &ClusterView, node: &str, local: &LocalState) -> Desired {
         if net.encrypted {
             info.flags |= ENDPOINT_F_ENCRYPTED;
         }
+        if net.internal {
+            info.flags |= ENDPOINT_F_INTERNAL;
+        }
         d.endpoints.insert(ep.ip, info);
     }
     desired_services(view, local, node, &mut d);
@@ -202,6 +209,7 @@ mod tests {
                     gateway: subnet.replace(".0/24", ".1").parse().unwrap(),
                     encrypted: name == "b",
                     attachable: false,
+                    internal: false,
                     mtu: None,
                     labels: Default::default(),
                     created: String::new(),
@@ -318,5 +326,22 @@ mod tests {
             netagent_datapath::node_ip_to_abi("198.18.0.12".parse().unwrap())
         );
         assert_eq!(c2.mac, model::endpoint_mac("10.1.0.3".parse().unwrap()));
+        assert_eq!(c1.flags & ENDPOINT_F_INTERNAL, 0, "a has a way out");
+    }
+
+    #[test]
+    fn internal_networks_mark_their_endpoints() {
+        let mut v = view();
+        v.networks.get_mut("a").unwrap().internal = true;
+        let ifx = LocalState::with_ifaces([("nac1", 11u32)]);
+        let d = desired(&v, "n1", &ifx);
+        let net = d.networks[&("10.1.0.0".parse().unwrap(), 24)];
+        assert_ne!(net.flags & netagent_datapath::NETWORK_F_INTERNAL, 0);
+        for ip in ["10.1.0.2", "10.1.0.3"] {
+            let ep = d.endpoints[&ip.parse().unwrap()];
+            assert_ne!(ep.flags & ENDPOINT_F_INTERNAL, 0, "{ip}");
+        }
+        let b = d.networks[&("10.2.0.0".parse().unwrap(), 24)];
+        assert_eq!(b.flags & netagent_datapath::NETWORK_F_INTERNAL, 0);
     }
 }

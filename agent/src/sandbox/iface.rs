@@ -152,6 +152,11 @@ async fn configure(node: &Netlink, req: &AttachRequest) -> Result<u32> {
             .add_route(Ipv4Addr::UNSPECIFIED, 0, Some(req.gateway), index)
             .await?;
     }
+    // The node's way back to the container (its own services, published ports it answers
+    // itself); both go with the veth.
+    node.set_permanent_neighbour(host_ifindex, req.address, req.mac)
+        .await?;
+    node.add_host_route(req.address, host_ifindex).await?;
     Ok(host_ifindex)
 }
 

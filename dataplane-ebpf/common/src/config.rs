@@ -56,7 +56,21 @@ pub struct Config {
     pub wireguard_port: [u8; 2],
     /// Explicit padding.
     pub _pad2: [u8; 2],
+    /// Source ports egress flows get on the node's address, first and last (host order). 0, 0:
+    /// [`EGRESS_PORT_MIN_DEFAULT`]..=[`EGRESS_PORT_MAX_DEFAULT`].
+    pub egress_port_min: u16,
+    pub egress_port_max: u16,
 }
+
+/// Default egress source ports: above Linux's default ephemeral range (32768-60999), so a
+/// translated flow never takes the tuple of a connection the node itself makes.
+pub const EGRESS_PORT_MIN_DEFAULT: u16 = 61000;
+pub const EGRESS_PORT_MAX_DEFAULT: u16 = 65535;
+
+/// The `skb->mark` of packets a program sends back into the uplink's ingress (a container
+/// reaching its own node's published port, and the replies): the only packets from outside
+/// that may carry the node's address as source.
+pub const REINJECT_MARK: u32 = 0x6e61_6567;
 
 /// Default idle timeout of a TCP connection (6 hours). IPVS, behind Docker's VIPs, forgets an
 /// idle established connection after 900 s, which silently breaks long-lived idle

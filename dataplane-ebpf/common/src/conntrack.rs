@@ -84,6 +84,11 @@ impl CtKey {
 /// | `MeshForward` | ingress | client -> node_ip:published (original) | backend:target (DNAT) | -, backend's VNI |
 /// | `MeshReverse` | ingress | backend:target -> client (reply) | node_ip:published (SNAT) | -, backend's VNI |
 /// | `MeshReturn` | backend's | backend:target -> client (reply) | - | ingress node, backend's VNI |
+/// | `EgressForward` | container's | container -> server (original) | node_ip:nat port (SNAT to) | -, container's VNI |
+/// | `EgressReverse` | container's | server -> node_ip:nat port (reply) | container:port (DNAT back to) | -, container's VNI |
+///
+/// Egress entries of ICMP echo carry the identifier as the port: the request's as source port
+/// (destination port 0), the reply's as destination port (source port 0).
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CtKind {
@@ -100,6 +105,12 @@ pub enum CtKind {
     /// On the backend's node: replies of a routing-mesh connection go back through the tunnel
     /// to the ingress node (`tunnel_node`) with `vni`.
     MeshReturn = 5,
+    /// A flow from a container to an address outside every overlay network, leaving with the
+    /// node's address and a port allocated for it.
+    EgressForward = 6,
+    /// The replies of an `EgressForward` flow, delivered into the container with its address
+    /// and port restored as destination.
+    EgressReverse = 7,
 }
 
 impl CtKind {
@@ -111,6 +122,8 @@ impl CtKind {
             3 => CtKind::MeshForward,
             4 => CtKind::MeshReverse,
             5 => CtKind::MeshReturn,
+            6 => CtKind::EgressForward,
+            7 => CtKind::EgressReverse,
             _ => return None,
         })
     }

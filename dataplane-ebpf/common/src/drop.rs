@@ -2,7 +2,7 @@
 
 /// Number of slots of the DROP_COUNTERS per-CPU array. Larger than the number of reasons on
 /// purpose: see the crate docs.
-pub const DROP_COUNTERS_MAX_ENTRIES: u32 = 64;
+pub const DROP_COUNTERS_MAX_ENTRIES: u32 = 128;
 
 /// Slot 0 of DROP_COUNTERS is not a drop reason: it counts drop events that could not be pushed
 /// because the ring buffer was full (the packet itself is still counted under its reason).
@@ -16,7 +16,8 @@ pub const DROP_EVENTS_BYTE_SIZE: u32 = 256 * 1024;
 /// index and in [`DropEvent::reason`]; codes are stable (append only, never reuse).
 ///
 /// Codes 1..=15 are generic parsing/infrastructure reasons, 16..=31 ARP, 32..=47 routing
-/// (endpoint lookups, isolation, tunnels), 48.. load balancing (services, conntrack, mesh).
+/// (endpoint lookups, isolation, tunnels), 48..=63 load balancing (services, conntrack, mesh),
+/// 64.. egress (the outside world).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DropReason {
@@ -47,8 +48,9 @@ pub enum DropReason {
     /// sender's own subnet that no endpoint has; in `from_overlay` an address that is not a
     /// local endpoint of this node.
     UnknownEndpoint = 34,
-    /// The destination is outside every overlay network. Leaving the overlay (to the node or
-    /// the outside world, with masquerade) is not implemented yet.
+    /// The destination is outside every overlay network and the packet cannot leave: it is
+    /// not TCP, UDP or an ICMP echo request (egress translates only those), or is a later
+    /// fragment.
     NoRoute = 35,
     /// IPv4 broadcast (255.255.255.255) or multicast (224.0.0.0/4) destination: the overlay
     /// is unicast only, like Docker's.
@@ -96,6 +98,22 @@ pub enum DropReason {
     /// is already in use by a live connection that came in through another node: the backend
     /// would see two connections as one, and the first one's replies would be stolen.
     MeshTupleConflict = 54,
+    /// A packet from a container of an `--internal` network to an address outside every
+    /// overlay network: internal networks have no way out.
+    EgressInternal = 64,
+    /// A new egress flow found no free source port on the node's address towards its
+    /// destination (protocol, address, port) within the probes it makes: every candidate is
+    /// a live mapping, which is never reused.
+    EgressNoPort = 65,
+    /// A packet from a container to an address the node keeps for itself (the tunnel
+    /// addresses, the hairpin address, loopback): nothing there is the container's to reach.
+    EgressForbidden = 66,
+    /// A packet from outside to an address inside an overlay subnet: overlay addresses are
+    /// reached through the overlay only, never routed in from the uplink.
+    OverlayDestOutside = 67,
+    /// A packet from outside claiming the node's own address as source (only the node's own
+    /// programs send those, marked).
+    NodeSourceOutside = 68,
 }
 
 impl DropReason {
@@ -127,6 +145,11 @@ impl DropReason {
         DropReason::NoUplink,
         DropReason::NoConntrack,
         DropReason::MeshTupleConflict,
+        DropReason::EgressInternal,
+        DropReason::EgressNoPort,
+        DropReason::EgressForbidden,
+        DropReason::OverlayDestOutside,
+        DropReason::NodeSourceOutside,
     ];
 
     /// The code stored in maps and events.
@@ -165,6 +188,11 @@ impl DropReason {
             52 => DropReason::NoUplink,
             53 => DropReason::NoConntrack,
             54 => DropReason::MeshTupleConflict,
+            64 => DropReason::EgressInternal,
+            65 => DropReason::EgressNoPort,
+            66 => DropReason::EgressForbidden,
+            67 => DropReason::OverlayDestOutside,
+            68 => DropReason::NodeSourceOutside,
             _ => return None,
         })
     }
@@ -198,6 +226,11 @@ impl DropReason {
             DropReason::NoUplink => "no_uplink",
             DropReason::NoConntrack => "no_conntrack",
             DropReason::MeshTupleConflict => "mesh_tuple_conflict",
+            DropReason::EgressInternal => "egress_internal",
+            DropReason::EgressNoPort => "egress_no_port",
+            DropReason::EgressForbidden => "egress_forbidden",
+            DropReason::OverlayDestOutside => "overlay_dest_outside",
+            DropReason::NodeSourceOutside => "node_source_outside",
         }
     }
 }

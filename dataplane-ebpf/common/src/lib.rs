@@ -124,12 +124,12 @@ pub use testing::*;
 /// The ring buffer hands out 8-byte aligned records; keep the event a multiple of that.
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 56);
 const _: () = assert!(core::mem::align_of::<DropEvent>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 52);
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 20);
 const _: () = assert!(core::mem::size_of::<NetworkInfo>() == 8);
 const _: () = assert!(core::mem::size_of::<NodeInfo>() == 8);
 const _: () = assert!(core::mem::size_of::<TestObservation>() == 24);
-const _: () = assert!((DropReason::MeshTupleConflict as u32) < DROP_COUNTERS_MAX_ENTRIES);
+const _: () = assert!((DropReason::NodeSourceOutside as u32) < DROP_COUNTERS_MAX_ENTRIES);
 const _: () = assert!(core::mem::size_of::<TestInput>() == 12);
 const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 12);
 const _: () = assert!(core::mem::size_of::<BackendSet>() == 8);

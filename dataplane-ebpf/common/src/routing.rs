@@ -22,8 +22,11 @@ pub const ENDPOINT_F_LOCAL: u16 = 1 << 0;
 /// from the tunnel.
 pub const ENDPOINT_F_ENCRYPTED: u16 = 1 << 1;
 
+/// Set in [`EndpointInfo::flags`] for endpoints of `--internal` networks: no egress.
+pub const ENDPOINT_F_INTERNAL: u16 = 1 << 2;
+
 /// All `ENDPOINT_F_*` bits this build knows.
-pub const ENDPOINT_F_ALL: u16 = ENDPOINT_F_LOCAL | ENDPOINT_F_ENCRYPTED;
+pub const ENDPOINT_F_ALL: u16 = ENDPOINT_F_LOCAL | ENDPOINT_F_ENCRYPTED | ENDPOINT_F_INTERNAL;
 
 /// An endpoint (container interface) of an overlay network, local or on another node.
 ///
@@ -99,6 +102,10 @@ pub const NETWORKS_MAX_ENTRIES: u32 = 4096;
 /// Set in [`NetworkInfo::flags`] for `--opt encrypted` networks (the datapath decides by
 /// [`ENDPOINT_F_ENCRYPTED`]; this says what the network is when dumped).
 pub const NETWORK_F_ENCRYPTED: u32 = 1 << 0;
+
+/// Set in [`NetworkInfo::flags`] for `--internal` networks (the datapath decides by
+/// [`ENDPOINT_F_INTERNAL`]).
+pub const NETWORK_F_INTERNAL: u32 = 1 << 1;
 
 /// An overlay network, the value of the NETWORKS LPM trie.
 ///
