@@ -95,9 +95,9 @@ pub struct Args {
     /// is kept, so a container's output takes at most twice this on disk).
     #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
     pub log_max_size: u64,
-    /// Source ports containers' egress flows get on --advertise-addr, `MIN-MAX`. Keep it
-    /// clear of the node's own ephemeral ports (net.ipv4.ip_local_port_range, 32768-60999 by
-    /// default) and of its listening ports: a flow never takes a port a node socket holds.
+    /// Source ports on --advertise-addr for containers' egress flows that cannot keep their
+    /// own (taken for that destination, or held by a node socket), `MIN-MAX`. Keep it clear of
+    /// the node's own ephemeral ports (net.ipv4.ip_local_port_range, 32768-60999 by default).
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     pub egress_ports: (u16, u16),
     /// UDP port of this node's WireGuard tunnels (encrypted networks), on --advertise-addr.

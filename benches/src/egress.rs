@@ -3,9 +3,12 @@
 //! address), against (b) the kernel's masquerade, Docker-style: the container on a Linux bridge
 //! in the node, `iptables -t nat ... -j MASQUERADE` out of the uplink.
 //!
-//! Both clients sit on the same node of one lab and reach the same outside host (the lab's,
-//! beyond the fabric) through the same uplink and fabric; only the way from the container to
-//! the uplink differs. Both container interfaces have the overlay's MTU (1450), so the
+//! The clients sit on two nodes of one lab, built alike, and reach the same outside host (the
+//! lab's, beyond the fabric) through the same kind of uplink and the same fabric; only the way
+//! from the container to the uplink differs. Two nodes, not one: both masquerades keep the
+//! client's port when they can, and neither sees the other's mappings (netagent checks the
+//! node's sockets, not the kernel's NAT table), so on one node they would answer each other's
+//! replies. Both container interfaces have the overlay's MTU (1450), so the
 //! segments are the same size. The server is `tinyhttp` (new connections) and `iperf3 -s`; the
 //! client `lbload new` and `iperf3 -c`. Rounds alternate which path goes first; medians are
 //! quoted, for the client and server tools on one CPU and on two.
@@ -35,7 +38,8 @@ pub struct Options {
 
 const NETWORK: &str = "egress";
 const SUBNET: &str = "10.60.0.0/24";
-/// The baseline's bridge in node 1 and its container.
+/// The baseline's node, bridge and container.
+const BASE_NODE: usize = 2;
 const BRIDGE: &str = "mqbr0";
 const BRIDGE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 61, 0, 1);
 const BASE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 61, 0, 2);
@@ -95,7 +99,7 @@ impl EgressLab {
         let tinyhttp = sibling_bin("tinyhttp")?;
         let lbload = sibling_bin("lbload")?;
         let lab = Lab::up(LabConfig {
-            nodes: 1,
+            nodes: 2,
             store: StoreKind::Embedded,
             ..Default::default()
         })
@@ -218,10 +222,10 @@ impl EgressLab {
     }
 }
 
-/// (b): a namespace on a Linux bridge in node 1, masqueraded by iptables out of the uplink.
+/// (b): a namespace on a Linux bridge in node 2, masqueraded by iptables out of the uplink.
 /// Named under the lab's prefix, so the lab's teardown removes it with everything else.
 fn build_baseline(lab: &Lab) -> Result<PathBuf> {
-    let node = lab.node_ns(1);
+    let node = lab.node_ns(BASE_NODE);
     let name = format!("{}-mq", lab.prefix());
     tools::host("ip", &["netns", "add", &name])?;
     let ns = Path::new(netlab::NETNS_DIR).join(&name);
@@ -304,7 +308,7 @@ pub fn run(opts: &Options) -> Result<()> {
     };
     let mut server_cpus: Vec<usize> = placements.iter().map(|p| p[1]).collect();
     server_cpus.dedup();
-    eprintln!("bench: building the lab (1 node, an outside host, the iptables baseline)");
+    eprintln!("bench: building the lab (2 nodes, an outside host, the iptables baseline on n2)");
     let lab = EgressLab::build(&server_cpus)?;
     let mut report = Report {
         bench: "egress",

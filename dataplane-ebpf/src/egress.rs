@@ -17,9 +17,20 @@
 //! Flows are tracked in the conntrack tables like balanced ones (SYN-only creation, CT_NEW
 //! until the handshake or first reply, per-state timeouts). A port is allocated per
 //! (protocol, destination address, destination port): the reverse key is unique, so two flows
-//! to different servers may share a port, and a live mapping is never reused.
+//! to different servers may share a port, and a live mapping is never reused. TCP and UDP flows
+//! keep the container's own port when they can (as the kernel's masquerade does): free for
+//! that destination, and no socket of the node's own on it (`bpf_sk_lookup_*`). Only then does
+//! a port from the egress range come in; so a client that opens connections to one server
+//! faster than closed ones expire is limited by its own port range, not by the egress range.
 
-use aya_ebpf::{bindings, helpers::bpf_get_prandom_u32, programs::TcContext};
+use aya_ebpf::{
+    EbpfContext, bindings,
+    bindings::{
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+    },
+    helpers::{bpf_get_prandom_u32, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    programs::TcContext,
+};
 use dataplane_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING, Config, CtEntry, CtKey, CtKind, DropReason,
     EGRESS_PORT_MAX_DEFAULT, EGRESS_PORT_MIN_DEFAULT, ENDPOINT_F_INTERNAL, EndpointInfo,
@@ -44,6 +55,8 @@ const BPF_ANY: u64 = bindings::BPF_ANY as u64;
 const BPF_NOEXIST: u64 = bindings::BPF_NOEXIST as u64;
 #[allow(clippy::unnecessary_cast)]
 const BPF_F_INGRESS: u64 = bindings::BPF_F_INGRESS as u64;
+/// `BPF_F_CURRENT_NETNS` (-1) as the helpers take it.
+const BPF_F_CURRENT_NETNS: u64 = bindings::BPF_F_CURRENT_NETNS as i64 as u64;
 
 const EGRESS_FORWARD: u8 = CtKind::EgressForward as u8;
 const EGRESS_REVERSE: u8 = CtKind::EgressReverse as u8;
@@ -130,6 +143,7 @@ fn try_from_container(
     // `NoConntrack` (mid-connection without a flow: it went idle) is answered with a reset by
     // the caller (`reset::unknown_connection`), outside this subprogram's frame.
     track(
+        ctx,
         &conntrack::original_key(ip, &l4),
         &l4,
         &clock,
@@ -214,6 +228,7 @@ fn forward_entry(key: &CtKey, entry: &CtEntry) -> CtEntry {
 /// promoted, marked closing as its packets say), or a new one for a new flow.
 #[inline(always)]
 fn track(
+    ctx: &TcContext,
     key: &CtKey,
     l4: &L4,
     clock: &Clock,
@@ -268,7 +283,7 @@ fn track(
         service_id: 0,
         syn_seq: if l4.is_syn() { l4.seq } else { 0 },
     };
-    let allocated = allocate(key, &forward, clock, config);
+    let allocated = allocate(ctx, key, &forward, clock, config);
     if allocated == 0 {
         return Err(DropReason::EgressNoPort);
     }
@@ -285,13 +300,19 @@ fn track(
     Ok(())
 }
 
-/// Claims a source port for the new flow `key` by creating its reverse entry: the first of up
-/// to [`PROBES`] ports, from a random start in the range, whose reverse key (this
-/// destination, the node's address, the port) is free or expired. Returns the port (host
-/// order), 0 if every probe found a live mapping.
-///
+/// Claims a source port for the new flow `key` by creating its reverse entry (this
+/// destination, the node's address, the port): the container's own port if it is free and no
+/// node socket holds it, else the first of up to [`PROBES`] ports, from a random start in the
+/// egress range, that is free or expired. Returns the port (host order), 0 if every probe
+/// found a live mapping.
 #[inline(always)]
-fn allocate(key: &CtKey, forward: &CtEntry, clock: &Clock, config: &Config) -> u32 {
+fn allocate(
+    ctx: &TcContext,
+    key: &CtKey,
+    forward: &CtEntry,
+    clock: &Clock,
+    config: &Config,
+) -> u32 {
     let (min, max) = match (config.egress_port_min, config.egress_port_max) {
         (0, 0) => (EGRESS_PORT_MIN_DEFAULT, EGRESS_PORT_MAX_DEFAULT),
         (a, b) if a <= b => (a, b),
@@ -301,20 +322,68 @@ fn allocate(key: &CtKey, forward: &CtEntry, clock: &Clock, config: &Config) -> u
     // SAFETY: helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() } % span;
     let reverse = reverse_entry(key, forward);
+    // The container's own port first (not an echo identifier: the node's pings are not
+    // sockets the lookup finds).
+    if key.proto != IPPROTO_ICMP && !node_holds(ctx, key, config.node_ip) {
+        let rkey = reverse_key(key, config.node_ip, key.src_port);
+        if claim(&rkey, &reverse, clock) {
+            return u32::from(u16::from_be_bytes(key.src_port));
+        }
+    }
     for i in 0..PROBES {
         let port = u32::from(min) + (start + i) % span;
         let rkey = reverse_key(key, config.node_ip, (port as u16).to_be_bytes());
-        if let Some(found) = conntrack::lookup(&rkey) {
-            if !clock.expired(rkey.proto, &found) {
-                continue;
-            }
-            conntrack::remove(&rkey, found.table);
-        }
-        if conntrack::insert(&rkey, &reverse, Table::New, BPF_NOEXIST).is_ok() {
+        if claim(&rkey, &reverse, clock) {
             return port;
         }
     }
     0
+}
+
+/// Creates the reverse entry `rkey` unless a live one holds it (an expired one is replaced);
+/// `BPF_NOEXIST`, so of two CPUs claiming it at once one wins.
+#[inline(always)]
+fn claim(rkey: &CtKey, reverse: &CtEntry, clock: &Clock) -> bool {
+    if let Some(found) = conntrack::lookup(rkey) {
+        if !clock.expired(rkey.proto, &found) {
+            return false;
+        }
+        conntrack::remove(rkey, found.table);
+    }
+    conntrack::insert(rkey, reverse, Table::New, BPF_NOEXIST).is_ok()
+}
+
+/// Whether a socket of the node's own (connected, or listening) would take the replies of
+/// flow `key` if it kept its source port: the lookup an arriving reply would get.
+#[inline(always)]
+fn node_holds(ctx: &TcContext, key: &CtKey, node_ip: [u8; 4]) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: u32::from_ne_bytes(key.dst_ip),
+                daddr: u32::from_ne_bytes(node_ip),
+                sport: u16::from_ne_bytes(key.dst_port),
+                dport: u16::from_ne_bytes(key.src_port),
+            },
+        },
+    };
+    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    // The netns of the packet: the node's (the host end of the veth lives there).
+    let netns = BPF_F_CURRENT_NETNS;
+    // SAFETY: the tuple is initialised and outlives the call; a socket it returns is
+    // released before anything else.
+    unsafe {
+        let sk = if key.proto == IPPROTO_TCP {
+            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        };
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
 }
 
 /// Rewrites an ICMP echo's address and identifier (its "port"): the IPv4 checksum inline, the

@@ -50,11 +50,7 @@ fn tcp_leaves_with_the_node_address_and_its_replies_come_back() {
     assert_eq!(verdict, TC_ACT_REDIRECT, "out of the uplink");
     let after = parse_checked(&out);
     assert_eq!((after.src, after.dst, after.dport), (NODE, SERVER, 80));
-    assert!(
-        (61000..=65535).contains(&after.sport),
-        "port {}",
-        after.sport
-    );
+    assert_eq!(after.sport, 40000, "the container's own port, free here");
     let port = after.sport;
     let fwd = fx.ct_entry(&ct_key(
         CONTAINER_IP,
@@ -92,7 +88,7 @@ fn tcp_leaves_with_the_node_address_and_its_replies_come_back() {
         "both entries promoted"
     );
     // A reply to a port nobody was given is the node's own business.
-    let stray = tcp_frame(SERVER, 80, NODE, 61999, TcpFlags::Ack, b"");
+    let stray = tcp_frame(SERVER, 80, NODE, 40001, TcpFlags::Ack, b"");
     assert_eq!(fx.run_uplink(&stray).0, TC_ACT_OK);
     fx.assert_only_drops(None, 0);
 }
@@ -124,18 +120,63 @@ fn a_full_port_range_says_so_and_reuses_nothing_live() {
     }
     let mut fx = fixture();
     fx.dp.set_egress_ports(62000, 62001).expect("two ports");
-    for sport in [1000, 1001] {
+    // This container's flows keep their ports...
+    for sport in [1000, 1001, 1002] {
         assert_eq!(fx.run(&syn_out(sport)).0, TC_ACT_REDIRECT);
+        assert_eq!(nat_port_of(&fx, sport), sport);
     }
-    let before = (nat_port_of(&fx, 1000), nat_port_of(&fx, 1001));
+    // ...so another container's flows from the same ports need the range: two ports.
+    fx.send_as(LOCAL_PEER_IP, LOCAL_PEER_MAC, 46);
+    let peer_syn = |sport| tcp_frame(LOCAL_PEER_IP, sport, SERVER, 80, TcpFlags::Syn, b"");
+    let peer_port = |fx: &Fixture, sport| {
+        let key = ct_key(LOCAL_PEER_IP, sport, SERVER, 80, TCP, CT_DIR_ORIGINAL);
+        fx.ct_entry(&key).expect("peer forward entry").nat_port()
+    };
+    for sport in [1000, 1001] {
+        assert_eq!(fx.run(&peer_syn(sport)).0, TC_ACT_REDIRECT);
+    }
+    let before = (peer_port(&fx, 1000), peer_port(&fx, 1001));
     assert_ne!(before.0, before.1);
-    assert_eq!(fx.run(&syn_out(1002)).0, TC_ACT_SHOT);
+    assert!(
+        [before.0, before.1]
+            .iter()
+            .all(|p| (62000..=62001).contains(p))
+    );
+    assert_eq!(fx.run(&peer_syn(1002)).0, TC_ACT_SHOT);
     fx.assert_only_drops(Some(DropReason::EgressNoPort), 1);
-    assert_eq!((nat_port_of(&fx, 1000), nat_port_of(&fx, 1001)), before);
+    assert_eq!((peer_port(&fx, 1000), peer_port(&fx, 1001)), before);
+    for sport in [1000, 1001, 1002] {
+        assert_eq!(nat_port_of(&fx, sport), sport, "nothing live was taken");
+    }
     // Another destination has its own ports.
-    let other = tcp_frame(CONTAINER_IP, 1002, SERVER, 443, TcpFlags::Syn, b"");
+    let other = tcp_frame(LOCAL_PEER_IP, 1002, SERVER, 443, TcpFlags::Syn, b"");
     assert_eq!(fx.run(&other).0, TC_ACT_REDIRECT);
     assert!(fx.dp.set_egress_ports(2, 1).is_err());
+}
+
+#[test]
+fn a_port_a_node_socket_holds_is_not_kept() {
+    if !have_root() {
+        return;
+    }
+    // BPF_PROG_TEST_RUN looks sockets up in this process's namespace: a listener on any
+    // address would take the replies to NODE:port.
+    let tcp = std::net::TcpListener::bind("0.0.0.0:0").expect("listen");
+    let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    let (tport, uport) = (
+        tcp.local_addr().unwrap().port(),
+        udp.local_addr().unwrap().port(),
+    );
+    let fx = fixture();
+    assert_eq!(fx.run(&syn_out(tport)).0, TC_ACT_REDIRECT);
+    let nat = nat_port_of(&fx, tport);
+    assert_ne!(nat, tport);
+    assert!((61000..=65535).contains(&nat), "port {nat}");
+    let (verdict, out) = fx.run(&udp_frame(CONTAINER_IP, uport, SERVER, 53, b"q"));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let sport = parse_checked(&out).sport;
+    assert!((61000..=65535).contains(&sport), "port {sport}");
+    fx.assert_only_drops(None, 0);
 }
 
 #[test]
