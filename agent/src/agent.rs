@@ -100,6 +100,10 @@ pub struct Args {
     /// the node's own ephemeral ports (net.ipv4.ip_local_port_range, 32768-60999 by default).
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     pub egress_ports: (u16, u16),
+    /// Serve Prometheus metrics (`/metrics`) and a health check (`/healthz`) on this TCP
+    /// address, e.g. 127.0.0.1:9580. Off by default.
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
     /// UDP port of this node's WireGuard tunnels (encrypted networks), on --advertise-addr.
     #[arg(long, default_value_t = 51820, value_parser = clap::value_parser!(u16).range(1..))]
     pub wireguard_port: u16,
@@ -408,6 +412,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ));
     background.spawn(reconcile::conntrack_gc(datapath.clone()));
 
+    let metrics = match args.metrics_addr {
+        Some(addr) => Some(
+            crate::metrics::serve(
+                addr,
+                crate::metrics::Sources {
+                    store: store.clone(),
+                    runtime: runtime.clone(),
+                    view: view_rx.clone(),
+                    tunnels: tunnels.clone(),
+                    ct_capacity: (args.ct_max, args.ct_new_max),
+                },
+                shutdown_rx.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let state = ApiState {
         store: store.clone(),
         node_name: args.node_name.clone(),
@@ -447,6 +468,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!("operations still running after 60 s; exiting anyway");
     }
     background.shutdown().await;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     // The liveness lease is left to expire rather than revoked: a quick restart (an upgrade)
     // then never shows the node as down to the rest of the cluster. The pinned datapath stays.
     match api_result {

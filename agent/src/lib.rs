@@ -10,6 +10,7 @@ pub mod capacity;
 pub mod containers;
 pub mod dns;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod networks;

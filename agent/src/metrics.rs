@@ -1,0 +1,430 @@
+//! `--metrics-addr`: Prometheus metrics at `/metrics` and a health check at `/healthz`, on a
+//! TCP address of the node's own (off by default; the API socket stays the only way to change
+//! anything).
+//!
+//! Every scrape reads the sources afresh (the datapath's per-CPU counters and conntrack
+//! tables, the reconciler's status, the view, the tunnels, /proc) into a registry of its own:
+//! nothing is cached between scrapes, so a value is never staler than the scrape. Names are
+//! stable; counters come from monotonic sources (kernel counters survive agent restarts, so a
+//! restart does not reset them).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use netagent_store::Store;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::runtime::{Runtime, lock};
+use crate::tunnels::Tunnels;
+use crate::view::ClusterView;
+
+/// How long `/healthz` waits for the store before calling it down.
+const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the endpoints read.
+#[derive(Clone)]
+pub struct Sources {
+    pub store: Arc<dyn Store>,
+    pub runtime: Arc<Runtime>,
+    pub view: watch::Receiver<Arc<ClusterView>>,
+    pub tunnels: Arc<std::sync::OnceLock<Arc<Tunnels>>>,
+    /// Capacity of the established and the new-connection conntrack tables.
+    pub ct_capacity: (u32, u32),
+}
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Serves until `stop` turns true. Binding fails at once (a taken port is an error at start,
+/// not a silent lack of metrics).
+pub async fn serve(
+    addr: SocketAddr,
+    sources: Sources,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr}"))?;
+    tracing::info!(%addr, "metrics and health at /metrics, /healthz");
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(sources);
+    Ok(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::warn!(error = %e, "metrics server stopped");
+        }
+    }))
+}
+
+/// The health of each part, `None` when fine, else why not.
+struct Health {
+    store: Option<String>,
+    datapath: Option<String>,
+}
+
+impl Health {
+    async fn probe(src: &Sources) -> Health {
+        let store = match tokio::time::timeout(
+            STORE_PROBE_TIMEOUT,
+            src.store.get("/netagent/healthz-probe"),
+        )
+        .await
+        {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("store: {e}")),
+            Err(_) => Some(format!("store: no answer within {STORE_PROBE_TIMEOUT:?}")),
+        };
+        let reconciler = &src.runtime.reconciler;
+        let errors = reconciler.status().errors;
+        let readable = lock(reconciler.datapath()).drop_counters().err();
+        let datapath = match (readable, errors.first()) {
+            (Some(e), _) => Some(format!("datapath: maps unreadable: {e}")),
+            (None, Some(first)) => Some(format!(
+                "datapath: {} entries the kernel refused, first: {first}",
+                errors.len()
+            )),
+            (None, None) => None,
+        };
+        Health { store, datapath }
+    }
+
+    fn ok(&self) -> bool {
+        self.store.is_none() && self.datapath.is_none()
+    }
+}
+
+async fn healthz(State(src): State<Sources>) -> impl IntoResponse {
+    let h = Health::probe(&src).await;
+    if h.ok() {
+        return (StatusCode::OK, "ok\n".to_owned());
+    }
+    let why: Vec<String> = [h.store, h.datapath].into_iter().flatten().collect();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{}\n", why.join("\n")),
+    )
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics to a client that asks for it (Prometheus does), the classic text format to
+/// everyone else (curl, promtool).
+async fn metrics(State(src): State<Sources>, headers: HeaderMap) -> impl IntoResponse {
+    let health = Health::probe(&src).await;
+    let registry = collect(&src, &health);
+    let mut body = String::new();
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    match encode(&mut body, &registry) {
+        Ok(()) if openmetrics => (StatusCode::OK, [(header::CONTENT_TYPE, OPENMETRICS)], body),
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+            to_prometheus_text(&body),
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("encoding metrics: {e}\n"),
+        ),
+    }
+}
+
+/// One scrape's registry.
+fn collect(src: &Sources, health: &Health) -> Registry {
+    let mut reg = Registry::default();
+    datapath_metrics(&mut reg, src);
+    control_metrics(&mut reg, src, health);
+    tunnel_metrics(&mut reg, src);
+    process_metrics(&mut reg);
+    reg
+}
+
+fn datapath_metrics(reg: &mut Registry, src: &Sources) {
+    let drops = Family::<Labels, Counter>::default();
+    let ct = Family::<Labels, Gauge>::default();
+    let ct_cap = Family::<Labels, Gauge>::default();
+    let up = Gauge::<i64>::default();
+    {
+        let dp = lock(src.runtime.reconciler.datapath());
+        if let Ok(counters) = dp.drop_counters() {
+            up.set(1);
+            for (reason, n) in counters {
+                drops
+                    .get_or_create(&labels(&[("reason", reason)]))
+                    .inc_by(n);
+            }
+        }
+        if let Ok(tables) = dp.conntrack_tables() {
+            let established = tables.iter().filter(|(_, _, live)| *live).count();
+            let new = tables.len() - established;
+            for (table, n) in [("established", established), ("new", new)] {
+                ct.get_or_create(&labels(&[("table", table)])).set(n as i64);
+            }
+        }
+    }
+    for (table, n) in [
+        ("established", src.ct_capacity.0),
+        ("new", src.ct_capacity.1),
+    ] {
+        ct_cap
+            .get_or_create(&labels(&[("table", table)]))
+            .set(i64::from(n));
+    }
+    reg.register(
+        "netagent_datapath_drops",
+        "Packets the eBPF programs dropped (or answered instead of forwarding), by reason \
+         (`events_lost`: drop events the ring buffer had no room for)",
+        drops,
+    );
+    reg.register(
+        "netagent_datapath_up",
+        "1 if the datapath's maps can be read",
+        up,
+    );
+    reg.register(
+        "netagent_conntrack_entries",
+        "Conntrack entries (two per tracked connection), by table, expired ones not yet \
+         collected included",
+        ct,
+    );
+    reg.register(
+        "netagent_conntrack_capacity",
+        "Entries each conntrack table can hold",
+        ct_cap,
+    );
+}
+
+fn control_metrics(reg: &mut Registry, src: &Sources, health: &Health) {
+    let status = src.runtime.reconciler.status();
+    let passes = Counter::<u64>::default();
+    passes.inc_by(status.passes);
+    let errors = Gauge::<i64>::default();
+    errors.set(status.errors.len() as i64);
+    let view = src.view.borrow().clone();
+    let revision = Gauge::<i64>::default();
+    revision.set(view.revision);
+    let store_up = Gauge::<i64>::default();
+    store_up.set(i64::from(health.store.is_none()));
+    let healthy = Gauge::<i64>::default();
+    healthy.set(i64::from(health.ok()));
+
+    let objects = Family::<Labels, Gauge>::default();
+    for (kind, n) in [
+        ("networks", view.networks.len()),
+        ("endpoints", view.endpoints.len()),
+        ("services", view.services.len()),
+    ] {
+        objects
+            .get_or_create(&labels(&[("kind", kind)]))
+            .set(n as i64);
+    }
+    let backends = Family::<Labels, Gauge>::default();
+    for svc in view.services.keys() {
+        let ready = view
+            .endpoints
+            .values()
+            .filter(|e| e.ready && e.service.as_deref() == Some(svc.as_str()))
+            .count();
+        backends
+            .get_or_create(&labels(&[("service", svc)]))
+            .set(ready as i64);
+    }
+    let mut by_state: BTreeMap<String, i64> = BTreeMap::new();
+    for s in view.task_status.values() {
+        let state = serde_json::to_value(s.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("{:?}", s.state).to_lowercase());
+        *by_state.entry(state).or_default() += 1;
+    }
+    let tasks = Family::<Labels, Gauge>::default();
+    for (state, n) in by_state {
+        tasks.get_or_create(&labels(&[("state", &state)])).set(n);
+    }
+
+    reg.register(
+        "netagent_reconcile_passes",
+        "Reconciler passes (desired maps computed from the view and written as a difference)",
+        passes,
+    );
+    reg.register(
+        "netagent_reconcile_errors",
+        "Map entries the kernel refused in the last pass (retried every pass)",
+        errors,
+    );
+    reg.register(
+        "netagent_view_revision",
+        "Store revision of the cluster view this node works from",
+        revision,
+    );
+    reg.register(
+        "netagent_store_up",
+        "1 if the store answered a read within 1 s",
+        store_up,
+    );
+    reg.register(
+        "netagent_healthy",
+        "1 if /healthz answers 200 (store and datapath fine)",
+        healthy,
+    );
+    reg.register(
+        "netagent_objects",
+        "Objects in the cluster view, by kind",
+        objects,
+    );
+    reg.register(
+        "netagent_service_backends",
+        "Ready backends of each service, cluster-wide",
+        backends,
+    );
+    reg.register(
+        "netagent_tasks",
+        "Orchestrated tasks of the cluster, by state",
+        tasks,
+    );
+}
+
+fn tunnel_metrics(reg: &mut Registry, src: &Sources) {
+    let Some(t) = src.tunnels.get() else {
+        return;
+    };
+    let status = t.status();
+    let Some(peers) = status["peers"].as_array() else {
+        return;
+    };
+    let tx = Family::<Labels, Counter>::default();
+    let rx = Family::<Labels, Counter>::default();
+    let since = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for p in peers {
+        let Some(node) = p["node"].as_str() else {
+            continue;
+        };
+        let l = labels(&[("peer", node)]);
+        tx.get_or_create(&l)
+            .inc_by(p["tx_bytes"].as_u64().unwrap_or(0));
+        rx.get_or_create(&l)
+            .inc_by(p["rx_bytes"].as_u64().unwrap_or(0));
+        if let Some(s) = p["last_handshake_secs_ago"].as_f64() {
+            since.get_or_create(&l).set(s);
+        }
+    }
+    reg.register(
+        "netagent_wireguard_sent_bytes",
+        "Bytes sent to each peer's tunnel",
+        tx,
+    );
+    reg.register(
+        "netagent_wireguard_received_bytes",
+        "Bytes received from each peer's tunnel",
+        rx,
+    );
+    reg.register(
+        "netagent_wireguard_seconds_since_handshake",
+        "Seconds since the last completed handshake with each peer",
+        since,
+    );
+}
+
+fn process_metrics(reg: &mut Registry) {
+    // statm: sizes in pages; the second field is the resident set.
+    // SAFETY: sysconf has no preconditions.
+    let page = i64::from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i32).max(1);
+    if let Some(pages) = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
+    {
+        let rss = Gauge::<i64>::default();
+        rss.set(pages * page);
+        reg.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the agent",
+            rss,
+        );
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let fds = Gauge::<i64>::default();
+        fds.set(dir.count() as i64);
+        reg.register(
+            "process_open_fds",
+            "Open file descriptors of the agent",
+            fds,
+        );
+    }
+}
+
+/// OpenMetrics text as the classic Prometheus text format (0.0.4): a counter's metadata names
+/// its `_total` samples, and there is no `# EOF` or `# UNIT`.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{prefix}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counters_by_their_samples() {
+        let om = "# HELP a_drops Drops.\n# TYPE a_drops counter\na_drops_total{reason=\"x\"} 3\n\
+                  # HELP b Up.\n# TYPE b gauge\nb 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_drops_total Drops.\n# TYPE a_drops_total counter\n\
+             a_drops_total{reason=\"x\"} 3\n# HELP b Up.\n# TYPE b gauge\nb 1\n"
+        );
+    }
+}

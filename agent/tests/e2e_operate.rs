@@ -1,0 +1,174 @@
+//! End to end (root): what an operator watches. `--metrics-addr` serves Prometheus metrics that
+//! a real Prometheus scrapes and `promtool check metrics` accepts; a crafted drop shows up with
+//! its reason; `/healthz` turns 503 while etcd is down and 200 again after.
+
+use std::time::Duration;
+
+use netlab::{Lab, LabConfig, StoreKind};
+
+mod common;
+use common::{ok, wait_until};
+
+const METRICS: &str = "127.0.0.1:9580";
+const PROMETHEUS: &str = "127.0.0.1:19090";
+
+fn curl(lab: &Lab, path: &str) -> (String, String) {
+    let out = lab
+        .exec_in_node(
+            1,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://{METRICS}{path}"),
+            ],
+        )
+        .unwrap();
+    let text = out.stdout;
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_owned(), body.to_owned())
+}
+
+/// The value of the sample line starting with `series` (name and labels), if any.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn prometheus_scrapes_the_agent_and_health_follows_the_store() {
+    let lab = Lab::up(LabConfig {
+        nodes: 1,
+        store: StoreKind::Etcd,
+        lease_ttl_secs: 3,
+        extra_agent_args: vec!["--metrics-addr".into(), METRICS.into()],
+        ..Default::default()
+    })
+    .expect("lab up");
+    ok(
+        &lab,
+        1,
+        &["network", "create", "--subnet", "10.95.0.0/24", "a"],
+    );
+    ok(
+        &lab,
+        1,
+        &["network", "create", "--subnet", "10.96.0.0/24", "b"],
+    );
+    for (name, net) in [("x", "a"), ("y", "b")] {
+        ok(
+            &lab,
+            1,
+            &[
+                "container",
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--network",
+                net,
+                "--",
+                "sleep",
+                "3600",
+            ],
+        );
+    }
+
+    let (code, body) = curl(&lab, "/metrics");
+    assert_eq!(code, "200", "{body}");
+    let isolation = "netagent_datapath_drops_total{reason=\"policy_isolation\"}";
+    let before = sample(&body, isolation).expect("drop metric");
+    for name in [
+        "netagent_conntrack_capacity",
+        "netagent_reconcile_passes_total",
+        "netagent_store_up 1",
+        "netagent_objects{kind=\"networks\"} 2",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        assert!(body.contains(name), "{name} missing:\n{body}");
+    }
+    // promtool, Prometheus's own linter, accepts the exposition.
+    let dir = lab.run_dir().to_path_buf();
+    let file = dir.join("metrics.txt");
+    std::fs::write(&file, &body).unwrap();
+    let check = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", file.display()))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // A crafted drop: x (network a) pings y (network b).
+    let y = common::container_ip(&lab, 1, "y");
+    let out = common::exec(&lab, 1, "x", &["ping", "-c", "2", "-W", "1", &y]);
+    assert!(!out.success());
+    let (_, body) = curl(&lab, "/metrics");
+    let after = sample(&body, isolation).unwrap();
+    assert!(after >= before + 2.0, "{before} -> {after}");
+
+    // A real Prometheus scrapes it.
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: netagent\n    \
+             static_configs:\n      - targets: ['{METRICS}']\n"
+        ),
+    )
+    .unwrap();
+    let data = dir.join("prometheus-data");
+    let _prom = lab
+        .spawn_in_node(
+            1,
+            &[
+                "prometheus".to_owned(),
+                format!("--config.file={}", config.display()),
+                format!("--storage.tsdb.path={}", data.display()),
+                format!("--web.listen-address={PROMETHEUS}"),
+            ],
+        )
+        .unwrap();
+    let query = format!(
+        "http://{PROMETHEUS}/api/v1/query?query=netagent_datapath_drops_total%7Breason%3D%22policy_isolation%22%7D"
+    );
+    let mut answer = String::new();
+    let scraped = wait_until(Duration::from_secs(30), || {
+        answer = lab
+            .exec_in_node(1, &["curl", "-sS", "--max-time", "2", &query])
+            .map(|o| o.stdout)
+            .unwrap_or_default();
+        answer.contains("\"policy_isolation\"") && answer.contains("\"success\"")
+    });
+    assert!(
+        scraped.is_some(),
+        "Prometheus never had the metric: {answer}"
+    );
+
+    // Health follows the store.
+    assert_eq!(curl(&lab, "/healthz").0, "200");
+    lab.stop_etcd().unwrap();
+    let mut last = (String::new(), String::new());
+    let down = wait_until(Duration::from_secs(5), || {
+        last = curl(&lab, "/healthz");
+        last.0 == "503"
+    });
+    assert!(down.is_some(), "still {last:?} with etcd down");
+    assert!(last.1.contains("store"), "{}", last.1);
+    let (_, body) = curl(&lab, "/metrics");
+    assert!(body.contains("netagent_store_up 0"), "{body}");
+    lab.start_etcd().unwrap();
+    let up = wait_until(Duration::from_secs(20), || {
+        curl(&lab, "/healthz").0 == "200"
+    });
+    assert!(up.is_some(), "not healthy again after etcd came back");
+}
