@@ -286,6 +286,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let (view_tx, view_rx) = watch::channel(Arc::new(initial));
     let reconciler = Reconciler::new(args.node_name.clone(), datapath.clone(), view_rx.clone());
+    // The drop events' reader; without it only `netctl monitor` is missing.
+    let monitor: Arc<std::sync::OnceLock<Arc<crate::monitor::Monitor>>> = Arc::default();
+    match crate::monitor::Monitor::start(datapath.clone(), view_rx.clone()) {
+        Ok(m) => {
+            let _ = monitor.set(m);
+        }
+        Err(e) => tracing::warn!(error = %e, "drop events cannot be read; netctl monitor is off"),
+    }
 
     let dns = crate::dns::Dns::new(&args.dns_upstreams);
     let runtime = Arc::new(Runtime::new(
@@ -437,6 +445,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tunnels,
         registration,
         runner,
+        monitor,
+        shutdown: shutdown_rx.clone(),
     };
     let ops = state.ops.clone();
     let mut stop = shutdown_rx.clone();

@@ -12,6 +12,7 @@ pub mod dns;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod netlink;
 pub mod networks;
 pub mod nodes;

@@ -1,13 +1,17 @@
 //! End to end (root): what an operator watches. `--metrics-addr` serves Prometheus metrics that
 //! a real Prometheus scrapes and `promtool check metrics` accepts; a crafted drop shows up with
-//! its reason; `/healthz` turns 503 while etcd is down and 200 again after.
+//! its reason in the metric and in `netctl monitor`; `/healthz` turns 503 while etcd is down
+//! and 200 again after.
 
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use netlab::{Lab, LabConfig, StoreKind};
 
 mod common;
-use common::{ok, wait_until};
+use common::{Reaper, must_fail, ok, wait_until};
 
 const METRICS: &str = "127.0.0.1:9580";
 const PROMETHEUS: &str = "127.0.0.1:19090";
@@ -108,6 +112,28 @@ fn prometheus_scrapes_the_agent_and_health_follows_the_store() {
         String::from_utf8_lossy(&check.stderr)
     );
 
+    // `netctl monitor` follows x's drops (lines through a channel: a read must not block
+    // past the deadline).
+    let mut child = Command::new(common::workspace_bin("netctl"))
+        .args(["-H", &lab.socket(1).display().to_string()])
+        .args(["--format", "json", "monitor", "--container", "x"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _monitor = Reaper(child);
+    let (tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    must_fail(&lab, 1, &["monitor", "--type", "trace"], "trace");
+    // The stream is open before the drop: the first event of the flood.
+    std::thread::sleep(Duration::from_millis(500));
+
     // A crafted drop: x (network a) pings y (network b).
     let y = common::container_ip(&lab, 1, "y");
     let out = common::exec(&lab, 1, "x", &["ping", "-c", "2", "-W", "1", &y]);
@@ -115,6 +141,26 @@ fn prometheus_scrapes_the_agent_and_health_follows_the_store() {
     let (_, body) = curl(&lab, "/metrics");
     let after = sample(&body, isolation).unwrap();
     assert!(after >= before + 2.0, "{before} -> {after}");
+    let x = common::container_ip(&lab, 1, "x");
+    let event: serde_json::Value = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(5))
+            .expect("netctl monitor showed no event");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        if v["type"] == "drop" {
+            break v;
+        }
+    };
+    assert_eq!(event["reason"], "policy_isolation", "{event}");
+    assert_eq!(event["hook"], "from_container");
+    assert_eq!(event["proto"], "icmp");
+    assert_eq!(
+        (event["src"].as_str(), event["dst"].as_str()),
+        (Some(x.as_str()), Some(y.as_str()))
+    );
+    assert_eq!(event["src_container"], "x");
+    assert_eq!(event["dst_container"], "y");
+    assert_eq!(event["network"], "a");
 
     // A real Prometheus scrapes it.
     let config = dir.join("prometheus.yml");

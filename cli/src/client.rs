@@ -62,6 +62,66 @@ impl Client {
         self.request(Method::DELETE, path, None).await
     }
 
+    /// GET `path` and hand each line of the (endless) answer to `f` as it arrives; returns
+    /// when the agent ends the stream. Only connecting is bounded in time.
+    pub async fn follow_lines(
+        &self,
+        path: &str,
+        mut f: impl FnMut(&str) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut sender = tokio::time::timeout(REQUEST_TIMEOUT, self.connect())
+            .await
+            .map_err(|_| anyhow!("netagent at {} did not answer", self.socket.display()))??;
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header("host", "netagent")
+            .body(Full::new(Bytes::new()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("request to netagent")?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            return Err(api_error(status, &bytes).into());
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("reading from netagent")?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                f(String::from_utf8_lossy(&line[..end]).trim_end())?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn connect(
+        &self,
+    ) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot connect to netagent at {} (is it running?)",
+                    self.socket.display()
+                )
+            })?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake with netagent")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
     async fn request(
         &self,
         method: Method,
@@ -85,20 +145,7 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> anyhow::Result<serde_json::Value> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot connect to netagent at {} (is it running?)",
-                    self.socket.display()
-                )
-            })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .context("HTTP handshake with netagent")?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let mut sender = self.connect().await?;
         let body = match body {
             Some(v) => Full::new(Bytes::from(serde_json::to_vec(v)?)),
             None => Full::new(Bytes::new()),
@@ -121,10 +168,15 @@ impl Client {
             }
             return serde_json::from_slice(&bytes).context("netagent sent invalid JSON");
         }
-        let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or_else(|| format!("netagent answered {status}"));
-        Err(ApiError { message }.into())
+        Err(api_error(status, &bytes).into())
     }
+}
+
+/// The agent's one-line message from an error answer.
+fn api_error(status: hyper::StatusCode, bytes: &[u8]) -> ApiError {
+    let message = serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| format!("netagent answered {status}"));
+    ApiError { message }
 }

@@ -2,6 +2,7 @@
 
 mod client;
 mod container;
+mod monitor;
 mod node;
 mod secret;
 mod service;
@@ -61,6 +62,8 @@ enum Command {
     /// Manage secrets for services' tasks (read at /run/secrets/NAME).
     #[command(subcommand)]
     Secret(secret::SecretCmd),
+    /// Follow this node's datapath events (drops, with their reason), until Ctrl-C.
+    Monitor(monitor::MonitorArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +191,9 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             .await
             .map(|()| Outcome::Done),
         Command::Container(cmd) => container::run(&client, cli.format, cmd).await,
+        Command::Monitor(args) => monitor::run(&client, cli.format, args)
+            .await
+            .map(|()| Outcome::Done),
         Command::Service(cmd) => service::run(&client, cli.format, *cmd)
             .await
             .map(|()| Outcome::Done),

@@ -2,13 +2,15 @@
 //! has room, reported with the header fields an operator needs to find the sender.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use dataplane_common::{DROP_COUNTER_EVENTS_LOST, DropEvent, DropReason, Hook};
+use dataplane_common::{
+    DROP_COUNTER_EVENTS_LOST, DROP_EVENTS_PER_SEC, DropEvent, DropReason, Hook,
+};
 
 use crate::{
     arp::ArpEthIpv4,
     eth::{ETH_HLEN, EthHdr, ifindex},
     ipv4::Ipv4Hdr,
-    maps::{DROP_COUNTERS, DROP_EVENTS},
+    maps::{DROP_BUDGET, DROP_COUNTERS, DROP_EVENTS},
     verdict::TC_ACT_SHOT,
 };
 
@@ -19,6 +21,26 @@ fn count(index: u32) {
         // while running, so a plain increment cannot race.
         unsafe { *counter += 1 };
     }
+}
+
+/// Whether this CPU may push another event in the current second (and counts it if so).
+#[inline(always)]
+fn within_budget(now: u64) -> bool {
+    let (Some(start), Some(sent)) = (DROP_BUDGET.get_ptr_mut(0), DROP_BUDGET.get_ptr_mut(1)) else {
+        return false;
+    };
+    // SAFETY: this CPU's slots of a per-CPU map; programs do not migrate while running.
+    unsafe {
+        if now.wrapping_sub(*start) >= 1_000_000_000 {
+            *start = now;
+            *sent = 0;
+        }
+        if *sent >= DROP_EVENTS_PER_SEC {
+            return false;
+        }
+        *sent += 1;
+    }
+    true
 }
 
 /// Counts and reports the drop, returns the verdict to hand back to tc. `vni` is the VNI the
@@ -38,10 +60,15 @@ pub fn drop_packet(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) ->
 #[inline(never)]
 pub fn report(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) {
     count(reason.code());
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !within_budget(now) {
+        count(DROP_COUNTER_EVENTS_LOST);
+        return;
+    }
 
     let mut event = DropEvent {
-        // SAFETY: helper without arguments.
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        timestamp_ns: now,
         reason: reason.code(),
         ifindex: ifindex(ctx),
         pkt_len: ctx.len(),
@@ -69,6 +96,14 @@ pub fn report(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) {
                     event.ip_proto = ip.protocol;
                     event.src_ip = ip.saddr;
                     event.dst_ip = ip.daddr;
+                    let first_fragment = u16::from_be_bytes(ip.frag_off) & 0x1fff == 0;
+                    if (ip.protocol == 6 || ip.protocol == 17) && first_fragment {
+                        let off = ETH_HLEN + usize::from(ip.version_ihl & 0x0f) * 4;
+                        if let Ok(ports) = ctx.load::<[u8; 4]>(off) {
+                            event.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+                            event.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+                        }
+                    }
                 }
             }
             _ => {}

@@ -25,6 +25,11 @@ pub static CONFIG: HashMap<u32, Config> = HashMap::pinned(1, BPF_F_NO_PREALLOC);
 
 /// Per-CPU packet counters indexed by drop reason code (per CPU so increments need no atomics;
 /// the agent sums the CPUs).
+/// Per CPU: [0] the start of the current one-second window of drop events, [1] the events
+/// pushed in it (see `drop::within_budget`). Not pinned: a restart merely starts a window.
+#[map(name = "DROP_BUDGET")]
+pub static DROP_BUDGET: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
 #[map(name = "DROP_COUNTERS")]
 pub static DROP_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_COUNTERS_MAX_ENTRIES, 0);
 

@@ -296,3 +296,34 @@ fn drop_counters_list_every_reason_in_code_order() {
     assert_eq!(names, expected);
     assert_eq!(fx.dp.drop_events_lost().expect("lost"), 0);
 }
+
+#[test]
+fn drop_events_carry_ports_and_are_limited_per_cpu_and_second() {
+    if !have_root() {
+        return;
+    }
+    let mut fx = Fixture::routed();
+    // An unknown address of the sender's own subnet: dropped as unknown_endpoint.
+    let frame = ipv4(Ipv4Address::new(10, 0, 0, 200), b"x");
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let sent = 1000 * cpus + 500;
+    for _ in 0..sent {
+        assert_eq!(fx.run(&frame).0, TC_ACT_SHOT);
+    }
+    fx.assert_only_drops(Some(DropReason::UnknownEndpoint), sent as u64);
+    let events = fx.events();
+    let lost = fx.dp.drop_events_lost().expect("lost");
+    assert_eq!(
+        events.len() as u64 + lost,
+        sent as u64,
+        "each drop reported or lost"
+    );
+    assert!(
+        events.len() <= 1000 * cpus,
+        "{} events from {cpus} CPUs",
+        events.len()
+    );
+    let e = events.first().expect("an event");
+    assert_eq!((e.src_port, e.dst_port, e.ip_proto), (40000, 7, 17));
+    assert_eq!(e.src_ip, CONTAINER_IP.octets());
+}

@@ -21,6 +21,7 @@ use crate::runtime::{AttachRequest, ContainerView, Runtime, lock};
 use crate::{capacity, networks, nodes};
 
 mod listener;
+mod monitor;
 pub mod peer;
 mod secrets;
 mod services;
@@ -41,6 +42,10 @@ pub struct ApiState {
     pub registration: tokio::sync::watch::Sender<nodes::Registration>,
     /// Runs this node's tasks (and has their logs).
     pub runner: Arc<crate::runner::Runner>,
+    /// Decoded drop events (`netctl monitor`), once the reader runs.
+    pub monitor: Arc<std::sync::OnceLock<Arc<crate::monitor::Monitor>>>,
+    /// Turns true when the agent stops: streams (the monitor) end then.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ApiState {
@@ -91,6 +96,7 @@ pub fn router(state: ApiState) -> Router {
             get(secrets::inspect).delete(secrets::remove),
         )
         .route("/v1/nodes/{name}/update", post(node_update))
+        .route("/v1/monitor", get(monitor::follow))
         .route("/v1/attach", post(attach))
         .route("/v1/attach/{id}", delete(detach))
         .fallback(|| async { AgentError::NotFound("no such API path".into()) })

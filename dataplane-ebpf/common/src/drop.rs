@@ -4,9 +4,14 @@
 /// purpose: see the crate docs.
 pub const DROP_COUNTERS_MAX_ENTRIES: u32 = 128;
 
-/// Slot 0 of DROP_COUNTERS is not a drop reason: it counts drop events that could not be pushed
-/// because the ring buffer was full (the packet itself is still counted under its reason).
+/// Slot 0 of DROP_COUNTERS is not a drop reason: it counts drop events that were not pushed,
+/// because the ring buffer was full or the CPU was over [`DROP_EVENTS_PER_SEC`] (the packet
+/// itself is still counted under its reason).
 pub const DROP_COUNTER_EVENTS_LOST: u32 = 0;
+
+/// Drop events each CPU may push per second: a flood of drops costs the agent at most this
+/// many records per CPU to read, whatever the packet rate; the rest are counted as lost.
+pub const DROP_EVENTS_PER_SEC: u64 = 1000;
 
 /// Byte size of the DROP_EVENTS ring buffer. Must be a power-of-two multiple of the page size;
 /// 256 KiB holds about 4000 events, enough to ride out a burst while the agent is busy.
@@ -306,6 +311,9 @@ pub struct DropEvent {
     pub src_ip: [u8; 4],
     /// IPv4 destination, or ARP target protocol address.
     pub dst_ip: [u8; 4],
+    /// TCP/UDP source and destination ports (host order), 0 for other packets.
+    pub src_port: u16,
+    pub dst_port: u16,
     /// Explicit padding up to the 8-byte alignment (no uninitialised bytes).
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
