@@ -100,6 +100,9 @@ pub struct Args {
     /// the node's own ephemeral ports (net.ipv4.ip_local_port_range, 32768-60999 by default).
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     pub egress_ports: (u16, u16),
+    /// Log lines as `text` (human) or `json` (one object per line, for log collectors).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// Serve Prometheus metrics (`/metrics`) and a health check (`/healthz`) on this TCP
     /// address, e.g. 127.0.0.1:9580. Off by default.
     #[arg(long, value_name = "IP:PORT")]
@@ -110,6 +113,12 @@ pub struct Args {
     /// Seconds without a refresh after which this node counts as down.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..=300))]
     pub lease_ttl: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
@@ -468,6 +477,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         r = api => Some(r),
     };
     let _ = shutdown_tx.send(true);
+    let _ = crate::sd_notify::notify("STOPPING=1");
     // Operations in flight (a container being built or removed) finish or roll back before
     // the agent exits: none is left half-done by a shutdown.
     ops.close();

@@ -21,6 +21,7 @@ pub mod reconcile;
 pub mod runner;
 pub mod runtime;
 pub mod sandbox;
+pub mod sd_notify;
 pub mod secrets;
 pub mod services;
 pub mod tunnels;

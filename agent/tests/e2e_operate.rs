@@ -49,7 +49,12 @@ fn prometheus_scrapes_the_agent_and_health_follows_the_store() {
         nodes: 1,
         store: StoreKind::Etcd,
         lease_ttl_secs: 3,
-        extra_agent_args: vec!["--metrics-addr".into(), METRICS.into()],
+        extra_agent_args: vec![
+            "--metrics-addr".into(),
+            METRICS.into(),
+            "--log-format".into(),
+            "json".into(),
+        ],
         ..Default::default()
     })
     .expect("lab up");

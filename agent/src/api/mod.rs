@@ -129,6 +129,10 @@ pub async fn serve(
     }
     let listener = listener::bind(socket)?;
     tracing::info!(socket = %socket.display(), "API listening");
+    // Everything before this (datapath, view, DNS, tunnels) is up: systemd may go on.
+    if let Err(e) = crate::sd_notify::notify("READY=1") {
+        tracing::warn!(error = %e, "could not tell systemd the agent is ready");
+    }
     let result = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await;
