@@ -405,7 +405,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     background.spawn(view::follow(store.clone(), view_tx));
     background.spawn(view::persist(view_rx.clone(), saved_view));
-    background.spawn(dns.follow(view_rx.clone()));
+    background.spawn(dns.clone().follow(view_rx.clone()));
     // The pinned links keep this node's containers forwarding meanwhile, so adoption may wait
     // for a view (the saved one, or the store's); the reconciler waits for adoption.
     {
@@ -439,6 +439,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     view: view_rx.clone(),
                     tunnels: tunnels.clone(),
                     ct_capacity: (args.ct_max, args.ct_new_max),
+                    dns: dns.clone(),
                 },
                 shutdown_rx.clone(),
             )

@@ -96,6 +96,11 @@ impl Dns {
         })
     }
 
+    /// Queries answered on this node so far, by result, and their latency.
+    pub fn stats(&self) -> netagent_dns::StatsSnapshot {
+        self.resolver.stats()
+    }
+
     /// Publishes every view change at once: answers follow the store within one watch event.
     pub async fn follow(self: Arc<Self>, mut view_rx: watch::Receiver<Arc<ClusterView>>) {
         loop {

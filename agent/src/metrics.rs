@@ -43,6 +43,7 @@ pub struct Sources {
     pub tunnels: Arc<std::sync::OnceLock<Arc<Tunnels>>>,
     /// Capacity of the established and the new-connection conntrack tables.
     pub ct_capacity: (u32, u32),
+    pub dns: Arc<crate::dns::Dns>,
 }
 
 type Labels = Vec<(String, String)>;
@@ -165,6 +166,7 @@ fn collect(src: &Sources, health: &Health) -> Registry {
     datapath_metrics(&mut reg, src);
     control_metrics(&mut reg, src, health);
     tunnel_metrics(&mut reg, src);
+    dns_metrics(&mut reg, src);
     process_metrics(&mut reg);
     reg
 }
@@ -353,6 +355,49 @@ fn tunnel_metrics(reg: &mut Registry, src: &Sources) {
         "Seconds since the last completed handshake with each peer",
         since,
     );
+}
+
+fn dns_metrics(reg: &mut Registry, src: &Sources) {
+    let stats = src.dns.stats();
+    let queries = Family::<Labels, Counter>::default();
+    for (result, n) in stats.results {
+        queries
+            .get_or_create(&labels(&[("result", result.name())]))
+            .inc_by(n);
+    }
+    reg.register(
+        "netagent_dns_queries",
+        "DNS queries the containers' resolvers answered, by result (local answer, nxdomain, \
+         forwarded upstream, error: malformed, refused or SERVFAIL)",
+        queries,
+    );
+    reg.register(
+        "netagent_dns_query_duration_seconds",
+        "Time from a DNS query's arrival to its answer being sent",
+        DnsLatency(stats),
+    );
+}
+
+/// The DNS resolver's latency buckets, kept by the resolver as plain atomics.
+#[derive(Debug)]
+struct DnsLatency(netagent_dns::StatsSnapshot);
+
+impl prometheus_client::encoding::EncodeMetric for DnsLatency {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.0.sum_secs,
+            self.0.count,
+            &self.0.buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
 }
 
 fn process_metrics(reg: &mut Registry) {

@@ -87,8 +87,26 @@ fn prometheus_scrapes_the_agent_and_health_follows_the_store() {
         );
     }
 
+    // DNS from x: its own name (local), y's (another network's: nxdomain).
+    for (name, expect) in [("x", "NOERROR"), ("y", "NXDOMAIN")] {
+        let out = common::exec(
+            &lab,
+            1,
+            "x",
+            &["dig", "+time=2", "+tries=1", "@127.0.0.11", name],
+        );
+        assert!(out.stdout.contains(expect), "{name}: {}", out.stdout);
+    }
+
     let (code, body) = curl(&lab, "/metrics");
     assert_eq!(code, "200", "{body}");
+    assert!(sample(&body, "netagent_dns_queries_total{result=\"local\"}").unwrap() >= 1.0);
+    assert!(sample(&body, "netagent_dns_queries_total{result=\"nxdomain\"}").unwrap() >= 1.0);
+    assert!(sample(&body, "netagent_dns_query_duration_seconds_count").unwrap() >= 2.0);
+    assert!(
+        body.contains("netagent_dns_query_duration_seconds_bucket{le=\"0.001\"}"),
+        "{body}"
+    );
     let isolation = "netagent_datapath_drops_total{reason=\"policy_isolation\"}";
     let before = sample(&body, isolation).expect("drop metric");
     for name in [

@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 
 use crate::forward::{self, ForwardError, ForwardOptions};
 use crate::lookup::{self, Local};
+use crate::stats::{QueryResult, QueryStats, StatsSnapshot};
 use crate::view::{CompiledView, DnsView, normalize};
 
 /// Default time budget for one upstream before failing over to the next.
@@ -56,6 +57,7 @@ pub struct Resolver {
     view: ArcSwap<CompiledView>,
     upstreams: ArcSwap<Vec<SocketAddr>>,
     upstream_timeout: Duration,
+    stats: QueryStats,
 }
 
 impl Resolver {
@@ -65,7 +67,13 @@ impl Resolver {
             view: ArcSwap::from_pointee(CompiledView::default()),
             upstreams: ArcSwap::from_pointee(config.upstreams),
             upstream_timeout: config.upstream_timeout,
+            stats: QueryStats::default(),
         })
+    }
+
+    /// Queries answered by every listener so far, by result, and their latency.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
     }
 
     /// Replaces the view. Compiles it on the calling task (linear in the number of names);
@@ -339,7 +347,16 @@ impl RequestHandler for ScopedHandler {
         // We recurse (by forwarding) for every client.
         meta.recursion_available = true;
 
+        let started = std::time::Instant::now();
         let outcome = self.decide(request).await;
+        let result = match &outcome {
+            Outcome::Local { rcode, .. } if *rcode == ResponseCode::NXDomain => {
+                QueryResult::NxDomain
+            }
+            Outcome::Local { .. } => QueryResult::Local,
+            Outcome::Forwarded(_) => QueryResult::Forwarded,
+            Outcome::Error(_) | Outcome::FormErrWithoutQuestion => QueryResult::Error,
+        };
         let no_question = Queries::read(&mut BinDecoder::new(&[]), 0).ok();
         let sent = match &outcome {
             Outcome::FormErrWithoutQuestion => {
@@ -388,6 +405,7 @@ impl RequestHandler for ScopedHandler {
                     .await
             }
         };
+        self.resolver.stats.record(result, started.elapsed());
         match sent {
             Ok(info) => info,
             Err(e) => {

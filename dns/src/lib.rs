@@ -59,6 +59,7 @@ mod handler;
 mod lookup;
 mod resolv_conf;
 mod server;
+mod stats;
 mod view;
 
 pub use forward::ForwardError;
@@ -68,6 +69,7 @@ pub use handler::{
 };
 pub use resolv_conf::{parse_upstream, upstreams_from_resolv_conf};
 pub use server::{TCP_IDLE_TIMEOUT, serve};
+pub use stats::{LATENCY_BUCKETS, QueryResult, QueryStats, StatsSnapshot};
 pub use view::{DnsView, Endpoint, NetworkNames, PortProto, PublishedPort, Service};
 
 /// TTL of every local answer: short, so that caches in applications do not outlive a
