@@ -183,7 +183,7 @@ fn keep_alive_load_survives_a_killed_agent_and_a_stopped_store() {
     std::thread::sleep(Duration::from_secs(3));
     lab.stop_etcd().unwrap();
     let t = Instant::now();
-    let out = lab.netctl(1, &["network", "ls"]).unwrap();
+    let out = lab.netctl(1, ["network", "ls"]).unwrap();
     let took = t.elapsed();
     assert!(!out.success(), "network ls answered with etcd down");
     assert!(
@@ -197,10 +197,7 @@ fn keep_alive_load_survives_a_killed_agent_and_a_stopped_store() {
         out.stderr.trim()
     );
     let out = lab
-        .netctl(
-            1,
-            &["network", "create", "--subnet", "10.98.0.0/24", "late"],
-        )
+        .netctl(1, ["network", "create", "--subnet", "10.98.0.0/24", "late"])
         .unwrap();
     assert!(
         !out.success() && (out.stderr.contains("store") || out.stderr.contains("etcd")),
@@ -226,16 +223,13 @@ fn keep_alive_load_survives_a_killed_agent_and_a_stopped_store() {
     let t = Instant::now();
     assert!(
         wait_until(Duration::from_secs(15), || lab
-            .netctl(
-                2,
-                &["network", "create", "--subnet", "10.98.0.0/24", "late"]
-            )
+            .netctl(2, ["network", "create", "--subnet", "10.98.0.0/24", "late"])
             .is_ok_and(|o| o.success()))
         .is_some(),
         "n2 cannot write after etcd came back"
     );
     let seen = wait_until(Duration::from_secs(15), || {
-        lab.netctl(1, &["network", "inspect", "late"])
+        lab.netctl(1, ["network", "inspect", "late"])
             .is_ok_and(|o| o.success())
     });
     assert!(seen.is_some(), "n1 never saw n2's network");
