@@ -124,7 +124,7 @@ fn service_cycle(lab: &Lab, name: &str) {
     );
     // Running (a backend in the maps) before it goes.
     let running = wait_until(Duration::from_secs(10), || {
-        lab.netctl(1, &["--format", "json", "service", "ps", name])
+        lab.netctl(1, ["--format", "json", "service", "ps", name])
             .is_ok_and(|o| o.stdout.contains("\"running\""))
     });
     assert!(running.is_some(), "{name} never ran");
