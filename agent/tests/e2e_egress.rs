@@ -234,6 +234,11 @@ fn internal_networks_and_other_networks_have_no_way_out() {
     );
     listening(&lab, 80);
 
+    // The datapath took every entry (an internal network's flag included).
+    let name = lab.node_name(1);
+    let inspect = common::json(&lab, 1, &["node", "inspect", &name]);
+    let errors = &inspect["datapath"]["reconcile"]["errors"];
+    assert_eq!(errors.as_array().map(Vec::len), Some(0), "{errors}");
     let before = drops(&lab, 1, "egress_internal");
     let out = sh(
         &lab,

@@ -4,7 +4,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use netlab::{Lab, LabConfig, StoreKind};
 
 use crate::{cargo, labcmd, setup};
@@ -513,6 +513,8 @@ pub fn run(keep: bool) -> Result<()> {
     let lab = Lab::up(LabConfig {
         nodes: NODES,
         store: StoreKind::Etcd,
+        // Each agent in its own node namespace: the same loopback port on every node.
+        extra_agent_args: vec!["--metrics-addr".into(), METRICS.into()],
         ..Default::default()
     })?;
     labcmd::print_lab(&lab);
@@ -524,7 +526,10 @@ pub fn run(keep: bool) -> Result<()> {
         "SYSTEM:read request; echo HTTP/1.0 200 OK; echo; echo outside sees $SOCAT_PEERADDR",
     ])?;
 
-    let result = STEPS.iter().try_for_each(|step| run_step(&lab, step));
+    let result = STEPS
+        .iter()
+        .try_for_each(|step| run_step(&lab, step))
+        .and_then(|()| operate(&lab));
 
     if keep {
         let prefix = lab.detach()?;
@@ -535,6 +540,82 @@ pub fn run(keep: bool) -> Result<()> {
         println!("\nlab {prefix} torn down");
     }
     result
+}
+
+/// Where the demo's agents serve metrics (in each node's namespace).
+const METRICS: &str = "127.0.0.1:9580";
+
+/// The operator's view: `netctl monitor` while a container pings one on another network, then
+/// an excerpt of n1's metrics.
+fn operate(lab: &Lab) -> Result<()> {
+    let netctl = std::env::current_exe()?
+        .parent()
+        .map(|d| d.join("netctl"))
+        .context("locating netctl")?;
+    let db = lab
+        .netctl(1, &["--format", "json", "container", "inspect", "db"])?
+        .check()?;
+    let db: serde_json::Value = serde_json::from_str(&db.stdout)?;
+    let db_ip = db["endpoints"][0]["ip"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    println!("\n== netctl monitor on n1 while a pings db, which is on another network");
+    let sock = lab.socket(1).display().to_string();
+    println!("$ netctl -H unix://{sock} monitor   (and: container exec a -- ping -c 2 {db_ip})");
+    let monitor = lab.spawn_in_node(
+        1,
+        &[
+            netctl.display().to_string(),
+            "-H".into(),
+            sock,
+            "monitor".into(),
+        ],
+    )?;
+    thread::sleep(Duration::from_millis(500));
+    let _ = lab.netctl(
+        1,
+        &[
+            "container",
+            "exec",
+            "a",
+            "--",
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            &db_ip,
+        ],
+    )?;
+    thread::sleep(Duration::from_millis(500));
+    let out = monitor.stop(Duration::from_secs(2))?;
+    print!("{}", out.stdout);
+    if !out.stdout.contains("policy_isolation") {
+        bail!(
+            "netctl monitor showed no isolation drop: {}{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    println!("\n== n1's metrics (excerpt), as Prometheus scrapes them");
+    println!("$ curl -s http://{METRICS}/metrics | grep -E '...'");
+    let out = lab.exec_in_node(
+        1,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "curl -s http://{METRICS}/metrics | grep -E '^(netagent_datapath_drops_total\\{{reason=\"(policy_isolation|egress_internal)\"|netagent_healthy|netagent_dns_queries_total|netagent_conntrack_entries|netagent_service_backends|netagent_wireguard_sent_bytes_total|process_resident)'"
+            ),
+        ],
+    )?;
+    print!("{}", out.stdout);
+    if !out.stdout.contains("netagent_healthy 1") {
+        let why = lab.exec_in_node(1, &["curl", "-s", &format!("http://{METRICS}/healthz")])?;
+        bail!("n1 is not healthy: {}", why.stdout.trim());
+    }
+    Ok(())
 }
 
 fn run_step(lab: &Lab, step: &Step) -> Result<()> {

@@ -11,7 +11,7 @@ use std::{io, net::Ipv4Addr};
 
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use dataplane_common::{
-    ENDPOINT_F_ALL, ENDPOINT_F_LOCAL, EndpointInfo, EndpointKey, NETWORK_F_ENCRYPTED, NODE_F_ALL,
+    ENDPOINT_F_ALL, ENDPOINT_F_LOCAL, EndpointInfo, EndpointKey, NETWORK_F_ALL, NODE_F_ALL,
     NetworkInfo, NodeInfo, NodeKey, VNI_MAX, map_names,
 };
 
@@ -198,10 +198,10 @@ impl Datapath {
         let key = subnet_key(subnet)?;
         let what = format!("network {}/{}", subnet.0, subnet.1);
         check_vni(&what, info.vni)?;
-        if info.flags & !NETWORK_F_ENCRYPTED != 0 {
+        if info.flags & !NETWORK_F_ALL != 0 {
             return Err(invalid(
                 what,
-                format_args!("unknown flags {:#x}", info.flags & !NETWORK_F_ENCRYPTED),
+                format_args!("unknown flags {:#x}", info.flags & !NETWORK_F_ALL),
             ));
         }
         self.networks_map_mut()?

@@ -5,7 +5,9 @@ mod common;
 use std::net::Ipv4Addr;
 
 use common::*;
-use netagent_datapath::{DatapathError, EndpointInfo, NETWORK_F_ENCRYPTED, NetworkInfo};
+use netagent_datapath::{
+    DatapathError, EndpointInfo, NETWORK_F_ENCRYPTED, NETWORK_F_INTERNAL, NetworkInfo,
+};
 
 #[test]
 fn endpoints_upsert_list_remove() {
@@ -68,7 +70,7 @@ fn networks_upsert_list_remove() {
     };
     let b = NetworkInfo {
         vni: VNI_B,
-        flags: NETWORK_F_ENCRYPTED,
+        flags: NETWORK_F_ENCRYPTED | NETWORK_F_INTERNAL,
     };
     let single = (Ipv4Addr::new(192, 168, 7, 7), 32);
     dp.upsert_network(SUBNET_B, &b).expect("upsert B");

@@ -106,6 +106,8 @@ pub const NETWORK_F_ENCRYPTED: u32 = 1 << 0;
 /// Set in [`NetworkInfo::flags`] for `--internal` networks (the datapath decides by
 /// [`ENDPOINT_F_INTERNAL`]).
 pub const NETWORK_F_INTERNAL: u32 = 1 << 1;
+/// Every network flag; anything else in [`NetworkInfo::flags`] is refused.
+pub const NETWORK_F_ALL: u32 = NETWORK_F_ENCRYPTED | NETWORK_F_INTERNAL;
 
 /// An overlay network, the value of the NETWORKS LPM trie.
 ///
