@@ -553,7 +553,7 @@ fn operate(lab: &Lab) -> Result<()> {
         .map(|d| d.join("netctl"))
         .context("locating netctl")?;
     let db = lab
-        .netctl(1, &["--format", "json", "container", "inspect", "db"])?
+        .netctl(1, ["--format", "json", "container", "inspect", "db"])?
         .check()?;
     let db: serde_json::Value = serde_json::from_str(&db.stdout)?;
     let db_ip = db["endpoints"][0]["ip"]
@@ -575,7 +575,7 @@ fn operate(lab: &Lab) -> Result<()> {
     thread::sleep(Duration::from_millis(500));
     let _ = lab.netctl(
         1,
-        &[
+        [
             "container",
             "exec",
             "a",
