@@ -232,6 +232,10 @@ fn control_metrics(reg: &mut Registry, src: &Sources, health: &Health) {
     passes.inc_by(status.passes);
     let errors = Gauge::<i64>::default();
     errors.set(status.errors.len() as i64);
+    let total = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+    total.inc_by(status.total_duration_us as f64 / 1e6);
+    let last = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    last.set(status.last_duration_us as f64 / 1e6);
     let view = src.view.borrow().clone();
     let revision = Gauge::<i64>::default();
     revision.set(view.revision);
@@ -278,6 +282,16 @@ fn control_metrics(reg: &mut Registry, src: &Sources, health: &Health) {
         "netagent_reconcile_passes",
         "Reconciler passes (desired maps computed from the view and written as a difference)",
         passes,
+    );
+    reg.register(
+        "netagent_reconcile_duration_seconds",
+        "Time spent in reconciler passes, all together",
+        total,
+    );
+    reg.register(
+        "netagent_reconcile_last_duration_seconds",
+        "How long the last reconciler pass took",
+        last,
     );
     reg.register(
         "netagent_reconcile_errors",

@@ -112,6 +112,7 @@ fn prometheus_scrapes_the_agent_and_health_follows_the_store() {
     for name in [
         "netagent_conntrack_capacity",
         "netagent_reconcile_passes_total",
+        "netagent_reconcile_duration_seconds_total",
         "netagent_store_up 1",
         "netagent_objects{kind=\"networks\"} 2",
         "process_resident_memory_bytes",

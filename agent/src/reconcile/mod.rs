@@ -69,6 +69,9 @@ pub struct ReconcileStatus {
     pub last_changes: Changes,
     /// Entries that failed in the last pass (empty when the datapath matches the view).
     pub errors: Vec<String>,
+    /// How long the last pass took, and all passes together (microseconds).
+    pub last_duration_us: u64,
+    pub total_duration_us: u64,
 }
 
 pub struct Reconciler {
@@ -169,6 +172,7 @@ impl Reconciler {
     /// written.
     pub async fn pass(&self) -> Changes {
         let _one = self.pass_lock.lock().await;
+        let started = std::time::Instant::now();
         let view = self.view.borrow().clone();
         let local = lock(&self.local).clone();
         let want = desired(&view, &self.node, &local);
@@ -178,6 +182,9 @@ impl Reconciler {
         status.passes += 1;
         status.last_pass = Some(crate::model::now_rfc3339());
         status.errors = changes.errors.clone();
+        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        status.last_duration_us = took;
+        status.total_duration_us = status.total_duration_us.saturating_add(took);
         if !changes.is_empty() {
             status.last_changes = changes.clone();
         }
