@@ -173,6 +173,7 @@ fn collect(src: &Sources, health: &Health) -> Registry {
 
 fn datapath_metrics(reg: &mut Registry, src: &Sources) {
     let drops = Family::<Labels, Counter>::default();
+    let by_hook = Family::<Labels, Counter>::default();
     let ct = Family::<Labels, Gauge>::default();
     let ct_cap = Family::<Labels, Gauge>::default();
     let up = Gauge::<i64>::default();
@@ -183,6 +184,13 @@ fn datapath_metrics(reg: &mut Registry, src: &Sources) {
             for (reason, n) in counters {
                 drops
                     .get_or_create(&labels(&[("reason", reason)]))
+                    .inc_by(n);
+            }
+        }
+        if let Ok(counters) = dp.drop_counters_by_hook() {
+            for (hook, reason, n) in counters {
+                by_hook
+                    .get_or_create(&labels(&[("hook", hook), ("reason", reason)]))
                     .inc_by(n);
             }
         }
@@ -207,6 +215,11 @@ fn datapath_metrics(reg: &mut Registry, src: &Sources) {
         "Packets the eBPF programs dropped (or answered instead of forwarding), by reason \
          (`events_lost`: drop events the ring buffer had no room for)",
         drops,
+    );
+    reg.register(
+        "netagent_datapath_hook_drops",
+        "Dropped packets by program (hook) and reason; reasons with no drops left out",
+        by_hook,
     );
     reg.register(
         "netagent_datapath_up",

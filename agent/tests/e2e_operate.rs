@@ -165,6 +165,11 @@ fn prometheus_scrapes_the_agent_and_health_follows_the_store() {
     let (_, body) = curl(&lab, "/metrics");
     let after = sample(&body, isolation).unwrap();
     assert!(after >= before + 2.0, "{before} -> {after}");
+    let hooked = sample(
+        &body,
+        "netagent_datapath_hook_drops_total{hook=\"from_container\",reason=\"policy_isolation\"}",
+    );
+    assert!(hooked.is_some_and(|n| n >= 2.0), "{body}");
     let x = common::container_ip(&lab, 1, "x");
     let event: serde_json::Value = loop {
         let line = lines

@@ -3,14 +3,15 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
-    DROP_COUNTER_EVENTS_LOST, DROP_EVENTS_PER_SEC, DropEvent, DropReason, Hook,
+    DROP_COUNTER_EVENTS_LOST, DROP_COUNTERS_MAX_ENTRIES, DROP_EVENTS_PER_SEC, DropEvent,
+    DropReason, Hook,
 };
 
 use crate::{
     arp::ArpEthIpv4,
     eth::{ETH_HLEN, EthHdr, ifindex},
     ipv4::Ipv4Hdr,
-    maps::{DROP_BUDGET, DROP_COUNTERS, DROP_EVENTS},
+    maps::{DROP_BUDGET, DROP_BY_HOOK, DROP_COUNTERS, DROP_EVENTS},
     verdict::TC_ACT_SHOT,
 };
 
@@ -60,6 +61,11 @@ pub fn drop_packet(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) ->
 #[inline(never)]
 pub fn report(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) {
     count(reason.code());
+    let by_hook = hook as u32 * DROP_COUNTERS_MAX_ENTRIES + reason.code();
+    if let Some(counter) = DROP_BY_HOOK.get_ptr_mut(by_hook) {
+        // SAFETY: as in `count`.
+        unsafe { *counter += 1 };
+    }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if !within_budget(now) {

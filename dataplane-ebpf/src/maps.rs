@@ -11,11 +11,11 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     BACKEND_SETS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, Backend, BackendKey, BackendSet, CONFIG_KEY,
-    CONNTRACK_MAX_ENTRIES, CT_NEW_MAX_ENTRIES, Config, CtEntry, CtKey, DROP_COUNTERS_MAX_ENTRIES,
-    DROP_EVENTS_BYTE_SIZE, DropReason, ENDPOINTS_MAX_ENTRIES, EndpointInfo, EndpointKey,
-    NETWORKS_MAX_ENTRIES, NODE_F_TUNNEL_ADDR, NODES_MAX_ENTRIES, NetworkInfo, NodeInfo, NodeKey,
-    PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor, SERVICES_MAX_ENTRIES,
-    ServiceInfo, TestInput, TestObservation,
+    CONNTRACK_MAX_ENTRIES, CT_NEW_MAX_ENTRIES, Config, CtEntry, CtKey, DROP_BY_HOOK_MAX_ENTRIES,
+    DROP_COUNTERS_MAX_ENTRIES, DROP_EVENTS_BYTE_SIZE, DropReason, ENDPOINTS_MAX_ENTRIES,
+    EndpointInfo, EndpointKey, NETWORKS_MAX_ENTRIES, NODE_F_TUNNEL_ADDR, NODES_MAX_ENTRIES,
+    NetworkInfo, NodeInfo, NodeKey, PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor,
+    SERVICES_MAX_ENTRIES, ServiceInfo, TestInput, TestObservation,
 };
 
 /// Node-wide settings, one entry at `CONFIG_KEY`. A hash map without preallocation, not an
@@ -29,6 +29,10 @@ pub static CONFIG: HashMap<u32, Config> = HashMap::pinned(1, BPF_F_NO_PREALLOC);
 /// pushed in it (see `drop::within_budget`). Not pinned: a restart merely starts a window.
 #[map(name = "DROP_BUDGET")]
 pub static DROP_BUDGET: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// The drop counters per hook (see `DROP_BY_HOOK_MAX_ENTRIES`).
+#[map(name = "DROP_BY_HOOK")]
+pub static DROP_BY_HOOK: PerCpuArray<u64> = PerCpuArray::pinned(DROP_BY_HOOK_MAX_ENTRIES, 0);
 
 #[map(name = "DROP_COUNTERS")]
 pub static DROP_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_COUNTERS_MAX_ENTRIES, 0);

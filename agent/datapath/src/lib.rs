@@ -76,7 +76,7 @@ pub use dataplane_common::{
     ServiceInfo, TestInput, TestObservation, VNI_MAX, map_names, node_ip_from_abi, node_ip_to_abi,
     program_names,
 };
-use dataplane_common::{CONFIG_KEY, DROP_COUNTER_EVENTS_LOST};
+use dataplane_common::{CONFIG_KEY, DROP_COUNTER_EVENTS_LOST, DROP_COUNTERS_MAX_ENTRIES};
 pub use error::DatapathError;
 pub use events::DropEvents;
 pub use routing::Subnet;
@@ -482,6 +482,29 @@ impl Datapath {
             .iter()
             .map(|reason| Ok((reason.name(), Self::counter_sum(&map, reason.code())?)))
             .collect()
+    }
+
+    /// Dropped packets per hook and reason, summed over CPUs; only the non-zero ones.
+    pub fn drop_counters_by_hook(
+        &self,
+    ) -> Result<Vec<(&'static str, &'static str, u64)>, DatapathError> {
+        let name = map_names::DROP_BY_HOOK;
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(name)?).map_err(|e| DatapathError::map(name, e))?;
+        let mut out = Vec::new();
+        for hook in Hook::ALL {
+            for reason in DropReason::ALL {
+                let index = hook as u32 * DROP_COUNTERS_MAX_ENTRIES + reason.code();
+                let values = map
+                    .get(&index, 0)
+                    .map_err(|e| DatapathError::map(name, e))?;
+                let n = values.iter().fold(0u64, |acc, v| acc.wrapping_add(*v));
+                if n > 0 {
+                    out.push((hook.name(), reason.name(), n));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Dropped packets for one reason, summed over CPUs.

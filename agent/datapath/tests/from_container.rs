@@ -311,6 +311,10 @@ fn drop_events_carry_ports_and_are_limited_per_cpu_and_second() {
         assert_eq!(fx.run(&frame).0, TC_ACT_SHOT);
     }
     fx.assert_only_drops(Some(DropReason::UnknownEndpoint), sent as u64);
+    assert_eq!(
+        fx.dp.drop_counters_by_hook().expect("by hook"),
+        [("from_container", "unknown_endpoint", sent as u64)]
+    );
     let events = fx.events();
     let lost = fx.dp.drop_events_lost().expect("lost");
     assert_eq!(

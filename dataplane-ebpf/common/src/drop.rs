@@ -4,6 +4,11 @@
 /// purpose: see the crate docs.
 pub const DROP_COUNTERS_MAX_ENTRIES: u32 = 128;
 
+/// DROP_BY_HOOK: the same counters per hook, at `hook * DROP_COUNTERS_MAX_ENTRIES + reason`
+/// (hook codes below [`DROP_BY_HOOK_HOOKS`]).
+pub const DROP_BY_HOOK_HOOKS: u32 = 8;
+pub const DROP_BY_HOOK_MAX_ENTRIES: u32 = DROP_BY_HOOK_HOOKS * DROP_COUNTERS_MAX_ENTRIES;
+
 /// Slot 0 of DROP_COUNTERS is not a drop reason: it counts drop events that were not pushed,
 /// because the ring buffer was full or the CPU was over [`DROP_EVENTS_PER_SEC`] (the packet
 /// itself is still counted under its reason).
@@ -255,6 +260,13 @@ pub enum Hook {
 }
 
 impl Hook {
+    pub const ALL: [Hook; 4] = [
+        Hook::FromContainer,
+        Hook::FromOverlay,
+        Hook::FromUplink,
+        Hook::ToUplink,
+    ];
+
     /// Decodes [`DropEvent::hook`].
     pub const fn from_code(code: u8) -> Option<Hook> {
         Some(match code {

@@ -24,6 +24,8 @@ pub mod map_names {
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
     /// Ring buffer of [`crate::DropEvent`] records.
     pub const DROP_EVENTS: &str = "DROP_EVENTS";
+    /// Per-CPU `u64` counters by hook and reason (see [`crate::DROP_BY_HOOK_MAX_ENTRIES`]).
+    pub const DROP_BY_HOOK: &str = "DROP_BY_HOOK";
     /// Hash map: endpoint IPv4 address ([`crate::EndpointKey`]) -> [`crate::EndpointInfo`].
     pub const ENDPOINTS: &str = "ENDPOINTS";
     /// LPM trie: overlay subnet -> [`crate::NetworkInfo`] (key: see [`crate::NetworkInfo`]).
@@ -50,6 +52,7 @@ pub mod map_names {
     pub const ALL: &[&str] = &[
         CONFIG,
         DROP_COUNTERS,
+        DROP_BY_HOOK,
         DROP_EVENTS,
         ENDPOINTS,
         NETWORKS,
