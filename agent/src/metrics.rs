@@ -252,6 +252,10 @@ fn control_metrics(reg: &mut Registry, src: &Sources, health: &Health) {
     let view = src.view.borrow().clone();
     let revision = Gauge::<i64>::default();
     revision.set(view.revision);
+    let restarts = Counter::<u64>::default();
+    restarts.inc_by(crate::view::watch_restarts());
+    let reconnects = Counter::<u64>::default();
+    reconnects.inc_by(netagent_store::etcd::watch_reconnects());
     let store_up = Gauge::<i64>::default();
     store_up.set(i64::from(health.store.is_none()));
     let healthy = Gauge::<i64>::default();
@@ -315,6 +319,17 @@ fn control_metrics(reg: &mut Registry, src: &Sources, health: &Health) {
         "netagent_view_revision",
         "Store revision of the cluster view this node works from",
         revision,
+    );
+    reg.register(
+        "netagent_store_watch_restarts",
+        "Times the store watch had to start over with a fresh list (outages, compactions)",
+        restarts,
+    );
+    reg.register(
+        "netagent_store_watch_reconnects",
+        "Times an etcd watch resumed after losing its connection (no event lost: it resumes \
+         from the last revision it saw)",
+        reconnects,
     );
     reg.register(
         "netagent_store_up",

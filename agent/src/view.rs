@@ -223,6 +223,18 @@ pub async fn persist(mut rx: watch::Receiver<Arc<ClusterView>>, path: std::path:
     }
 }
 
+/// Times [`follow`] had to start over (a failed list or watch, a watch that ended): store
+/// outages and compactions, for the metrics.
+static WATCH_RESTARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn watch_restarts() -> u64 {
+    WATCH_RESTARTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn restarted() {
+    WATCH_RESTARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Follows the store forever: list, then watch from the next revision; on any watch failure
 /// (compaction, store outage) start over with a fresh list, so the view never misses a change.
 pub async fn follow(store: Arc<dyn Store>, tx: watch::Sender<Arc<ClusterView>>) {
@@ -231,6 +243,7 @@ pub async fn follow(store: Arc<dyn Store>, tx: watch::Sender<Arc<ClusterView>>) 
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read cluster state; retrying");
+                restarted();
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -241,6 +254,7 @@ pub async fn follow(store: Arc<dyn Store>, tx: watch::Sender<Arc<ClusterView>>) 
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch cluster state; retrying");
+                restarted();
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -258,6 +272,7 @@ pub async fn follow(store: Arc<dyn Store>, tx: watch::Sender<Arc<ClusterView>>) 
                 }
             }
         }
+        restarted();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -246,4 +246,26 @@ fn prometheus_scrapes_the_agent_and_health_follows_the_store() {
         curl(&lab, "/healthz").0 == "200"
     });
     assert!(up.is_some(), "not healthy again after etcd came back");
+    let (_, body) = curl(&lab, "/metrics");
+    // The outage shows as a resumed watch (the view itself never had to start over).
+    let resumed = wait_until(Duration::from_secs(10), || {
+        let (_, body) = curl(&lab, "/metrics");
+        sample(&body, "netagent_store_watch_reconnects_total").is_some_and(|n| n >= 1.0)
+    });
+    assert!(resumed.is_some(), "no watch reconnect counted:\n{body}");
+    assert!(body.contains("netagent_store_watch_restarts_total"));
+
+    // --log-format json: every line of the agent's log is one JSON object.
+    let log = lab.agent_log(1);
+    // (The lab marks each agent start with a line of its own.)
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("==== netlab:"))
+        .collect();
+    assert!(lines.len() > 5, "{log}");
+    for l in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
+    }
 }

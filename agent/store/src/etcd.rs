@@ -42,6 +42,15 @@ const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
 const GRPC_ABORTED: i32 = 10;
 const GRPC_UNAVAILABLE: i32 = 14;
 
+/// Watches re-established after a lost connection or a cancelled watch, by every watch of
+/// this process (for the agent's metrics).
+static WATCH_RECONNECTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times a watch resumed after losing etcd.
+pub fn watch_reconnects() -> u64 {
+    WATCH_RECONNECTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
     /// Bound on every call, on connecting and on (re)creating a watch.
@@ -508,6 +517,7 @@ impl WatchTask {
                     backoff = (backoff * 2).min(self.retry_max);
                     match self.open().await {
                         Ok(s) => {
+                            WATCH_RECONNECTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             info!(prefix = %self.prefix, resume_from = self.cursor + 1, "etcd watch re-established");
                             s
                         }
