@@ -8,7 +8,7 @@ use std::time::Duration;
 use netlab::{Background, Lab, LabConfig, OUTSIDE_ADDR, StoreKind};
 
 mod common;
-use common::{drops, exec, ok, wait_until};
+use common::{drops, exec, ok, sleeper, wait_until};
 
 /// The fabric-to-outside link: smaller than the fabric's 1500, so full-size packets of the
 /// nodes' containers need path MTU discovery to cross it.
@@ -41,25 +41,6 @@ fn lab(nodes: usize) -> Lab {
         &["network", "create", "--subnet", "10.91.0.0/24", "services"],
     );
     lab
-}
-
-fn sleeper(lab: &Lab, node: usize, name: &str, network: &str) {
-    ok(
-        lab,
-        node,
-        &[
-            "container",
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            network,
-            "--",
-            "sleep",
-            "3600",
-        ],
-    );
 }
 
 /// A server on the outside host, stopped when the test ends (the lab would kill it anyway).

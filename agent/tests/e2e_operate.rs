@@ -11,7 +11,7 @@ use std::time::Duration;
 use netlab::{Lab, LabConfig, StoreKind};
 
 mod common;
-use common::{Reaper, must_fail, ok, wait_until};
+use common::{Reaper, must_fail, ok, sleeper, wait_until};
 
 const METRICS: &str = "127.0.0.1:9580";
 const PROMETHEUS: &str = "127.0.0.1:19090";
@@ -69,22 +69,7 @@ fn prometheus_scrapes_the_agent_and_health_follows_the_store() {
         &["network", "create", "--subnet", "10.96.0.0/24", "b"],
     );
     for (name, net) in [("x", "a"), ("y", "b")] {
-        ok(
-            &lab,
-            1,
-            &[
-                "container",
-                "run",
-                "-d",
-                "--name",
-                name,
-                "--network",
-                net,
-                "--",
-                "sleep",
-                "3600",
-            ],
-        );
+        sleeper(&lab, 1, name, net);
     }
 
     // DNS from x: its own name (local), y's (another network's: nxdomain).

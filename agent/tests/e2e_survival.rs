@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use netlab::{Lab, LabConfig, Signal, StoreKind};
 
 mod common;
-use common::{exec, json, ok, wait_until, workspace_bin};
+use common::{exec, json, ok, sleeper, vip_of, wait_until, workspace_bin};
 
 const LEASE_TTL: u64 = 3;
 
@@ -124,26 +124,8 @@ fn keep_alive_load_survives_a_killed_agent_and_a_stopped_store() {
     replica(&lab, 1, "web.1");
     replica(&lab, 2, "web.2");
     replica(&lab, 2, "web.3");
-    ok(
-        &lab,
-        1,
-        &[
-            "container",
-            "run",
-            "-d",
-            "--name",
-            "client",
-            "--network",
-            "services",
-            "--",
-            "sleep",
-            "3600",
-        ],
-    );
-    let vip = json(&lab, 1, &["service", "inspect", "web"])["vips"][0]["vip"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    sleeper(&lab, 1, "client", "services");
+    let vip = vip_of(&lab, 1, "web");
     let client = netns_of(&lab, 1, "client");
     let fabric = format!("{}/{}", netlab::NETNS_DIR, lab.fabric_ns());
     let mesh = format!("http://{}:8080/", lab.node_addr(1));
@@ -290,26 +272,8 @@ fn a_dead_nodes_backends_leave_the_balancer_and_dns_within_the_lease() {
             ],
         );
     }
-    ok(
-        &lab,
-        1,
-        &[
-            "container",
-            "run",
-            "-d",
-            "--name",
-            "client",
-            "--network",
-            "services",
-            "--",
-            "sleep",
-            "3600",
-        ],
-    );
-    let vip = json(&lab, 1, &["service", "inspect", "web"])["vips"][0]["vip"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    sleeper(&lab, 1, "client", "services");
+    let vip = vip_of(&lab, 1, "web");
     let web2 = common::container_ip(&lab, 2, "web.2");
     let four = format!("for i in 1 2 3 4; do socat -T1 - TCP:{vip}:80 </dev/null; done");
     let answers = || exec(&lab, 1, "client", &["sh", "-c", &four]).stdout;

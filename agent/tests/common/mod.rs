@@ -139,3 +139,31 @@ pub fn log_chunk(lab: &Lab, node: usize, name: &str, offset: u64) -> (String, u6
         v["end"].as_u64().unwrap_or(0),
     )
 }
+
+/// A container that only sleeps (an hour), to run commands in with [`exec`].
+pub fn sleeper(lab: &Lab, node: usize, name: &str, network: &str) {
+    ok(
+        lab,
+        node,
+        &[
+            "container",
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            network,
+            "--",
+            "sleep",
+            "3600",
+        ],
+    );
+}
+
+/// The (first) VIP of service `name`.
+pub fn vip_of(lab: &Lab, node: usize, name: &str) -> String {
+    json(lab, node, &["service", "inspect", name])["vips"][0]["vip"]
+        .as_str()
+        .expect("a VIP")
+        .to_owned()
+}
