@@ -319,3 +319,59 @@ fn a_dead_nodes_backends_leave_the_balancer_and_dns_within_the_lease() {
     );
     assert!(dns_gone.is_some_and(|t| t <= limit), "dns: {dns_gone:?}");
 }
+
+#[test]
+fn agents_carry_on_when_one_of_three_etcd_members_dies() {
+    let lab = Lab::up(LabConfig {
+        nodes: 2,
+        store: StoreKind::Etcd,
+        etcd_members: 3,
+        lease_ttl_secs: LEASE_TTL,
+        ..Default::default()
+    })
+    .expect("lab up");
+    ok(
+        &lab,
+        1,
+        &["network", "create", "--subnet", "10.94.0.0/24", "before"],
+    );
+    for k in [1, 2] {
+        // Kill one member; the other two keep a quorum.
+        lab.stop_etcd_member(k, Signal::SIGKILL).unwrap();
+        let name = format!("after{k}");
+        let subnet = format!("10.94.{k}.0/24");
+        let t = Instant::now();
+        // Reads at once: one that finds the dead member goes to another.
+        ok(&lab, 1, &["network", "ls"]);
+        // A write, once the two have a leader (etcd's election timeout is 1 s): at the first try.
+        std::thread::sleep(Duration::from_secs(2));
+        ok(&lab, 2, &["network", "create", "--subnet", &subnet, &name]);
+        let seen = wait_until(Duration::from_secs(10), || {
+            lab.netctl(1, ["network", "inspect", &name])
+                .is_ok_and(|o| o.success())
+        });
+        assert!(seen.is_some(), "n1 never saw {name}");
+        eprintln!(
+            "etcd member {k} killed: n2 wrote (after 2 s for the election) and n1 saw it {:?} after the kill",
+            t.elapsed()
+        );
+        // Leases are kept alive through the others: both nodes stay up past the TTL.
+        std::thread::sleep(Duration::from_secs(LEASE_TTL + 1));
+        let out = lab.netctl(1, ["--format", "json", "node", "ls"]).unwrap();
+        assert!(
+            out.success(),
+            "node ls with member {k} dead: {}",
+            out.stderr
+        );
+        let nodes = out.stdout;
+        let v: serde_json::Value = serde_json::from_str(&nodes).unwrap();
+        let down: Vec<&serde_json::Value> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["status"] != "ready")
+            .collect();
+        assert!(down.is_empty(), "{nodes}");
+        lab.start_etcd_member(k).unwrap();
+    }
+}

@@ -86,6 +86,10 @@ pub struct LabConfig {
     pub netctl_bin: Option<PathBuf>,
     /// How long an agent may take to accept connections on its socket.
     pub agent_ready_timeout: Duration,
+    /// etcd members (with [`StoreKind::Etcd`]): 1 (default) or up to
+    /// [`layout::MAX_ETCD_MEMBERS`], one cluster on consecutive fabric addresses from
+    /// 198.18.0.2; the agents get every member's endpoint.
+    pub etcd_members: usize,
     /// Keep IPv6 on in the lab's namespaces. Off by default: the design is
     /// IPv4-only, and IPv6 neighbour discovery and MLD would show up in
     /// every fabric capture.
@@ -104,6 +108,7 @@ impl Default for LabConfig {
             netagent_bin: None,
             netctl_bin: None,
             agent_ready_timeout: Duration::from_secs(20),
+            etcd_members: 1,
             ipv6: false,
         }
     }
@@ -113,6 +118,8 @@ impl Default for LabConfig {
 #[derive(Default)]
 struct Procs {
     etcd: Option<Child>,
+    /// Members 1.. of a multi-member etcd (index k-1 holds member k).
+    etcd_members: Vec<Option<Child>>,
     /// Index i-1 holds node i's agent.
     agents: Vec<Option<Child>>,
 }
@@ -146,6 +153,13 @@ impl Lab {
     /// is removed again before the error is returned.
     pub fn up(config: LabConfig) -> Result<Lab> {
         sys::ensure_root("netlab")?;
+        if config.etcd_members == 0 || config.etcd_members > layout::MAX_ETCD_MEMBERS {
+            bail!(
+                "a lab runs 1 to {} etcd members, not {}",
+                layout::MAX_ETCD_MEMBERS,
+                config.etcd_members
+            );
+        }
         if config.nodes > layout::MAX_NODES {
             bail!("a lab has at most {} nodes", layout::MAX_NODES);
         }
@@ -169,6 +183,7 @@ impl Lab {
             run_dir: layout::run_dir(&prefix),
             procs: Mutex::new(Procs {
                 etcd: None,
+                etcd_members: Vec::new(),
                 agents: (0..config.nodes).map(|_| None).collect(),
             }),
             prefix,
@@ -183,6 +198,10 @@ impl Lab {
         lab.build_topology()
             .with_context(|| format!("building the topology of lab {}", lab.prefix))?;
         if lab.config.store == StoreKind::Etcd {
+            // A new multi-member cluster is healthy only once a quorum runs: the others first.
+            for k in 1..lab.config.etcd_members {
+                lab.start_etcd_member(k)?;
+            }
             lab.start_etcd()?;
         }
         if lab.netagent.is_some() {
@@ -331,7 +350,7 @@ impl Lab {
 
     /// The agents' `--store` argument.
     pub fn store_url(&self) -> String {
-        store_url(self.config.store)
+        store_url(&self.config)
     }
 
     fn lock(&self) -> MutexGuard<'_, Procs> {
@@ -464,8 +483,14 @@ impl Lab {
         let gateway = format!("{FABRIC_GATEWAY}/{}", layout::FABRIC_PREFIX_LEN);
         sys::ip(&["-n", &fabric, "addr", "add", &gateway, "dev", BRIDGE])?;
         if self.config.store == StoreKind::Etcd {
-            let etcd = format!("{ETCD_ADDR}/{}", layout::FABRIC_PREFIX_LEN);
-            sys::ip(&["-n", &fabric, "addr", "add", &etcd, "dev", BRIDGE])?;
+            for k in 0..self.config.etcd_members.max(1) {
+                let etcd = format!(
+                    "{}/{}",
+                    layout::etcd_member_addr(k),
+                    layout::FABRIC_PREFIX_LEN
+                );
+                sys::ip(&["-n", &fabric, "addr", "add", &etcd, "dev", BRIDGE])?;
+            }
         }
         sys::ip(&["-n", &fabric, "link", "set", BRIDGE, "up"])?;
 
@@ -538,17 +563,80 @@ impl Lab {
         self.wait_etcd_healthy(Instant::now() + ETCD_READY_TIMEOUT)
     }
 
+    /// Starts member `k` >= 1 of a multi-member etcd (again, after [`Lab::stop_etcd_member`]);
+    /// it is healthy once a quorum runs.
+    pub fn start_etcd_member(&self, k: usize) -> Result<()> {
+        if k == 0 || k >= self.config.etcd_members {
+            bail!(
+                "lab {} has no etcd member {k} (members 1..{} can be started on their own)",
+                self.prefix,
+                self.config.etcd_members
+            );
+        }
+        let mut procs = self.lock();
+        if procs.etcd_members.len() < k {
+            procs.etcd_members.resize_with(k, || None);
+        }
+        if let Some(child) = procs.etcd_members[k - 1].as_mut()
+            && child.try_wait()?.is_none()
+        {
+            bail!("etcd member {k} of lab {} is already running", self.prefix);
+        }
+        let child = self.spawn_etcd_member(k)?;
+        record::write_pid(&self.run_dir, &format!("etcd{k}"), child.id())?;
+        procs.etcd_members[k - 1] = Some(child);
+        Ok(())
+    }
+
+    /// Kills etcd member `k` >= 1 with `signal` (SIGKILL: a member that dies).
+    pub fn stop_etcd_member(&self, k: usize, signal: Signal) -> Result<()> {
+        let child = self
+            .lock()
+            .etcd_members
+            .get_mut(k.wrapping_sub(1))
+            .and_then(Option::take);
+        let Some(mut child) = child else {
+            bail!("etcd member {k} of lab {} is not running", self.prefix);
+        };
+        let result = stop_child(&mut child, signal, STOP_GRACE);
+        record::remove_pid(&self.run_dir, &format!("etcd{k}"));
+        result.map(drop)
+    }
+
     fn spawn_etcd(&self) -> Result<Child> {
-        let client = format!("http://{ETCD_ADDR}:{ETCD_PORT}");
-        // Peers only on the fabric namespace's loopback: a one-member cluster.
-        let peer = "http://127.0.0.1:2380";
-        let data_dir = layout::etcd_data_dir(&self.prefix);
+        self.spawn_etcd_member(0)
+    }
+
+    fn spawn_etcd_member(&self, k: usize) -> Result<Child> {
+        let addr = layout::etcd_member_addr(k);
+        let client = format!("http://{addr}:{ETCD_PORT}");
+        let members = self.config.etcd_members.max(1);
+        // One member: peers only on the fabric namespace's loopback. More: each on its own
+        // fabric address.
+        let peer_of = |k: usize| match members {
+            1 => "http://127.0.0.1:2380".to_owned(),
+            _ => format!("http://{}:2380", layout::etcd_member_addr(k)),
+        };
+        let name_of = |k: usize| match k {
+            0 => "netlab".to_owned(),
+            k => format!("netlab{k}"),
+        };
+        let peer = peer_of(k);
+        let peer = peer.as_str();
+        let name = name_of(k);
+        let data_dir = match k {
+            0 => layout::etcd_data_dir(&self.prefix),
+            k => layout::etcd_member_data_dir(&self.prefix, k),
+        };
         let data_dir = data_dir.to_string_lossy();
-        let initial_cluster = format!("netlab={peer}");
+        let initial_cluster = (0..members)
+            .map(|m| format!("{}={}", name_of(m), peer_of(m)))
+            .collect::<Vec<_>>()
+            .join(",");
         let argv = [
             ETCD_BIN,
             "--name",
-            "netlab",
+            &name,
             "--data-dir",
             &data_dir,
             "--listen-client-urls",
@@ -575,7 +663,11 @@ impl Lab {
                 c.env_remove(key);
             }
         }
-        spawn_daemon(c, &layout::etcd_log(&self.prefix), "etcd")
+        let log = match k {
+            0 => layout::etcd_log(&self.prefix),
+            k => layout::etcd_member_log(&self.prefix, k),
+        };
+        spawn_daemon(c, &log, "etcd")
     }
 
     fn etcdctl_health(&self) -> Result<Output> {
@@ -776,9 +868,9 @@ impl Lab {
         if let Err(e) = stop_children(agents, STOP_GRACE) {
             errors.push(e);
         }
-        if let Some(etcd) = procs.etcd.take()
-            && let Err(e) = stop_children(vec![etcd], STOP_GRACE)
-        {
+        let mut etcd: Vec<Child> = procs.etcd.take().into_iter().collect();
+        etcd.extend(procs.etcd_members.iter_mut().filter_map(Option::take));
+        if let Err(e) = stop_children(etcd, STOP_GRACE) {
             errors.push(e);
         }
         if let Err(e) = teardown::down(&self.prefix) {
@@ -809,9 +901,14 @@ impl Drop for Lab {
     }
 }
 
-fn store_url(store: StoreKind) -> String {
-    match store {
-        StoreKind::Etcd => format!("etcd://{ETCD_ADDR}:{ETCD_PORT}"),
+fn store_url(config: &LabConfig) -> String {
+    match config.store {
+        StoreKind::Etcd => {
+            let endpoints: Vec<String> = (0..config.etcd_members.max(1))
+                .map(|k| format!("{}:{ETCD_PORT}", layout::etcd_member_addr(k)))
+                .collect();
+            format!("etcd://{}", endpoints.join(","))
+        }
         StoreKind::Embedded => "embedded".to_owned(),
     }
 }
@@ -824,7 +921,7 @@ fn agent_args(prefix: &str, i: usize, config: &LabConfig) -> Vec<String> {
         "--advertise-addr".to_owned(),
         layout::node_addr(i).to_string(),
         "--store".to_owned(),
-        store_url(config.store),
+        store_url(config),
         "--socket".to_owned(),
         layout::socket(prefix, i).to_string_lossy().into_owned(),
         "--state-dir".to_owned(),
@@ -958,8 +1055,15 @@ mod tests {
             assert_eq!(k.to_string().parse::<StoreKind>().unwrap(), k);
         }
         assert!("redis".parse::<StoreKind>().is_err());
-        assert_eq!(store_url(StoreKind::Etcd), "etcd://198.18.0.2:2379");
-        assert_eq!(store_url(StoreKind::Embedded), "embedded");
+        let mut cfg = LabConfig::default();
+        assert_eq!(store_url(&cfg), "etcd://198.18.0.2:2379");
+        cfg.etcd_members = 3;
+        assert_eq!(
+            store_url(&cfg),
+            "etcd://198.18.0.2:2379,198.18.0.3:2379,198.18.0.4:2379"
+        );
+        cfg.store = StoreKind::Embedded;
+        assert_eq!(store_url(&cfg), "embedded");
     }
 
     #[test]

@@ -115,6 +115,24 @@ pub fn bpf_dir(prefix: &str, i: usize) -> PathBuf {
     bpf_root(prefix).join(format!("n{i}"))
 }
 
+/// Client address of etcd member `k` (0: [`ETCD_ADDR`]; more members take the next ones).
+pub fn etcd_member_addr(k: usize) -> Ipv4Addr {
+    let [a, b, c, d] = ETCD_ADDR.octets();
+    Ipv4Addr::new(a, b, c, d + k as u8)
+}
+
+/// Most etcd members a lab runs (their addresses must stay below the nodes').
+pub const MAX_ETCD_MEMBERS: usize = 5;
+
+/// Data dir and log of etcd member `k` >= 1 (member 0 keeps [`etcd_data_dir`] and [`etcd_log`]).
+pub fn etcd_member_data_dir(prefix: &str, k: usize) -> PathBuf {
+    run_dir(prefix).join(format!("etcd{k}"))
+}
+
+pub fn etcd_member_log(prefix: &str, k: usize) -> PathBuf {
+    run_dir(prefix).join(format!("etcd{k}.log"))
+}
+
 pub fn etcd_data_dir(prefix: &str) -> PathBuf {
     run_dir(prefix).join("etcd")
 }

@@ -117,13 +117,45 @@ impl Ctx {
         }
     }
 
-    /// Runs one etcd call under the timeout.
-    async fn call<T>(
+    /// Runs `make()`'s request under the timeout. A request that could not even connect to
+    /// the member the client picked (a dead member of several) never reached etcd, so it is
+    /// made again, write or not; a read (`idempotent`) is also made again when the cluster was
+    /// electing a leader. Both for at most [`RETRY_WINDOW`]: with every member down, the caller
+    /// hears so within it.
+    async fn attempt<T, F, Fut>(
         &self,
-        what: &str,
-        fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        idempotent: bool,
+        mut make: F,
+    ) -> std::result::Result<std::result::Result<T, etcd_client::Error>, tokio::time::error::Elapsed>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let until = tokio::time::Instant::now() + RETRY_WINDOW;
+        tokio::time::timeout(self.timeout, async {
+            loop {
+                match make().await {
+                    Err(e)
+                        if (never_sent(&e) || (idempotent && leader_changing(&e)))
+                            && tokio::time::Instant::now() < until =>
+                    {
+                        debug!(etcd = %self.targets, error = %e, "no connection to that member; again");
+                        tokio::time::sleep(UNSENT_RETRY_PAUSE).await;
+                    }
+                    r => return r,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Runs one etcd call under the timeout (see [`Ctx::attempt`]).
+    async fn call<T, F, Fut>(&self, what: &str, idempotent: bool, make: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        match self.attempt(idempotent, make).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.map_err(what, e)),
             Err(_) => {
@@ -131,6 +163,47 @@ impl Ctx {
             }
         }
     }
+}
+
+/// Pause between attempts of a request that found no connection.
+const UNSENT_RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// How long a request is made again (see `Ctx::attempt`); below the 3 s in which `netctl` must
+/// report an unreachable store, above etcd's 1 s election timeout.
+const RETRY_WINDOW: Duration = Duration::from_secs(2);
+
+/// etcd answered that it is between leaders: a read can simply be asked again.
+fn leader_changing(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            i32::from(s.code()) == GRPC_UNAVAILABLE
+                && (s.message().contains("leader changed") || s.message().contains("no leader"))
+        }
+        _ => false,
+    }
+}
+
+/// Whether the request failed before it was sent: the connection to the member was refused
+/// or could not be made (tonic reports these as a transport error, or as UNAVAILABLE with the
+/// connect error among its causes).
+fn never_sent(e: &etcd_client::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+            )
+        {
+            return true;
+        }
+        if err.to_string().contains("tcp connect error") {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// `message` followed by the error's sources ("tcp connect error: Connection refused ..."):
@@ -293,8 +366,11 @@ impl EtcdStore {
     }
 
     async fn txn_raw(&self, what: &str, txn: Txn, leases: &[LeaseId]) -> Result<bool> {
-        let mut kv = self.kv.clone();
-        match tokio::time::timeout(self.ctx.timeout, kv.txn(txn)).await {
+        let attempt = self.ctx.attempt(false, || {
+            let (mut kv, txn) = (self.kv.clone(), txn.clone());
+            async move { kv.txn(txn).await }
+        });
+        match attempt.await {
             Ok(Ok(resp)) => Ok(resp.succeeded()),
             Ok(Err(e)) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(
                 leases.first().copied().unwrap_or(0),
@@ -311,19 +387,23 @@ impl EtcdStore {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let mut kv = self.kv.clone();
-        let resp = self.ctx.call("get", kv.get(key, None)).await?;
+        let resp = self
+            .ctx
+            .call("get", true, || {
+                let mut kv = self.kv.clone();
+                async move { kv.get(key, None).await }
+            })
+            .await?;
         resp.kvs().first().map(convert_kv).transpose()
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
-        let mut kv = self.kv.clone();
         let resp = self
             .ctx
-            .call(
-                "list",
-                kv.get(prefix, Some(GetOptions::new().with_prefix())),
-            )
+            .call("list", true, || {
+                let mut kv = self.kv.clone();
+                async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
             .await?;
         let revision = resp
             .header()
@@ -364,8 +444,13 @@ impl Store for EtcdStore {
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        let mut kv = self.kv.clone();
-        let resp = self.ctx.call("delete", kv.delete(key, None)).await?;
+        let resp = self
+            .ctx
+            .call("delete", false, || {
+                let mut kv = self.kv.clone();
+                async move { kv.delete(key, None).await }
+            })
+            .await?;
         Ok(resp.deleted() > 0)
     }
 
@@ -401,10 +486,12 @@ impl Store for EtcdStore {
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
-        let mut lease = self.lease.clone();
         let resp = self
             .ctx
-            .call("lease grant", lease.grant(ttl_secs(ttl), None))
+            .call("lease grant", false, || {
+                let mut lease = self.lease.clone();
+                async move { lease.grant(ttl_secs(ttl), None).await }
+            })
             .await?;
         if !resp.error().is_empty() {
             return Err(StoreError::Backend(format!(
@@ -418,10 +505,13 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, id: LeaseId) -> Result<()> {
-        let mut lease = self.lease.clone();
         // One request on a fresh keep-alive stream; the client reads the first answer and turns
         // TTL 0 (expired or unknown lease) into an error. The stream closes when dropped.
-        match tokio::time::timeout(self.ctx.timeout, lease.keep_alive(id)).await {
+        let attempt = self.ctx.attempt(true, || {
+            let mut lease = self.lease.clone();
+            async move { lease.keep_alive(id).await.map(drop) }
+        });
+        match attempt.await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(id)),
             Ok(Err(e)) => Err(self.ctx.map_err("lease keep-alive", e)),
@@ -433,8 +523,11 @@ impl Store for EtcdStore {
     }
 
     async fn revoke_lease(&self, id: LeaseId) -> Result<()> {
-        let mut lease = self.lease.clone();
-        match tokio::time::timeout(self.ctx.timeout, lease.revoke(id)).await {
+        let attempt = self.ctx.attempt(true, || {
+            let mut lease = self.lease.clone();
+            async move { lease.revoke(id).await }
+        });
+        match attempt.await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(id)),
             Ok(Err(e)) => Err(self.ctx.map_err("lease revoke", e)),
@@ -482,23 +575,27 @@ impl WatchTask {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(self.cursor + 1);
-        let mut client = self.client.clone();
-        let prefix = self.prefix.clone();
         let ctx = self.ctx.clone();
-        let fut = async move {
-            let mut stream = client.watch(prefix, Some(options)).await?;
-            match stream.message().await? {
-                Some(resp) if resp.created() && resp.events().is_empty() && !resp.canceled() => {
-                    Ok((stream, None))
+        let make = || {
+            let (mut client, prefix, options) =
+                (self.client.clone(), self.prefix.clone(), options.clone());
+            async move {
+                let mut stream = client.watch(prefix, Some(options)).await?;
+                match stream.message().await? {
+                    Some(resp)
+                        if resp.created() && resp.events().is_empty() && !resp.canceled() =>
+                    {
+                        Ok((stream, None))
+                    }
+                    // E.g. created and at once canceled for compaction: `pump` judges it.
+                    Some(resp) => Ok((stream, Some(resp))),
+                    None => Err(etcd_client::Error::WatchError(
+                        "watch stream closed before it was created".into(),
+                    )),
                 }
-                // E.g. created and at once canceled for compaction: `pump` judges it.
-                Some(resp) => Ok((stream, Some(resp))),
-                None => Err(etcd_client::Error::WatchError(
-                    "watch stream closed before it was created".into(),
-                )),
             }
         };
-        ctx.call("watch", fut).await
+        ctx.call("watch", true, make).await
     }
 
     async fn run(mut self, first: Opened, tx: mpsc::Sender<Result<WatchEvent>>) {
