@@ -341,10 +341,13 @@ fn agents_carry_on_when_one_of_three_etcd_members_dies() {
         let name = format!("after{k}");
         let subnet = format!("10.94.{k}.0/24");
         let t = Instant::now();
-        // Reads at once: one that finds the dead member goes to another.
-        ok(&lab, 1, &["network", "ls"]);
-        // A write, once the two have a leader (etcd's election timeout is 1 s): at the first try.
-        std::thread::sleep(Duration::from_secs(2));
+        // Reads come back as soon as the two have a leader (a linearizable read needs one; if
+        // the dead member led, that takes an election: about a second, more on a busy machine).
+        let read = wait_until(Duration::from_secs(10), || {
+            lab.netctl(1, ["network", "ls"]).is_ok_and(|o| o.success())
+        });
+        assert!(read.is_some(), "no read answered with member {k} dead");
+        // Then a write succeeds at the first try: a request to the dead member goes to another.
         ok(&lab, 2, &["network", "create", "--subnet", &subnet, &name]);
         let seen = wait_until(Duration::from_secs(10), || {
             lab.netctl(1, ["network", "inspect", &name])
@@ -352,7 +355,8 @@ fn agents_carry_on_when_one_of_three_etcd_members_dies() {
         });
         assert!(seen.is_some(), "n1 never saw {name}");
         eprintln!(
-            "etcd member {k} killed: n2 wrote (after 2 s for the election) and n1 saw it {:?} after the kill",
+            "etcd member {k} killed: reads answered after {read:?}, n2's write seen by n1 {:?} \
+             after the kill",
             t.elapsed()
         );
         // Leases are kept alive through the others: both nodes stay up past the TTL.

@@ -83,6 +83,8 @@ struct Ctx {
     /// "host:port,host:port", for error messages.
     targets: String,
     timeout: Duration,
+    /// More than one member: a request that could not connect may find another.
+    several: bool,
 }
 
 impl Ctx {
@@ -119,9 +121,9 @@ impl Ctx {
 
     /// Runs `make()`'s request under the timeout. A request that could not even connect to
     /// the member the client picked (a dead member of several) never reached etcd, so it is
-    /// made again, write or not; a read (`idempotent`) is also made again when the cluster was
-    /// electing a leader. Both for at most [`RETRY_WINDOW`]: with every member down, the caller
-    /// hears so within it.
+    /// made again, write or not, if there are other members; a read (`idempotent`) is also
+    /// made again when the cluster was electing a leader. Both for at most [`RETRY_WINDOW`]:
+    /// with every member down, the caller hears so within it (at once with a single member).
     async fn attempt<T, F, Fut>(
         &self,
         idempotent: bool,
@@ -136,7 +138,7 @@ impl Ctx {
             loop {
                 match make().await {
                     Err(e)
-                        if (never_sent(&e) || (idempotent && leader_changing(&e)))
+                        if ((self.several && never_sent(&e)) || (idempotent && leader_changing(&e)))
                             && tokio::time::Instant::now() < until =>
                     {
                         debug!(etcd = %self.targets, error = %e, "no connection to that member; again");
@@ -319,6 +321,7 @@ impl EtcdStore {
         let ctx = Ctx {
             targets,
             timeout: options.timeout,
+            several: endpoints.len() > 1,
         };
         let connect_options = ConnectOptions::new()
             .with_connect_timeout(options.timeout)
