@@ -154,19 +154,7 @@ pub async fn run(client: &Client, format: Format, cmd: ContainerCmd) -> anyhow::
             }))
         }
         ContainerCmd::Rm { names } => {
-            let mut failed = Vec::new();
-            for name in &names {
-                match client
-                    .delete(&format!("/v1/containers/{}", seg(name)))
-                    .await
-                {
-                    Ok(_) => println!("{name}"),
-                    Err(e) => failed.push(format!("{e:#}")),
-                }
-            }
-            if !failed.is_empty() {
-                bail!("{}", failed.join("; "));
-            }
+            crate::remove_each(client, "/v1/containers", &names).await?;
             Ok(Outcome::Done)
         }
     }

@@ -289,24 +289,44 @@ async fn network(client: &Client, format: Format, cmd: NetworkCmd) -> anyhow::Re
             }
         }
         NetworkCmd::Inspect { names } => {
-            let mut out = Vec::new();
-            for name in &names {
-                out.push(client.get(&format!("/v1/networks/{}", seg(name))).await?);
-            }
-            print_inspect(format, out)?;
+            inspect_each(client, format, "/v1/networks", &names).await?
         }
-        NetworkCmd::Rm { names } => {
-            let mut failed = Vec::new();
-            for name in &names {
-                match client.delete(&format!("/v1/networks/{}", seg(name))).await {
-                    Ok(_) => println!("{name}"),
-                    Err(e) => failed.push(format!("{e:#}")),
-                }
-            }
-            if !failed.is_empty() {
-                bail!("{}", failed.join("; "));
-            }
+        NetworkCmd::Rm { names } => remove_each(client, "/v1/networks", &names).await?,
+    }
+    Ok(())
+}
+
+/// `inspect NAME...`: every object under `collection`, printed together; the first that
+/// cannot be read is the error.
+pub(crate) async fn inspect_each(
+    client: &Client,
+    format: Format,
+    collection: &str,
+    names: &[String],
+) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    for name in names {
+        out.push(client.get(&format!("{collection}/{}", seg(name))).await?);
+    }
+    print_inspect(format, out)
+}
+
+/// `rm NAME...`: removes each one under `collection`, printing the names removed; goes on past
+/// failures and reports them all in one line.
+pub(crate) async fn remove_each(
+    client: &Client,
+    collection: &str,
+    names: &[String],
+) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for name in names {
+        match client.delete(&format!("{collection}/{}", seg(name))).await {
+            Ok(_) => println!("{name}"),
+            Err(e) => failed.push(format!("{e:#}")),
         }
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
     }
     Ok(())
 }

@@ -2,13 +2,13 @@
 
 use std::io::Read as _;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use base64::Engine as _;
 use clap::Subcommand;
 use serde_json::json;
 
 use crate::client::Client;
-use crate::{Format, as_array, print_inspect, seg, str_field, table};
+use crate::{Format, as_array, str_field, table};
 
 #[derive(Debug, Subcommand)]
 pub enum SecretCmd {
@@ -79,24 +79,9 @@ pub async fn run(client: &Client, format: Format, cmd: SecretCmd) -> anyhow::Res
             }
         }
         SecretCmd::Inspect { names } => {
-            let mut out = Vec::new();
-            for n in &names {
-                out.push(client.get(&format!("/v1/secrets/{}", seg(n))).await?);
-            }
-            print_inspect(format, out)?;
+            crate::inspect_each(client, format, "/v1/secrets", &names).await?
         }
-        SecretCmd::Rm { names } => {
-            let mut failed = Vec::new();
-            for n in &names {
-                match client.delete(&format!("/v1/secrets/{}", seg(n))).await {
-                    Ok(_) => println!("{n}"),
-                    Err(e) => failed.push(format!("{e:#}")),
-                }
-            }
-            if !failed.is_empty() {
-                bail!("{}", failed.join("; "));
-            }
-        }
+        SecretCmd::Rm { names } => crate::remove_each(client, "/v1/secrets", &names).await?,
     }
     Ok(())
 }

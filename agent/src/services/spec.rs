@@ -16,6 +16,21 @@ fn bad(msg: impl Into<String>) -> AgentError {
     AgentError::BadRequest(msg.into())
 }
 
+/// Removes every item `matches` picks; the error `missing` says why if there was none (an
+/// `--x-rm` of something the service does not have is refused, not ignored).
+fn remove_all<T>(
+    items: &mut Vec<T>,
+    matches: impl Fn(&T) -> bool,
+    missing: impl FnOnce() -> String,
+) -> Result<()> {
+    let before = items.len();
+    items.retain(|x| !matches(x));
+    if items.len() == before {
+        return Err(bad(missing()));
+    }
+    Ok(())
+}
+
 fn dur(flag: &str, v: &str) -> Result<u64> {
     duration::parse_ms(v).map_err(|e| bad(format!("--{flag}: {e}")))
 }
@@ -383,14 +398,11 @@ impl SpecUpdate {
             t.command = c.clone();
         }
         for k in &self.env_rm {
-            let before = t.env.len();
-            t.env
-                .retain(|e| e.split_once('=').map_or(e.as_str(), |(ek, _)| ek) != k);
-            if t.env.len() == before {
-                return Err(bad(format!(
-                    "--env-rm {k:?}: the service sets no such variable"
-                )));
-            }
+            remove_all(
+                &mut t.env,
+                |e| e.split_once('=').map_or(e.as_str(), |(ek, _)| ek) == k,
+                || format!("--env-rm {k:?}: the service sets no such variable"),
+            )?;
         }
         for e in &self.env_add {
             spec::env_set(&mut t.env, e).map_err(spec_err)?;
@@ -406,13 +418,11 @@ impl SpecUpdate {
         )?);
         for c in &self.constraint_rm {
             let c = Constraint::parse(c).map_err(spec_err)?;
-            let before = t.constraints.len();
-            t.constraints.retain(|x| *x != c);
-            if t.constraints.len() == before {
-                return Err(bad(format!(
-                    "--constraint-rm {c}: the service has no such constraint"
-                )));
-            }
+            remove_all(
+                &mut t.constraints,
+                |x| *x == c,
+                || format!("--constraint-rm {c}: the service has no such constraint"),
+            )?;
         }
         for c in &self.constraint_add {
             let c = Constraint::parse(c).map_err(spec_err)?;
@@ -421,13 +431,11 @@ impl SpecUpdate {
             }
         }
         for target in &self.mount_rm {
-            let before = t.mounts.len();
-            t.mounts.retain(|m| m.target != *target);
-            if t.mounts.len() == before {
-                return Err(bad(format!(
-                    "--mount-rm {target:?}: no mount at that target"
-                )));
-            }
+            remove_all(
+                &mut t.mounts,
+                |m| m.target == *target,
+                || format!("--mount-rm {target:?}: no mount at that target"),
+            )?;
         }
         for m in &self.mount_add {
             let m = spec::parse_mount(m).map_err(spec_err)?;
@@ -435,13 +443,11 @@ impl SpecUpdate {
             t.mounts.push(m);
         }
         for name in &self.secret_rm {
-            let before = t.secrets.len();
-            t.secrets.retain(|x| x.name != *name);
-            if t.secrets.len() == before {
-                return Err(bad(format!(
-                    "--secret-rm {name:?}: the service does not use it"
-                )));
-            }
+            remove_all(
+                &mut t.secrets,
+                |x| x.name == *name,
+                || format!("--secret-rm {name:?}: the service does not use it"),
+            )?;
         }
         for x in &self.secret_add {
             let x = spec::parse_secret(x).map_err(spec_err)?;

@@ -216,18 +216,7 @@ pub async fn run(client: &Client, format: Format, cmd: ServiceCmd) -> anyhow::Re
             let s = client.get(&format!("/v1/services/{}", seg(&name))).await?;
             print_inspect(format, vec![s])?;
         }
-        ServiceCmd::Rm { names } => {
-            let mut failed = Vec::new();
-            for name in &names {
-                match client.delete(&format!("/v1/services/{}", seg(name))).await {
-                    Ok(_) => println!("{name}"),
-                    Err(e) => failed.push(format!("{e:#}")),
-                }
-            }
-            if !failed.is_empty() {
-                bail!("{}", failed.join("; "));
-            }
-        }
+        ServiceCmd::Rm { names } => crate::remove_each(client, "/v1/services", &names).await?,
         ServiceCmd::Update {
             publish_add,
             publish_rm,
