@@ -202,6 +202,80 @@ fn datapath_metrics(reg: &mut Registry, src: &Sources) {
             }
         }
     }
+    let view = src.view.borrow().clone();
+    // A map that cannot be read shows as missing series here and as netagent_datapath_up 0.
+    let (forwarded, flows, usage) = {
+        let dp = lock(src.runtime.reconciler.datapath());
+        (
+            dp.forwarded().unwrap_or_default(),
+            dp.flows().unwrap_or_default(),
+            dp.map_usage().unwrap_or_default(),
+        )
+    };
+    let packets = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    for (hook, action, c) in forwarded {
+        let l = labels(&[("hook", hook), ("action", action)]);
+        packets.get_or_create(&l).inc_by(c.packets);
+        bytes.get_or_create(&l).inc_by(c.bytes);
+    }
+    let new_flows = Family::<Labels, Counter>::default();
+    let by_ip: BTreeMap<std::net::Ipv4Addr, &crate::model::Endpoint> =
+        view.endpoints.values().map(|e| (e.ip, e)).collect();
+    for (key, n) in flows {
+        // The set id is the service number and the network's index (see reconcile::desired).
+        let Some(svc) = view
+            .services
+            .values()
+            .find(|s| s.num == key.service_id >> 8)
+        else {
+            continue;
+        };
+        let ip = std::net::Ipv4Addr::from(key.backend);
+        let container = by_ip.get(&ip).map_or("", |e| e.container.as_str());
+        new_flows
+            .get_or_create(&labels(&[
+                ("service", &svc.name),
+                ("backend", &ip.to_string()),
+                ("container", container),
+            ]))
+            .inc_by(n);
+    }
+    let entries = Family::<Labels, Gauge>::default();
+    let capacity = Family::<Labels, Gauge>::default();
+    for u in usage {
+        let l = labels(&[("map", u.name)]);
+        entries.get_or_create(&l).set(i64::from(u.entries));
+        capacity.get_or_create(&l).set(i64::from(u.capacity));
+    }
+    reg.register(
+        "netagent_datapath_forwarded_packets",
+        "Packets the eBPF programs let through, by program (hook) and action (pass: on to the \
+         kernel's stack; redirect: straight to another device)",
+        packets,
+    );
+    reg.register(
+        "netagent_datapath_forwarded_bytes",
+        "Bytes (whole frames as the hook saw them) the eBPF programs let through, by hook and \
+         action",
+        bytes,
+    );
+    reg.register(
+        "netagent_lb_new_flows",
+        "Connections the balancer sent to each backend of each service (VIP and routing mesh; \
+         pairs unused for long age out of the datapath's LRU table)",
+        new_flows,
+    );
+    reg.register(
+        "netagent_map_entries",
+        "Entries in use in each datapath map whose entries come and go",
+        entries,
+    );
+    reg.register(
+        "netagent_map_capacity",
+        "Entries each datapath map can hold",
+        capacity,
+    );
     for (table, n) in [
         ("established", src.ct_capacity.0),
         ("new", src.ct_capacity.1),

@@ -1,15 +1,21 @@
-//! `netctl monitor`: the datapath's drop events, decoded, to every client that follows them.
+//! `netctl monitor`: the datapath's drop and trace events, decoded, to every client that
+//! follows them.
 //!
 //! One task owns the DROP_EVENTS ring buffer (a ring buffer has one consumer), decodes each
 //! record against the current view (network and container names) and broadcasts it. A client
-//! too slow for the broadcast loses events and is told how many; events the datapath could not
-//! report (ring full, or over its per-CPU rate limit) are announced once a second from its
-//! counter.
+//! too slow for the broadcast loses events and is told how many; drop events the datapath could
+//! not report (ring full, or over its per-CPU rate limit) are announced once a second from its
+//! counter. Trace events (packets let through) are switched on in the datapath only while a
+//! client follows them, and are limited to 1000 per CPU per second (not counted as lost: a
+//! trace is a sample).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use netagent_datapath::{Datapath, DropEvent, DropEvents, DropReason, Hook};
+use netagent_datapath::{
+    Datapath, DropEvent, DropEvents, DropReason, ForwardAction, Hook, TRACE_REASON,
+};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, watch};
@@ -26,7 +32,9 @@ const LOST_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Line {
-    Drop(Drop),
+    Drop(Packet),
+    /// A packet a hook let through, as it left the hook (after any NAT).
+    Trace(Packet),
     /// Events that were not delivered: by the datapath (`datapath`), or to this client, which
     /// read too slowly (`client`).
     Lost {
@@ -36,11 +44,16 @@ pub enum Line {
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Drop {
+pub struct Packet {
     /// RFC 3339, UTC, milliseconds.
     pub time: String,
     pub hook: &'static str,
-    pub reason: &'static str,
+    /// Drops: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    /// Traces: what the hook did with it (`pass` to the stack, `redirect` to a device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<&'static str>,
     /// `tcp`, `udp`, `icmp`, `arp`, the IP protocol number, or the ethertype (`0x86dd`).
     pub proto: String,
     pub src: String,
@@ -63,14 +76,19 @@ pub struct Drop {
 /// What a client follows.
 #[derive(Debug, Default, Clone)]
 pub struct Filter {
+    /// Trace events instead of drops.
+    pub traces: bool,
     pub network: Option<String>,
     pub container: Option<String>,
 }
 
 impl Filter {
     pub fn matches(&self, line: &Line) -> bool {
-        let Line::Drop(d) = line else {
-            return true;
+        let d = match line {
+            Line::Drop(d) if !self.traces => d,
+            Line::Trace(d) if self.traces => d,
+            Line::Drop(_) | Line::Trace(_) => return false,
+            Line::Lost { .. } => return true,
         };
         let network = self
             .network
@@ -85,6 +103,20 @@ impl Filter {
 
 pub struct Monitor {
     tx: broadcast::Sender<Arc<Line>>,
+    datapath: Arc<std::sync::Mutex<Datapath>>,
+    /// Clients following trace events; the datapath traces while this is above zero.
+    tracers: AtomicUsize,
+}
+
+/// A client's interest in trace events; tracing stops when the last one is dropped.
+pub struct Tracing(Arc<Monitor>);
+
+impl Drop for Tracing {
+    fn drop(&mut self) {
+        if self.0.tracers.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.set_trace(false);
+        }
+    }
 }
 
 impl Monitor {
@@ -99,13 +131,33 @@ impl Monitor {
         let fd = unsafe { AsyncFd::register(events) }
             .map_err(|e| anyhow::anyhow!("watching the drop event ring buffer: {e}"))?;
         let (tx, _) = broadcast::channel(CLIENT_BACKLOG);
-        let monitor = Arc::new(Monitor { tx: tx.clone() });
+        // A previous agent's tracing must not outlive it (the map is not pinned, but be sure).
+        lock(&datapath).set_trace(false)?;
+        let monitor = Arc::new(Monitor {
+            tx: tx.clone(),
+            datapath: datapath.clone(),
+            tracers: AtomicUsize::new(0),
+        });
         tokio::spawn(read(fd, datapath, view, tx));
         Ok(monitor)
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Line>> {
         self.tx.subscribe()
+    }
+
+    /// Turns trace events on until the returned guard (and every other) is dropped.
+    pub fn trace(self: &Arc<Self>) -> Tracing {
+        if self.tracers.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.set_trace(true);
+        }
+        Tracing(self.clone())
+    }
+
+    fn set_trace(&self, on: bool) {
+        if let Err(e) = lock(&self.datapath).set_trace(on) {
+            tracing::warn!(error = %e, on, "switching trace events");
+        }
     }
 }
 
@@ -133,7 +185,13 @@ async fn read(
                 let v = view.borrow().clone();
                 let clock = Clock::now();
                 for e in &events {
-                    let _ = tx.send(Arc::new(Line::Drop(decode(e, &v, &clock))));
+                    let packet = decode(e, &v, &clock);
+                    let line = if e.reason == TRACE_REASON {
+                        Line::Trace(packet)
+                    } else {
+                        Line::Drop(packet)
+                    };
+                    let _ = tx.send(Arc::new(line));
                 }
             }
             _ = tick.tick() => {
@@ -172,7 +230,7 @@ impl Clock {
     }
 }
 
-fn decode(e: &DropEvent, view: &ClusterView, clock: &Clock) -> Drop {
+fn decode(e: &DropEvent, view: &ClusterView, clock: &Clock) -> Packet {
     let src = std::net::Ipv4Addr::from(e.src_ip);
     let dst = std::net::Ipv4Addr::from(e.dst_ip);
     let endpoint = |ip: std::net::Ipv4Addr| view.endpoints.values().find(|ep| ep.ip == ip);
@@ -192,10 +250,14 @@ fn decode(e: &DropEvent, view: &ClusterView, clock: &Clock) -> Drop {
         (t, _) => format!("{t:#06x}"),
     };
     let ports = e.src_port != 0 || e.dst_port != 0;
-    Drop {
+    let trace = e.reason == TRACE_REASON;
+    Packet {
         time: humantime::format_rfc3339_millis(clock.wall_of(e.timestamp_ns)).to_string(),
         hook: Hook::from_code(e.hook).map_or("unknown", Hook::name),
-        reason: DropReason::from_code(e.reason).map_or("unknown", DropReason::name),
+        reason: (!trace)
+            .then(|| DropReason::from_code(e.reason).map_or("unknown", DropReason::name)),
+        action: trace
+            .then(|| ForwardAction::from_code(e.action).map_or("unknown", ForwardAction::name)),
         proto,
         src: src.to_string(),
         dst: dst.to_string(),
@@ -215,10 +277,11 @@ mod tests {
     use super::*;
 
     fn drop_line(network: &str, src: &str, dst: Option<&str>) -> Line {
-        Line::Drop(Drop {
+        Line::Drop(Packet {
             time: String::new(),
             hook: "from_container",
-            reason: "policy_isolation",
+            reason: Some("policy_isolation"),
+            action: None,
             proto: "udp".into(),
             src: "10.0.0.2".into(),
             dst: "10.1.0.2".into(),
@@ -239,12 +302,33 @@ mod tests {
         assert!(Filter::default().matches(&line));
         let by_net = |n: &str| Filter {
             network: Some(n.into()),
-            container: None,
+            ..Filter::default()
         };
         let by_ctr = |c: &str| Filter {
-            network: None,
             container: Some(c.into()),
+            ..Filter::default()
         };
+        let traces = Filter {
+            traces: true,
+            ..Filter::default()
+        };
+        assert!(!traces.matches(&line), "drops are not traces");
+        let Line::Drop(p) = line.clone() else {
+            unreachable!()
+        };
+        let trace = Line::Trace(Packet {
+            reason: None,
+            action: Some("redirect"),
+            ..p
+        });
+        assert!(traces.matches(&trace) && !Filter::default().matches(&trace));
+        assert_eq!(serde_json::to_value(&trace).unwrap()["type"], "trace");
+        assert!(
+            serde_json::to_value(&trace)
+                .unwrap()
+                .get("reason")
+                .is_none()
+        );
         assert!(by_net("a").matches(&line));
         assert!(!by_net("b").matches(&line));
         assert!(by_ctr("x").matches(&line) && by_ctr("y").matches(&line));

@@ -1,7 +1,8 @@
 //! End to end (root): what an operator watches. `--metrics-addr` serves Prometheus metrics that
 //! a real Prometheus scrapes and `promtool check metrics` accepts; a crafted drop shows up with
 //! its reason in the metric and in `netctl monitor`; `/healthz` turns 503 while etcd is down
-//! and 200 again after.
+//! and 200 again after; balanced traffic shows in the flow, forwarding and map metrics and in
+//! `netctl monitor --type trace`.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
@@ -11,7 +12,7 @@ use std::time::Duration;
 use netlab::{Lab, LabConfig, StoreKind};
 
 mod common;
-use common::{Reaper, must_fail, ok, sleeper, wait_until};
+use common::{Reaper, ok, sleeper, wait_until};
 
 const METRICS: &str = "127.0.0.1:9580";
 const PROMETHEUS: &str = "127.0.0.1:19090";
@@ -121,25 +122,8 @@ fn prometheus_scrapes_the_agent_and_health_follows_the_store() {
         String::from_utf8_lossy(&check.stderr)
     );
 
-    // `netctl monitor` follows x's drops (lines through a channel: a read must not block
-    // past the deadline).
-    let mut child = Command::new(common::workspace_bin("netctl"))
-        .args(["-H", &lab.socket(1).display().to_string()])
-        .args(["--format", "json", "monitor", "--container", "x"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let _monitor = Reaper(child);
-    let (tx, lines) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    must_fail(&lab, 1, &["monitor", "--type", "trace"], "trace");
+    // `netctl monitor` follows x's drops.
+    let (_monitor, lines) = follow_monitor(&lab, &["--container", "x"]);
     // The stream is open before the drop: the first event of the flood.
     std::thread::sleep(Duration::from_millis(500));
 
@@ -253,4 +237,144 @@ fn prometheus_scrapes_the_agent_and_health_follows_the_store() {
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
         assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
     }
+}
+
+/// Follows `netctl monitor ARGS` on node 1; JSON lines arrive through the channel.
+fn follow_monitor(lab: &Lab, args: &[&str]) -> (Reaper, mpsc::Receiver<String>) {
+    let mut child = Command::new(common::workspace_bin("netctl"))
+        .args(["-H", &lab.socket(1).display().to_string()])
+        .args(["--format", "json", "monitor"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Reaper(child), lines)
+}
+
+#[test]
+fn balanced_traffic_shows_in_flow_forwarding_and_map_metrics_and_in_traces() {
+    let lab = Lab::up(LabConfig {
+        nodes: 1,
+        extra_agent_args: vec!["--metrics-addr".into(), METRICS.into()],
+        ..Default::default()
+    })
+    .expect("lab up");
+    ok(
+        &lab,
+        1,
+        &["network", "create", "--subnet", "10.94.0.0/24", "a"],
+    );
+    ok(
+        &lab,
+        1,
+        &["service", "create", "--name", "web", "--network", "a"],
+    );
+    let bin = common::workspace_bin("tinyhttp").display().to_string();
+    for name in ["w1", "w2"] {
+        ok(
+            &lab,
+            1,
+            &[
+                "container",
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--network",
+                "a",
+                "--service",
+                "web",
+                "--",
+                &bin,
+                "80",
+                name,
+            ],
+        );
+    }
+    sleeper(&lab, 1, "x", "a");
+    let vip = common::vip_of(&lab, 1, "web");
+    let (_traces, lines) = follow_monitor(&lab, &["--type", "trace", "--container", "x"]);
+    std::thread::sleep(Duration::from_millis(500));
+
+    for _ in 0..6 {
+        let out = common::exec(
+            &lab,
+            1,
+            "x",
+            &["curl", "-sS", "--max-time", "3", &format!("http://{vip}/")],
+        );
+        assert!(out.success(), "{}", out.stderr);
+    }
+
+    let (code, body) = curl(&lab, "/metrics");
+    assert_eq!(code, "200", "{body}");
+    // Round robin: three new connections to each replica, labelled with its container.
+    for name in ["w1", "w2"] {
+        let ip = common::container_ip(&lab, 1, name);
+        let series = format!(
+            "netagent_lb_new_flows_total{{service=\"web\",backend=\"{ip}\",container=\"{name}\"}}"
+        );
+        assert_eq!(sample(&body, &series), Some(3.0), "{series}:\n{body}");
+    }
+    let redirected = "{hook=\"from_container\",action=\"redirect\"}";
+    let packets = sample(
+        &body,
+        &format!("netagent_datapath_forwarded_packets_total{redirected}"),
+    )
+    .expect("forwarded packets");
+    let bytes = sample(
+        &body,
+        &format!("netagent_datapath_forwarded_bytes_total{redirected}"),
+    )
+    .expect("forwarded bytes");
+    // Six connections each way: at least SYN, ACK, request, FIN, ACK from the client and
+    // SYN-ACK, response, FIN from the replicas (all leave a veth through from_container).
+    assert!(packets >= 6.0 * 8.0, "{packets}");
+    assert!(
+        bytes >= packets * 54.0,
+        "{bytes} bytes in {packets} packets"
+    );
+    assert_eq!(
+        sample(&body, "netagent_map_entries{map=\"ENDPOINTS\"}"),
+        Some(3.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "netagent_map_entries{map=\"SERVICES\"}"),
+        Some(1.0)
+    );
+    assert!(sample(&body, "netagent_map_capacity{map=\"ENDPOINTS\"}").unwrap() >= 1024.0);
+
+    // Traces of x's packets, after the balancer's NAT: to a replica, not the VIP.
+    let x = common::container_ip(&lab, 1, "x");
+    let replicas = [
+        common::container_ip(&lab, 1, "w1"),
+        common::container_ip(&lab, 1, "w2"),
+    ];
+    let trace: serde_json::Value = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(5))
+            .expect("netctl monitor --type trace showed nothing");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        if v["type"] == "trace" && v["src"] == x.as_str() && v["dst_port"] == 80 {
+            break v;
+        }
+    };
+    assert_eq!(trace["hook"], "from_container", "{trace}");
+    assert_eq!(trace["action"], "redirect");
+    assert_eq!(trace["src_container"], "x");
+    assert!(
+        replicas.iter().any(|r| trace["dst"] == r.as_str()),
+        "{trace}"
+    );
+    assert!(trace.get("reason").is_none());
 }

@@ -1,4 +1,4 @@
-//! `netctl monitor`: the agent's drop events, one line each, until Ctrl-C.
+//! `netctl monitor`: the agent's drop (or trace) events, one line each, until Ctrl-C.
 
 use clap::Args;
 use serde_json::Value;
@@ -8,7 +8,8 @@ use crate::client::Client;
 
 #[derive(Debug, Args)]
 pub struct MonitorArgs {
-    /// Events to show: `drop` (the datapath reports no others yet).
+    /// Events to show: `drop`, or `trace`: packets the datapath let through, as they left
+    /// each hook (at most 1000 per CPU per second).
     #[arg(long = "type", default_value = "drop", value_parser = ["drop", "trace"])]
     kind: String,
     /// Only events of this network.
@@ -67,11 +68,15 @@ fn render(v: &Value) -> String {
         Some(p) => format!("{}:{p}", s(ip)),
         None => s(ip),
     };
+    let what = match v["action"].as_str() {
+        Some(action) => format!("trace:{action}"),
+        None => s("reason"),
+    };
     let mut line = format!(
         "{} {} {} {} {} -> {}",
         s("time"),
         s("hook"),
-        s("reason"),
+        what,
         s("proto"),
         addr("src", "src_port"),
         addr("dst", "dst_port"),

@@ -460,6 +460,7 @@ fn create(
             BPF_ANY,
         )
         .map_err(|_| DropReason::ConntrackFailed)?;
+    crate::stats::new_flow(flow.service_id, backend);
     target.set(&forward);
     Ok(())
 }

@@ -24,10 +24,18 @@ fn count(index: u32) {
     }
 }
 
-/// Whether this CPU may push another event in the current second (and counts it if so).
+/// DROP_BUDGET slots of drop events and of trace events (window start, events in it).
+pub const BUDGET_DROPS: u32 = 0;
+pub const BUDGET_TRACES: u32 = 2;
+
+/// Whether this CPU may push another event of the budget at `slot` in the current second, at
+/// most `per_sec` (and counts it if so).
 #[inline(always)]
-fn within_budget(now: u64) -> bool {
-    let (Some(start), Some(sent)) = (DROP_BUDGET.get_ptr_mut(0), DROP_BUDGET.get_ptr_mut(1)) else {
+pub fn within_budget(now: u64, slot: u32, per_sec: u64) -> bool {
+    let (Some(start), Some(sent)) = (
+        DROP_BUDGET.get_ptr_mut(slot),
+        DROP_BUDGET.get_ptr_mut(slot + 1),
+    ) else {
         return false;
     };
     // SAFETY: this CPU's slots of a per-CPU map; programs do not migrate while running.
@@ -36,7 +44,7 @@ fn within_budget(now: u64) -> bool {
             *start = now;
             *sent = 0;
         }
-        if *sent >= DROP_EVENTS_PER_SEC {
+        if *sent >= per_sec {
             return false;
         }
         *sent += 1;
@@ -68,18 +76,27 @@ pub fn report(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) {
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if !within_budget(now) {
+    if !within_budget(now, BUDGET_DROPS, DROP_EVENTS_PER_SEC) {
         count(DROP_COUNTER_EVENTS_LOST);
         return;
     }
+    if !emit(ctx, now, reason.code(), hook, vni, 0) {
+        count(DROP_COUNTER_EVENTS_LOST);
+    }
+}
 
+/// Pushes one event (a drop, or a trace with `action`) with the headers of the frame as it is
+/// now. False when the ring buffer is full.
+#[inline(always)]
+pub fn emit(ctx: &TcContext, now: u64, reason: u32, hook: Hook, vni: u32, action: u8) -> bool {
     let mut event = DropEvent {
         timestamp_ns: now,
-        reason: reason.code(),
+        reason,
         ifindex: ifindex(ctx),
         pkt_len: ctx.len(),
         hook: hook as u8,
         vni,
+        action,
         ..DropEvent::default()
     };
     // Header fields are read with bpf_skb_load_bytes, not direct access: the frame may be
@@ -115,7 +132,5 @@ pub fn report(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) {
             _ => {}
         }
     }
-    if DROP_EVENTS.output::<DropEvent>(&event, 0).is_err() {
-        count(DROP_COUNTER_EVENTS_LOST);
-    }
+    DROP_EVENTS.output::<DropEvent>(&event, 0).is_ok()
 }

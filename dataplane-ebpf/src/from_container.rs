@@ -23,13 +23,13 @@ use dataplane_common::{DropReason, Hook};
 use crate::{
     arp, drop, egress,
     eth::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, EthHdr, ensure_linear, ifindex, ptr_at},
-    forward, ipv4, lb, maps, reset,
+    forward, ipv4, lb, maps, reset, stats,
 };
 
 #[classifier]
 pub fn from_container(ctx: TcContext) -> i32 {
     match try_from_container(&ctx) {
-        Ok(verdict) => verdict,
+        Ok(verdict) => stats::forwarded(&ctx, Hook::FromContainer, verdict, 0),
         Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromContainer, 0),
     }
 }

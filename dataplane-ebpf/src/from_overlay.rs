@@ -16,7 +16,7 @@ use dataplane_common::{DropReason, ENDPOINT_F_ENCRYPTED, Hook, NODE_F_TUNNEL_ADD
 use crate::{
     drop,
     eth::{ETH_HLEN, ETH_P_IP, EthHdr, ensure_linear, ifindex, ptr_at},
-    forward, ipv4, lb, maps, tunnel,
+    forward, ipv4, lb, maps, stats, tunnel,
 };
 
 #[classifier]
@@ -37,7 +37,7 @@ pub fn from_overlay(ctx: TcContext) -> i32 {
         Err(reason) => return drop::drop_packet(&ctx, reason, Hook::FromOverlay, vni),
     };
     match try_from_overlay(&ctx, vni, remote, encrypted) {
-        Ok(verdict) => verdict,
+        Ok(verdict) => stats::forwarded(&ctx, Hook::FromOverlay, verdict, vni),
         Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromOverlay, vni),
     }
 }

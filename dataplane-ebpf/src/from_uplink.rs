@@ -20,7 +20,7 @@ use crate::{
     drop, egress,
     eth::{ETH_HLEN, ETH_P_IP, EthHdr, ptr_at},
     ipv4::{self, IPV4_HLEN},
-    l4, lb, maps,
+    l4, lb, maps, stats,
     verdict::TC_ACT_OK,
 };
 
@@ -30,7 +30,7 @@ const VXLAN_PORT: [u8; 2] = 4789u16.to_be_bytes();
 #[classifier]
 pub fn from_uplink(ctx: TcContext) -> i32 {
     match try_from_uplink(&ctx) {
-        Ok(verdict) => verdict,
+        Ok(verdict) => stats::forwarded(&ctx, Hook::FromUplink, verdict, 0),
         Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromUplink, 0),
     }
 }

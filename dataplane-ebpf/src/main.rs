@@ -29,6 +29,7 @@ mod lb;
 mod maps;
 mod nat;
 mod reset;
+mod stats;
 mod test_hooks;
 mod tunnel;
 mod verdict;

@@ -7,15 +7,16 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use dataplane_common::{
     BACKEND_SETS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, Backend, BackendKey, BackendSet, CONFIG_KEY,
     CONNTRACK_MAX_ENTRIES, CT_NEW_MAX_ENTRIES, Config, CtEntry, CtKey, DROP_BY_HOOK_MAX_ENTRIES,
     DROP_COUNTERS_MAX_ENTRIES, DROP_EVENTS_BYTE_SIZE, DropReason, ENDPOINTS_MAX_ENTRIES,
-    EndpointInfo, EndpointKey, NETWORKS_MAX_ENTRIES, NODE_F_TUNNEL_ADDR, NODES_MAX_ENTRIES,
-    NetworkInfo, NodeInfo, NodeKey, PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor,
-    SERVICES_MAX_ENTRIES, ServiceInfo, TestInput, TestObservation,
+    EndpointInfo, EndpointKey, FLOWS_MAX_ENTRIES, FORWARDED_MAX_ENTRIES, FlowStatKey,
+    NETWORKS_MAX_ENTRIES, NODE_F_TUNNEL_ADDR, NODES_MAX_ENTRIES, NetworkInfo, NodeInfo, NodeKey,
+    PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor, SERVICES_MAX_ENTRIES,
+    ServiceInfo, TRACE_MAX_ENTRIES, TestInput, TestObservation, TrafficCounter,
 };
 
 /// Node-wide settings, one entry at `CONFIG_KEY`. A hash map without preallocation, not an
@@ -26,9 +27,23 @@ pub static CONFIG: HashMap<u32, Config> = HashMap::pinned(1, BPF_F_NO_PREALLOC);
 /// Per-CPU packet counters indexed by drop reason code (per CPU so increments need no atomics;
 /// the agent sums the CPUs).
 /// Per CPU: [0] the start of the current one-second window of drop events, [1] the events
-/// pushed in it (see `drop::within_budget`). Not pinned: a restart merely starts a window.
+/// pushed in it, [2] and [3] the same for trace events (see `drop::within_budget`). Not
+/// pinned: a restart merely starts a window.
 #[map(name = "DROP_BUDGET")]
-pub static DROP_BUDGET: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+pub static DROP_BUDGET: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
+
+/// Packets and bytes let through, by hook and action (see `stats`).
+#[map(name = "FORWARDED")]
+pub static FORWARDED: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(FORWARDED_MAX_ENTRIES, 0);
+
+/// Connections the balancer created, by service and backend (see `stats`).
+#[map(name = "FLOWS")]
+pub static FLOWS: LruPerCpuHashMap<FlowStatKey, u64> =
+    LruPerCpuHashMap::pinned(FLOWS_MAX_ENTRIES, 0);
+
+/// Non-zero while the agent wants trace events. Unpinned: set by the running agent only.
+#[map(name = "TRACE")]
+pub static TRACE: Array<u32> = Array::with_max_entries(TRACE_MAX_ENTRIES, 0);
 
 /// The drop counters per hook (see `DROP_BY_HOOK_MAX_ENTRIES`).
 #[map(name = "DROP_BY_HOOK")]

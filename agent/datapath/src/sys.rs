@@ -99,3 +99,43 @@ pub(crate) fn detach_and_unpin_link(path: &Path) -> io::Result<bool> {
     std::fs::remove_file(path)?;
     Ok(true)
 }
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_int = 4;
+
+/// `union bpf_attr` as used by `BPF_MAP_*_ELEM` and `BPF_MAP_GET_NEXT_KEY`.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
+    flags: u64,
+}
+
+/// The number of keys in the map `map` whose keys are `key_size` bytes, by walking them with
+/// `BPF_MAP_GET_NEXT_KEY` (aya walks keys only through typed maps). Entries added or removed
+/// during the walk may or may not be counted, as with any map iteration.
+pub(crate) fn count_keys(map: BorrowedFd<'_>, key_size: u32) -> io::Result<u32> {
+    let mut key = vec![0u8; key_size as usize];
+    let mut next = vec![0u8; key_size as usize];
+    let mut n = 0u32;
+    let mut first = true;
+    loop {
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            // A null key asks for the first one.
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) => return Err(e),
+        }
+        first = false;
+        n += 1;
+        std::mem::swap(&mut key, &mut next);
+    }
+}

@@ -11,7 +11,10 @@ mod common;
 use std::{net::Ipv4Addr, time::Duration};
 
 use common::*;
-use netagent_datapath::{CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKind, DropReason, LbConfig, ServiceInfo};
+use netagent_datapath::{
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKind, DropReason, ForwardAction, LbConfig, ServiceInfo,
+    TRACE_REASON,
+};
 use smoltcp::wire::{IpProtocol, Ipv4Address};
 
 const TCP: u8 = 6;
@@ -363,6 +366,69 @@ fn three_hundred_sequential_connections_split_exactly_over_three_backends() {
     }
     assert_eq!(counts, [100, 100, 100]);
     assert_eq!(fx.dp.rr_cursor(SVC_ID).expect("cursor"), Some(300));
+}
+
+#[test]
+fn forwarded_packets_new_flows_and_traces_are_counted() {
+    if !have_root() {
+        return;
+    }
+    let mut fx = Fixture::with_services();
+    let mut events = fx.dp.take_drop_events().expect("events");
+    let mut bytes = 0u64;
+    for i in 0..30u16 {
+        let frame = syn(21000 + i, 80);
+        bytes += frame.len() as u64;
+        let (verdict, _) = fx.run(&frame);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+    }
+    // The same connection again is no new flow.
+    let (verdict, _) = fx.run(&syn(21000, 80));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    bytes += syn(21000, 80).len() as u64;
+
+    let forwarded = fx.dp.forwarded().expect("forwarded");
+    let (_, _, c) = forwarded
+        .iter()
+        .find(|(hook, action, _)| *hook == "from_container" && *action == "redirect")
+        .expect("from_container redirects counted");
+    assert_eq!((c.packets, c.bytes), (31, bytes));
+    let mut flows = fx.dp.flows().expect("flows");
+    flows.sort_by_key(|(k, _)| k.backend);
+    let by_backend: Vec<([u8; 4], u64)> = flows
+        .iter()
+        .filter(|(k, _)| k.service_id == SVC_ID)
+        .map(|(k, n)| (k.backend, *n))
+        .collect();
+    let mut want: Vec<([u8; 4], u64)> = BACKENDS.iter().map(|b| (b.octets(), 10)).collect();
+    want.sort();
+    assert_eq!(by_backend, want);
+    let usage = fx.dp.map_usage().expect("usage");
+    let backends = usage
+        .iter()
+        .find(|u| u.name == "BACKENDS")
+        .expect("BACKENDS");
+    assert_eq!(backends.entries, 3);
+    assert!(backends.capacity >= 3);
+    // One connection is a pair of entries in CT_NEW.
+    let ct_new = usage.iter().find(|u| u.name == "CT_NEW").expect("CT_NEW");
+    assert_eq!(ct_new.entries, 60);
+
+    // No trace events until asked for; then one per packet let through, after the NAT.
+    assert!(events.drain().is_empty());
+    fx.dp.set_trace(true).expect("trace on");
+    let (verdict, _) = fx.run(&syn(22000, 80));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    fx.dp.set_trace(false).expect("trace off");
+    let (verdict, _) = fx.run(&syn(22001, 80));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let traces = events.drain();
+    assert_eq!(traces.len(), 1, "{traces:?}");
+    let t = &traces[0];
+    assert_eq!(t.reason, TRACE_REASON);
+    assert_eq!(t.action, ForwardAction::Redirect as u8);
+    assert_eq!((t.src_port, t.dst_port), (22000, 80));
+    assert!(BACKENDS.iter().any(|b| b.octets() == t.dst_ip), "{t}");
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! `GET /v1/monitor`: the node's drop events as they happen, one JSON object per line, until
-//! the client goes away or the agent stops.
+//! `GET /v1/monitor`: the node's drop (or, `type=trace`, trace) events as they happen, one
+//! JSON object per line, until the client goes away or the agent stops.
 
 use std::convert::Infallible;
 
@@ -27,33 +27,32 @@ pub async fn follow(
     State(st): State<ApiState>,
     Query(q): Query<MonitorQuery>,
 ) -> Result<Response, AgentError> {
-    match q.kind.as_deref() {
-        None | Some("drop") => {}
-        Some("trace") => {
-            return Err(AgentError::BadRequest(
-                "--type trace: the datapath reports drops only (no trace events yet)".into(),
-            ));
-        }
+    let traces = match q.kind.as_deref() {
+        None | Some("drop") => false,
+        Some("trace") => true,
         Some(other) => {
             return Err(AgentError::BadRequest(format!(
-                "unknown event type {other:?} (known: drop)"
+                "unknown event type {other:?} (known: drop, trace)"
             )));
         }
-    }
+    };
     let Some(monitor) = st.monitor.get() else {
         return Err(AgentError::Unavailable(
             "the datapath's event reader did not start (see the agent log)".into(),
         ));
     };
     let filter = Filter {
+        traces,
         network: q.network,
         container: q.container,
     };
     let rx = monitor.subscribe();
+    // Held by the stream: tracing stops when the client goes away.
+    let tracing = traces.then(|| monitor.trace());
     let stop = st.shutdown.clone();
     let lines = futures::stream::unfold(
-        (rx, stop, filter),
-        |(mut rx, mut stop, filter)| async move {
+        (rx, stop, filter, tracing),
+        |(mut rx, mut stop, filter, tracing)| async move {
             loop {
                 let line = tokio::select! {
                     r = rx.recv() => match r {
@@ -70,7 +69,8 @@ pub async fn follow(
                 }
                 let mut text = serde_json::to_vec(&*line).unwrap_or_default();
                 text.push(b'\n');
-                return Some((Ok::<_, Infallible>(Bytes::from(text)), (rx, stop, filter)));
+                let state = (rx, stop, filter, tracing);
+                return Some((Ok::<_, Infallible>(Bytes::from(text)), state));
             }
         },
     );

@@ -326,6 +326,8 @@ pub struct DropEvent {
     /// TCP/UDP source and destination ports (host order), 0 for other packets.
     pub src_port: u16,
     pub dst_port: u16,
+    /// Trace events only ([`crate::TRACE_REASON`]): the [`crate::ForwardAction`] code.
+    pub action: u8,
     /// Explicit padding up to the 8-byte alignment (no uninitialised bytes).
-    pub _pad: [u8; 2],
+    pub _pad: u8,
 }

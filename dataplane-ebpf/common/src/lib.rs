@@ -47,6 +47,14 @@ pub mod map_names {
     pub const CT_NEW: &str = "CT_NEW";
     /// Hash map: [`crate::NodeKey`] -> [`crate::NodeInfo`], the nodes of the cluster.
     pub const NODES: &str = "NODES";
+    /// Per-CPU [`crate::TrafficCounter`] by hook and [`crate::ForwardAction`] (see
+    /// [`crate::FORWARDED_MAX_ENTRIES`]).
+    pub const FORWARDED: &str = "FORWARDED";
+    /// LRU per-CPU hash: [`crate::FlowStatKey`] -> `u64` connections created.
+    pub const FLOWS: &str = "FLOWS";
+    /// Array of one `u32`: trace events wanted (see [`crate::TRACE_MAX_ENTRIES`]). Not
+    /// pinned: only a running agent's monitor sets it.
+    pub const TRACE: &str = "TRACE";
 
     /// Every pinned map of the datapath, for tooling that checks or removes pins.
     pub const ALL: &[&str] = &[
@@ -64,6 +72,8 @@ pub mod map_names {
         CONNTRACK,
         CT_NEW,
         NODES,
+        FORWARDED,
+        FLOWS,
     ];
 
     /// Input of the test-hook programs ([`crate::TestInput`], one entry). Not pinned: each
@@ -113,6 +123,7 @@ mod conntrack;
 mod drop;
 mod lb;
 mod routing;
+mod stats;
 mod testing;
 #[cfg(feature = "user")]
 mod user;
@@ -122,6 +133,7 @@ pub use conntrack::*;
 pub use drop::*;
 pub use lb::*;
 pub use routing::*;
+pub use stats::*;
 pub use testing::*;
 
 /// The ring buffer hands out 8-byte aligned records; keep the event a multiple of that.
@@ -143,6 +155,8 @@ const _: () = assert!(core::mem::size_of::<PublishedKey>() == 4);
 const _: () = assert!(core::mem::size_of::<PublishedInfo>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<TrafficCounter>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowStatKey>() == 8);
 const _: () = assert!(BACKENDS_PER_SET_MAX <= u16::MAX as u32 + 1);
 
 #[cfg(test)]

@@ -37,6 +37,10 @@ unsafe impl aya::Pod for crate::PublishedInfo {}
 unsafe impl aya::Pod for crate::CtKey {}
 // SAFETY: as above (8+4+2+1+1+4+4+4+4).
 unsafe impl aya::Pod for crate::CtEntry {}
+// SAFETY: as above (8+8).
+unsafe impl aya::Pod for crate::TrafficCounter {}
+// SAFETY: as above (4+4).
+unsafe impl aya::Pod for crate::FlowStatKey {}
 
 struct Mac<'a>(&'a [u8; 6]);
 
@@ -60,9 +64,16 @@ impl fmt::Display for Ip<'_> {
 /// ethertype=0x0806 02:..:01 -> ff:..:ff 10.0.0.2 -> 10.0.0.1 arp_op=1`.
 impl fmt::Display for DropEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match DropReason::from_code(self.reason) {
-            Some(r) => write!(f, "reason={}", r.name())?,
-            None => write!(f, "reason={}", self.reason)?,
+        if self.reason == crate::TRACE_REASON {
+            match crate::ForwardAction::from_code(self.action) {
+                Some(a) => write!(f, "trace action={}", a.name())?,
+                None => write!(f, "trace action={}", self.action)?,
+            }
+        } else {
+            match DropReason::from_code(self.reason) {
+                Some(r) => write!(f, "reason={}", r.name())?,
+                None => write!(f, "reason={}", self.reason)?,
+            }
         }
         match Hook::from_code(self.hook) {
             Some(h) => write!(f, " hook={}", h.name())?,
