@@ -49,14 +49,14 @@ pub fn new_flow(service_id: u32, backend: [u8; 4]) {
         service_id,
         backend,
     };
-    match FLOWS.get_ptr_mut(&key) {
+    match FLOWS.get_ptr_mut(key) {
         // SAFETY: this CPU's value of a per-CPU map.
         Some(n) => unsafe { *n += 1 },
         None => {
             // A program's update of a per-CPU element writes this CPU's value only (a new
             // element starts at zero on the others), so if another CPU inserted the key
             // meanwhile this still just sets this CPU's count, which was zero, to one.
-            let _ = FLOWS.insert(&key, &1, 0);
+            let _ = FLOWS.insert(key, 1, 0);
         }
     }
 }
