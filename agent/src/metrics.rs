@@ -87,19 +87,25 @@ pub async fn serve(
 struct Health {
     store: Option<String>,
     datapath: Option<String>,
+    /// The store's revision at the probe, when it answered.
+    store_revision: Option<i64>,
 }
 
 impl Health {
     async fn probe(src: &Sources) -> Health {
-        let store = match tokio::time::timeout(
+        // A list of a key that never exists: as cheap as a get, and it says the revision.
+        let (store, store_revision) = match tokio::time::timeout(
             STORE_PROBE_TIMEOUT,
-            src.store.get("/netagent/healthz-probe"),
+            src.store.list("/netagent/healthz-probe/"),
         )
         .await
         {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(format!("store: {e}")),
-            Err(_) => Some(format!("store: no answer within {STORE_PROBE_TIMEOUT:?}")),
+            Ok(Ok((_, revision))) => (None, Some(revision)),
+            Ok(Err(e)) => (Some(format!("store: {e}")), None),
+            Err(_) => (
+                Some(format!("store: no answer within {STORE_PROBE_TIMEOUT:?}")),
+                None,
+            ),
         };
         let reconciler = &src.runtime.reconciler;
         let errors = reconciler.status().errors;
@@ -112,7 +118,11 @@ impl Health {
             )),
             (None, None) => None,
         };
-        Health { store, datapath }
+        Health {
+            store,
+            datapath,
+            store_revision,
+        }
     }
 
     fn ok(&self) -> bool {
@@ -326,6 +336,11 @@ fn control_metrics(reg: &mut Registry, src: &Sources, health: &Health) {
     let view = src.view.borrow().clone();
     let revision = Gauge::<i64>::default();
     revision.set(view.revision);
+    // Read after the probe: a view that caught up meanwhile shows 0, never a negative lag.
+    let lag = Gauge::<i64>::default();
+    if let Some(store_rev) = health.store_revision {
+        lag.set((store_rev - view.revision).max(0));
+    }
     let restarts = Counter::<u64>::default();
     restarts.inc_by(crate::view::watch_restarts());
     let reconnects = Counter::<u64>::default();
@@ -394,6 +409,14 @@ fn control_metrics(reg: &mut Registry, src: &Sources, health: &Health) {
         "Store revision of the cluster view this node works from",
         revision,
     );
+    if health.store_revision.is_some() {
+        reg.register(
+            "netagent_store_watch_lag_revisions",
+            "Store revisions committed but not yet in this node's view, at the scrape (0 when \
+             the watch is current; writes by others outside /netagent/ count too)",
+            lag,
+        );
+    }
     reg.register(
         "netagent_store_watch_restarts",
         "Times the store watch had to start over with a fresh list (outages, compactions)",

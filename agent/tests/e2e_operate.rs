@@ -106,6 +106,14 @@ fn prometheus_scrapes_the_agent_and_health_follows_the_store() {
     ] {
         assert!(body.contains(name), "{name} missing:\n{body}");
     }
+    // The view keeps up with etcd: no revision is committed and unseen for long.
+    let current = wait_until(Duration::from_secs(5), || {
+        sample(
+            &curl(&lab, "/metrics").1,
+            "netagent_store_watch_lag_revisions",
+        ) == Some(0.0)
+    });
+    assert!(current.is_some(), "the view lags the store:\n{body}");
     // promtool, Prometheus's own linter, accepts the exposition.
     let dir = lab.run_dir().to_path_buf();
     let file = dir.join("metrics.txt");
@@ -377,4 +385,33 @@ fn balanced_traffic_shows_in_flow_forwarding_and_map_metrics_and_in_traces() {
         "{trace}"
     );
     assert!(trace.get("reason").is_none());
+}
+
+/// systemd's readiness protocol as a `Type=notify` unit sees it: READY=1 once the API answers,
+/// STOPPING=1 on SIGTERM. (No systemd runs here: the test is the service manager's socket.)
+#[test]
+fn the_agent_tells_its_service_manager_when_it_is_ready_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let manager = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let lab = Lab::up(LabConfig {
+        nodes: 1,
+        store: StoreKind::Embedded,
+        agent_env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        ..Default::default()
+    })
+    .expect("lab up");
+    let mut buf = [0u8; 256];
+    let n = manager.recv(&mut buf).expect("no READY=1 from the agent");
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means ready: the API serves at once.
+    common::json(&lab, 1, &["node", "inspect", "n1"]);
+    lab.kill_agent(1, netlab::Signal::SIGTERM).unwrap();
+    let n = manager
+        .recv(&mut buf)
+        .expect("no STOPPING=1 from the agent");
+    assert_eq!(&buf[..n], b"STOPPING=1");
 }

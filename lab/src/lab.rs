@@ -80,6 +80,9 @@ pub struct LabConfig {
     pub start_agents: bool,
     /// Appended to every agent's command line.
     pub extra_agent_args: Vec<String>,
+    /// Set in every agent's environment. `NOTIFY_SOCKET` is removed from it otherwise, so
+    /// agents of a lab run from a systemd unit never talk to that service manager.
+    pub agent_env: Vec<(String, String)>,
     /// netagent binary; default: `NETAGENT_BIN`, else next to the current executable.
     pub netagent_bin: Option<PathBuf>,
     /// netctl binary; default: `NETCTL_BIN`, else next to the current executable.
@@ -105,6 +108,7 @@ impl Default for LabConfig {
             lease_ttl_secs: 5,
             start_agents: true,
             extra_agent_args: Vec::new(),
+            agent_env: Vec::new(),
             netagent_bin: None,
             netctl_bin: None,
             agent_ready_timeout: Duration::from_secs(20),
@@ -796,7 +800,9 @@ impl Lab {
 
         let mut argv = vec![bin.to_string_lossy().into_owned()];
         argv.extend(agent_args(&self.prefix, i, &self.config));
-        let c = sys::in_netns(&layout::node_ns(&self.prefix, i), &argv);
+        let mut c = sys::in_netns(&layout::node_ns(&self.prefix, i), &argv);
+        c.env_remove("NOTIFY_SOCKET");
+        c.envs(self.config.agent_env.iter().map(|(k, v)| (k, v)));
         spawn_daemon(
             c,
             &layout::agent_log(&self.prefix, i),

@@ -5,10 +5,12 @@
 //! - `lab`:   bring a test lab up (left running), down, or show its status
 //! - `demo`:  a 3-node lab with etcd and a short netctl session
 //! - `bench`: setup, build, run a benchmark against its baselines (`bench overlay|lb|dns`)
+//! - `install`: binaries, systemd unit and example config onto this node (or under `--root`)
 
 mod bench;
 mod cargo;
 mod demo;
+mod install;
 mod labcmd;
 mod setup;
 mod testrun;
@@ -58,6 +60,18 @@ enum Command {
         /// Passed to the benchmark (e.g. `--runs 5`, `--only b,c`, `--markdown`)
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Build release binaries and install them, the systemd unit and an example config
+    Install {
+        /// Install below this directory instead of / (for packaging)
+        #[arg(long, default_value = "/")]
+        root: std::path::PathBuf,
+        /// Binaries to PREFIX/bin, the README to PREFIX/share/doc/netagent
+        #[arg(long, default_value = "/usr/local")]
+        prefix: std::path::PathBuf,
+        /// Take the binaries from this directory instead of building them
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -137,6 +151,16 @@ fn main() -> ExitCode {
         .map(|()| ExitCode::SUCCESS),
         Command::Demo { keep } => demo::run(keep).map(|()| ExitCode::SUCCESS),
         Command::Bench { name, args } => bench::run(&name, &args),
+        Command::Install {
+            root,
+            prefix,
+            bin_dir,
+        } => install::run(&install::InstallArgs {
+            root,
+            prefix,
+            bin_dir,
+        })
+        .map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
