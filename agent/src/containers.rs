@@ -40,6 +40,9 @@ pub struct ContainerCreate {
     /// (a task that passed its health check). Not from the API.
     #[serde(skip)]
     pub start_unready: bool,
+    /// The CNI attachment this is (the attach call only).
+    #[serde(skip)]
+    pub cni: Option<model::CniIdentity>,
 }
 
 /// A container with its endpoints, in network order.
@@ -224,6 +227,7 @@ pub async fn reserve(
             created: model::now_rfc3339(),
             exit: None,
             task: req.task.clone(),
+            cni: req.cni.clone(),
         };
         ops.push(Op::put(keys::container(&name), encode(&container)?));
         if store.txn(compares, ops).await? {

@@ -549,6 +549,16 @@ pub struct Container {
     /// The service task it runs, for containers the orchestrator started.
     #[serde(default)]
     pub task: Option<String>,
+    /// The CNI attachment it is (external containers attached by `netagent-cni`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniIdentity>,
+}
+
+/// What CNI names an attachment by: the runtime's container id and the interface name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniIdentity {
+    pub container_id: String,
+    pub ifname: String,
 }
 
 /// How a container's process ended.

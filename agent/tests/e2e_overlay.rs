@@ -517,7 +517,10 @@ fn several_networks_foreground_runs_and_the_attach_api() {
     );
     assert_eq!(cni["ips"][0]["gateway"], "10.41.0.1");
     assert_eq!(cni["routes"][0]["dst"], "0.0.0.0/0");
-    assert_eq!(cni["interfaces"][0]["name"], "eth0");
+    assert_eq!(cni["interfaces"][1]["name"], "eth0");
+    assert_eq!(cni["interfaces"][1]["sandbox"], format!("/run/netns/{ns}"));
+    assert_eq!(cni["ips"][0]["interface"], 1);
+    assert_eq!(cni["dns"]["nameservers"][0], "127.0.0.11");
     let ping = std::process::Command::new("nsenter")
         .args([
             &format!("--net=/run/netns/{ns}"),

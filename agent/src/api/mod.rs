@@ -17,9 +17,10 @@ use serde::de::DeserializeOwned;
 use crate::containers::{self, ContainerCreate};
 use crate::error::AgentError;
 use crate::model::{Availability, NetworkCreate};
-use crate::runtime::{AttachRequest, ContainerView, Runtime, lock};
+use crate::runtime::{ContainerView, Runtime, lock};
 use crate::{capacity, networks, nodes};
 
+mod attach;
 mod listener;
 mod monitor;
 pub mod peer;
@@ -97,8 +98,9 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/nodes/{name}/update", post(node_update))
         .route("/v1/monitor", get(monitor::follow))
-        .route("/v1/attach", post(attach))
-        .route("/v1/attach/{id}", delete(detach))
+        .route("/v1/attach", get(attach::list).post(attach::attach))
+        .route("/v1/attach/{id}", delete(attach::detach))
+        .route("/v1/attach/{id}/check", get(attach::check))
         .fallback(|| async { AgentError::NotFound("no such API path".into()) })
         .with_state(state)
 }
@@ -414,23 +416,4 @@ async fn container_logs(
         "next": chunk.next,
         "end": chunk.end,
     })))
-}
-
-async fn attach(State(st): State<ApiState>, body: Bytes) -> ApiResult<crate::runtime::CniResult> {
-    let req: AttachRequest = parse_body(&body)?;
-    let rt = st.runtime.clone();
-    Ok(axum::Json(
-        st.run_op(async move { rt.attach_external(&req).await })
-            .await?,
-    ))
-}
-
-async fn detach(
-    State(st): State<ApiState>,
-    UrlPath(id): UrlPath<String>,
-) -> Result<StatusCode, AgentError> {
-    let rt = st.runtime.clone();
-    st.run_op(async move { rt.detach_external(&id).await })
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
 }

@@ -259,6 +259,15 @@ impl Netlink {
             .map_err(self.req_err("setting up link index", index.to_string()))
     }
 
+    pub async fn set_link_down(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).down().build())
+            .execute()
+            .await
+            .map_err(self.req_err("setting down link index", index.to_string()))
+    }
+
     pub async fn set_link_mtu(&self, index: u32, mtu: u32) -> Result<()> {
         self.handle
             .link()
@@ -540,6 +549,14 @@ pub fn write_disable_ipv6(ifname: &str) -> std::io::Result<()> {
 pub fn link_ifname(msg: &LinkMessage) -> Option<String> {
     msg.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+/// The link-layer address, if it is a 6-byte (Ethernet) one.
+pub fn link_mac(msg: &LinkMessage) -> Option<[u8; 6]> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(a) => <[u8; 6]>::try_from(a.as_slice()).ok(),
         _ => None,
     })
 }

@@ -128,6 +128,11 @@ impl Reconciler {
         lock(&self.local).ifaces.remove(host_ifname);
     }
 
+    /// Whether the veth is registered, i.e. its endpoint is installed as local.
+    pub fn has_local_iface(&self, host_ifname: &str) -> bool {
+        lock(&self.local).ifaces.contains_key(host_ifname)
+    }
+
     /// Marks a local container as (not) taking new connections.
     pub fn set_ready(&self, container: &str, ready: bool) {
         let mut local = lock(&self.local);

@@ -37,6 +37,14 @@ impl Runtime {
                     Err(e) => tracing::warn!(error = %e, "looking up interface"),
                 }
             }
+            // An attachment's namespace is the runtime's: serve DNS again while it exists (a
+            // second attachment of the same namespace finds the port taken: the first serves).
+            if c.kind == ContainerKind::External
+                && Path::new(&c.netns).exists()
+                && let Err(e) = self.dns.start(&c.name, Path::new(&c.netns), &c.networks)
+            {
+                tracing::debug!(container = %c.name, error = %e, "DNS for the attachment");
+            }
             if c.kind == ContainerKind::Sandbox {
                 if let Err(e) = self.dns.start(&c.name, Path::new(&c.netns), &c.networks) {
                     tracing::warn!(container = %c.name, error = %e, "restarting DNS");

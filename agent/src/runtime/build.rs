@@ -26,7 +26,19 @@ pub struct Built {
     /// Veths registered with the reconciler.
     ifaces: Vec<String>,
     dns: bool,
+    /// `lo` of an external namespace this attempt set up (its index there).
+    lo_up: Option<u32>,
     process: Option<sandbox::ProcessHandle>,
+}
+
+impl Built {
+    pub(super) fn dns_started(&mut self) {
+        self.dns = true;
+    }
+
+    pub(super) fn lo_up(&mut self, index: u32) {
+        self.lo_up = Some(index);
+    }
 }
 
 impl Runtime {
@@ -177,6 +189,15 @@ impl Runtime {
         }
         self.unplug(&built.ifaces, &built.programs, &built.veths)
             .await;
+        if let Some(index) = built.lo_up {
+            let down = async {
+                let inside = crate::netlink::Netlink::in_netns(Path::new(&c.netns))?;
+                inside.set_link_down(index).await
+            };
+            if let Err(e) = down.await {
+                tracing::warn!(container = %c.name, error = %e, "setting lo down again");
+            }
+        }
         if built.netns {
             if let Err(e) = sandbox::kill_namespace_processes(Path::new(&c.netns)).await {
                 tracing::debug!(container = %c.name, error = %e, "no namespace to sweep");

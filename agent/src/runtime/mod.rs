@@ -22,7 +22,7 @@ use std::time::Duration;
 use netagent_store::Store;
 use serde::Serialize;
 
-pub use attach::{AttachRequest, CniResult};
+pub use attach::{AttachRequest, Attachment, CniResult};
 
 use crate::containers::{self, ContainerCreate, ContainerRecord};
 use crate::error::{AgentError, Result};
