@@ -20,6 +20,12 @@ pub struct InstallArgs {
     pub prefix: PathBuf,
     /// Take the binaries from here instead of building them (`target/release` after a build).
     pub bin_dir: Option<PathBuf>,
+    /// The runtimes' CNI plugin directory: `netagent-cni` goes there as `netagent`.
+    pub cni_bin_dir: PathBuf,
+    /// Also write `/etc/cni/net.d/10-netagent.conflist` for this netagent network (off by
+    /// default: a configuration there becomes a runtime's network at once, and kubelet takes
+    /// the first file of the directory as the pod network).
+    pub cni_network: Option<String>,
 }
 
 /// One file to write.
@@ -38,15 +44,30 @@ enum Contents {
     Text(String),
 }
 
-/// The binaries a node runs.
+/// The binaries a node runs (to PREFIX/bin), and the CNI plugin (to the CNI directory).
 const BINARIES: &[&str] = &["netagent", "netctl"];
+const CNI_PLUGIN: &str = "netagent-cni";
+
+/// A configuration list for `network` on the agent's default socket.
+fn conflist(network: &str) -> String {
+    format!(
+        r#"{{
+  "cniVersion": "1.0.0",
+  "name": "{network}",
+  "plugins": [
+    {{ "type": "netagent", "network": "{network}", "socket": "/run/netagent/netagent.sock" }}
+  ]
+}}
+"#
+    )
+}
 
 pub fn run(args: &InstallArgs) -> Result<()> {
     let bin_dir = match &args.bin_dir {
         Some(dir) => dir.clone(),
         None => {
             let mut build = vec!["build", "--release"];
-            for b in BINARIES {
+            for b in BINARIES.iter().chain([&CNI_PLUGIN]) {
                 build.extend(["-p", b]);
             }
             let mut c = cargo::cargo();
@@ -87,10 +108,20 @@ fn plan(args: &InstallArgs, bin_dir: &Path, workspace: &Path) -> Result<Vec<Item
             args.prefix.display()
         );
     }
+    if !args.cni_bin_dir.is_absolute() {
+        bail!(
+            "--cni-bin-dir {}: must be an absolute path",
+            args.cni_bin_dir.display()
+        );
+    }
     let mut items = Vec::new();
     let bin = args.prefix.join("bin");
-    for b in BINARIES {
-        let src = bin_dir.join(b);
+    let programs = BINARIES
+        .iter()
+        .map(|b| (*b, bin.join(b)))
+        .chain([(CNI_PLUGIN, args.cni_bin_dir.join("netagent"))]);
+    for (name, dest) in programs {
+        let src = bin_dir.join(name);
         if !src.is_file() {
             bail!(
                 "{}: not built (run without --bin-dir to build)",
@@ -98,10 +129,35 @@ fn plan(args: &InstallArgs, bin_dir: &Path, workspace: &Path) -> Result<Vec<Item
             );
         }
         items.push(Item {
-            dest: under(&args.root, &bin.join(b)),
+            dest: under(&args.root, &dest),
             contents: Contents::Copy(src),
             mode: 0o755,
             keep_existing: false,
+        });
+    }
+    let doc = args.prefix.join("share/doc/netagent");
+    items.push(Item {
+        dest: under(&args.root, &doc.join("10-netagent.conflist")),
+        contents: Contents::Text(conflist("services")),
+        mode: 0o644,
+        keep_existing: false,
+    });
+    if let Some(network) = &args.cni_network {
+        let valid = network
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+            && network
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid {
+            bail!("--cni-network {network:?}: not a network name (letters, digits, '-_.')");
+        }
+        items.push(Item {
+            dest: under(&args.root, Path::new("/etc/cni/net.d/10-netagent.conflist")),
+            contents: Contents::Text(conflist(network)),
+            mode: 0o644,
+            keep_existing: true,
         });
     }
     let unit_src = workspace.join("packaging/netagent.service");
@@ -126,10 +182,7 @@ fn plan(args: &InstallArgs, bin_dir: &Path, workspace: &Path) -> Result<Vec<Item
         keep_existing: true,
     });
     items.push(Item {
-        dest: under(
-            &args.root,
-            &args.prefix.join("share/doc/netagent/README.md"),
-        ),
+        dest: under(&args.root, &doc.join("README.md")),
         contents: Contents::Copy(workspace.join("README.md")),
         mode: 0o644,
         keep_existing: false,
@@ -180,7 +233,7 @@ mod tests {
         let base = tmp.path();
         let bins = base.join("bins");
         fs::create_dir_all(&bins).unwrap();
-        for b in BINARIES {
+        for b in BINARIES.iter().chain([&CNI_PLUGIN]) {
             fs::write(bins.join(b), format!("#!/bin/sh\necho {b}\n")).unwrap();
         }
         let root = base.join("root");
@@ -188,6 +241,8 @@ mod tests {
             root: root.clone(),
             prefix: PathBuf::from("/usr"),
             bin_dir: Some(bins.clone()),
+            cni_bin_dir: PathBuf::from("/opt/cni/bin"),
+            cni_network: Some("services".into()),
         };
         run(&args).unwrap();
         for b in BINARIES {
@@ -202,6 +257,14 @@ mod tests {
         let env = root.join("etc/default/netagent");
         assert!(fs::read_to_string(&env).unwrap().contains("NODE_NAME="));
         assert!(root.join("usr/share/doc/netagent/README.md").is_file());
+        let plugin = fs::read_to_string(root.join("opt/cni/bin/netagent")).unwrap();
+        assert!(plugin.contains("netagent-cni"), "{plugin}");
+        let list: serde_json::Value = serde_json::from_str(
+            &fs::read_to_string(root.join("etc/cni/net.d/10-netagent.conflist")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(list["plugins"][0]["type"], "netagent");
+        assert_eq!(list["name"], "services");
 
         // Again, over an edited config: binaries replaced, config kept.
         fs::write(&env, "NODE_NAME=edited\n").unwrap();
@@ -229,6 +292,8 @@ mod tests {
             root: root.clone(),
             prefix: PathBuf::from("usr"),
             bin_dir: Some(base.to_path_buf()),
+            cni_bin_dir: PathBuf::from("/opt/cni/bin"),
+            cni_network: None,
         })
         .unwrap_err();
         assert!(err.to_string().contains("absolute"), "{err}");
@@ -236,6 +301,8 @@ mod tests {
             root: root.clone(),
             prefix: PathBuf::from("/usr"),
             bin_dir: Some(base.join("empty")),
+            cni_bin_dir: PathBuf::from("/opt/cni/bin"),
+            cni_network: None,
         })
         .unwrap_err();
         assert!(err.to_string().contains("not built"), "{err}");

@@ -72,6 +72,12 @@ enum Command {
         /// Take the binaries from this directory instead of building them
         #[arg(long)]
         bin_dir: Option<std::path::PathBuf>,
+        /// The runtimes' CNI plugin directory (the plugin goes there as `netagent`)
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: std::path::PathBuf,
+        /// Also write /etc/cni/net.d/10-netagent.conflist for this network (kept if present)
+        #[arg(long)]
+        cni_network: Option<String>,
     },
 }
 
@@ -155,10 +161,14 @@ fn main() -> ExitCode {
             root,
             prefix,
             bin_dir,
+            cni_bin_dir,
+            cni_network,
         } => install::run(&install::InstallArgs {
             root,
             prefix,
             bin_dir,
+            cni_bin_dir,
+            cni_network,
         })
         .map(|()| ExitCode::SUCCESS),
     };
