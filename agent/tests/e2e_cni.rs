@@ -523,6 +523,30 @@ fn debian_plugins_follow_it_in_a_chain() {
         nat.contains("--dport 18080") && nat.contains(&format!("{ip}:80")),
         "{nat}"
     );
+    let bin = workspace_bin("tinyhttp").display().to_string();
+    let server = Command::new("ip")
+        .args(["netns", "exec", &ns.0, &bin, "80", "chained"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Reaper(server);
+    std::thread::sleep(Duration::from_millis(300));
+    // portmap's DNAT reaches the container from the node itself. (Not from other hosts: the
+    // container's reply leaves through netagent's egress masquerade, not the node's
+    // conntrack; see the README.)
+    let local = lab
+        .exec_in_node(
+            1,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "3",
+                &format!("http://{}:18080/", lab.node_addr(1)),
+            ],
+        )
+        .unwrap();
+    assert_eq!(local.stdout, "chained", "{}", local.stderr);
     // The address still works with the chain's additions in place.
     assert!(
         Call::new(&lab, "CHECK")
