@@ -26,6 +26,10 @@ pub const VXLAN_PORT: u16 = 4789;
 /// `api::peer`): reachable by the other nodes through WireGuard and by nothing else.
 pub const CONTROL_PORT: u16 = 4791;
 
+/// How long a starting agent waits for the store's view before adopting its containers from
+/// the saved one.
+const ADOPT_WAITS_FOR_STORE: Duration = Duration::from_secs(3);
+
 /// The MAC containers see as their router. Locally administered and the same on every node,
 /// so a container's neighbour entry stays valid wherever its peers live (Calico does the same).
 pub const ROUTER_MAC: [u8; 6] = [0xee, 0xee, 0xee, 0xee, 0xee, 0xee];
@@ -404,7 +408,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     background.spawn(view::follow(store.clone(), view_tx));
-    background.spawn(view::persist(view_rx.clone(), saved_view));
+    background.spawn(view::persist(view_rx.clone(), saved_view.clone()));
     background.spawn(dns.clone().follow(view_rx.clone()));
     // The pinned links keep this node's containers forwarding meanwhile, so adoption may wait
     // for a view (the saved one, or the store's); the reconciler waits for adoption.
@@ -412,6 +416,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let runtime = runtime.clone();
         let mut rx = view_rx.clone();
         background.spawn(async move {
+            // The store's view when it answers soon: the saved copy can miss the last
+            // changes before the agent stopped (it is written at most every 0.5 s), and a
+            // container missing from the view adoption works from would lose its network.
+            // Only with the store unreachable does the saved copy stand in for it.
+            let saved = rx.borrow_and_update().revision;
+            let fresh = tokio::time::timeout(ADOPT_WAITS_FOR_STORE, rx.changed()).await;
+            if saved > 0 && !matches!(fresh, Ok(Ok(()))) {
+                tracing::warn!(
+                    revision = saved,
+                    "the store did not answer; adopting containers from the saved view"
+                );
+            }
             let Ok(view) = rx.wait_for(|v| v.revision > 0).await.map(|v| v.clone()) else {
                 return;
             };
@@ -489,6 +505,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!("operations still running after 60 s; exiting anyway");
     }
     background.shutdown().await;
+    // The last view, for a restart while the store is unreachable (persist writes at most
+    // every 0.5 s, and may not have caught up).
+    let last = view_rx.borrow().clone();
+    if last.revision > 0
+        && let Err(e) = last.save(&saved_view)
+    {
+        tracing::warn!(error = %e, "cannot save the cluster view");
+    }
     if let Some(m) = metrics {
         let _ = m.await;
     }

@@ -190,9 +190,12 @@ impl ClusterView {
         }
     }
 
-    fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
         use std::io::Write as _;
-        let tmp = path.with_extension("json.tmp");
+        // A name of its own per write: the last save at shutdown may overlap a periodic one.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("json.tmp{n}"));
         let mut f = std::fs::File::create(&tmp)?;
         serde_json::to_writer(&mut f, self).map_err(std::io::Error::other)?;
         f.flush()?;

@@ -203,6 +203,12 @@ fn every_verb_of_the_plugin_against_a_real_agent() {
         ],
     );
     sleeper(&lab, 2, "peer", "services");
+    ok(
+        &lab,
+        1,
+        &["network", "create", "--subnet", "10.97.5.0/24", "other"],
+    );
+    sleeper(&lab, 1, "stranger", "other");
     let peer = common::container_ip(&lab, 2, "peer");
     let c = conf(&lab, "1.0.0");
 
@@ -240,6 +246,13 @@ fn every_verb_of_the_plugin_against_a_real_agent() {
         ping.status.success(),
         "{}",
         String::from_utf8_lossy(&ping.stdout)
+    );
+    // Isolated like any other endpoint: another network's container is out of reach.
+    let stranger = common::container_ip(&lab, 1, "stranger");
+    let ping = a.sh(&["ping", "-c", "1", "-W", "1", &stranger]);
+    assert!(
+        !ping.status.success(),
+        "reached another network's container"
     );
     let found = a.sh(&[
         "dig",
@@ -424,6 +437,24 @@ fn every_verb_of_the_plugin_against_a_real_agent() {
     );
     assert_eq!(error_code(&add_f.run(&c)), 11);
     lab.start_agent(1).unwrap();
+    // The restarted agent serves DNS in the attachments' namespaces again.
+    let answered = wait_until(Duration::from_secs(10), || {
+        let out = cns.sh(&[
+            "dig",
+            "+short",
+            "+time=1",
+            "+tries=1",
+            "@127.0.0.11",
+            "peer",
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim() == peer
+    });
+    assert!(
+        answered.is_some(),
+        "no DNS in the attachment after the agent restarted: {:?}\n{}",
+        cns.sh(&["dig", "+time=1", "+tries=1", "@127.0.0.11", "peer"]),
+        lab.agent_log(1)
+    );
 
     // Clean up through the plugin, as a runtime would.
     for (id, ns) in [("podC", &cns), ("podE", &e)] {
