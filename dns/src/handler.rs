@@ -158,6 +158,11 @@ impl ScopedHandler {
     /// handler, and encoding with the size limit of `transport`. `None` means the server would
     /// send nothing (shorter than a header, or not a query). Used by tests and the fuzz target.
     pub async fn answer_bytes(&self, message: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        self.answer_vec(message.to_vec(), transport).await
+    }
+
+    /// [`Self::answer_bytes`] taking the message by value (the UDP loop's path: no copy).
+    pub async fn answer_vec(&self, message: Vec<u8>, transport: Transport) -> Option<Vec<u8>> {
         let src: SocketAddr = (Ipv4Addr::LOCALHOST, 53000).into();
         let protocol = match transport {
             Transport::Udp => Protocol::Udp,
@@ -167,7 +172,9 @@ impl ScopedHandler {
             out: Arc::default(),
             tcp: transport == Transport::Tcp,
         };
-        match Request::from_bytes(message.to_vec(), src, protocol) {
+        // Kept for FORMERR: the request takes the message.
+        let header = message.get(..12).map(<[u8]>::to_vec);
+        match Request::from_bytes(message, src, protocol) {
             Ok(request) => {
                 if request.metadata.message_type != hickory_proto::op::MessageType::Query {
                     return None;
@@ -177,7 +184,8 @@ impl ScopedHandler {
             }
             Err(_) => {
                 // Like hickory's server: FORMERR if at least the header can be read, else drop.
-                let mut decoder = BinDecoder::new(message);
+                let header = header?;
+                let mut decoder = BinDecoder::new(&header);
                 let header = Header::read(&mut decoder).ok()?;
                 let mut meta = Metadata::response_from_request(&header.metadata);
                 meta.response_code = ResponseCode::FormErr;

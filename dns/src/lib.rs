@@ -60,6 +60,7 @@ mod lookup;
 mod resolv_conf;
 mod server;
 mod stats;
+mod udp;
 mod view;
 
 pub use forward::ForwardError;

@@ -1,4 +1,5 @@
-//! Serving one container's 127.0.0.11:53 with hickory's server.
+//! Serving one container's 127.0.0.11:53: UDP with our batching loop (`udp`), TCP with hickory's
+//! server.
 
 use std::future::Future;
 use std::time::Duration;
@@ -34,14 +35,21 @@ where
     F: Future<Output = ()> + Send,
 {
     let local = udp.local_addr().ok();
+    // UDP, nearly every query, is served by our batching loop; TCP by hickory's server.
+    let udp_loop = crate::udp::serve(handler.clone(), std::sync::Arc::new(udp));
     let mut server = Server::new(handler);
-    server.register_socket(udp);
     server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
     let token = server.shutdown_token().clone();
     debug!(addr = ?local, "dns listeners started");
 
     tokio::select! {
         () = shutdown => {}
+        res = udp_loop => {
+            return Err(DnsError::Listener(match res {
+                Ok(()) => "UDP listener stopped unexpectedly".into(),
+                Err(e) => format!("UDP listener: {e}"),
+            }));
+        }
         res = server.block_until_done() => {
             // A listener task ended without being asked to: the socket is gone.
             return match res {

@@ -850,3 +850,86 @@ async fn serve_stops_promptly_with_forwards_in_flight() {
     srv.stop().await;
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
 }
+
+// ---------------------------------------------------------------------------------------------
+// The batching UDP loop
+
+/// A burst larger than one `recvmmsg` batch, from many sockets, local and forwarded mixed:
+/// every query gets exactly its own answer (id, records) at its own sender.
+#[tokio::test]
+async fn a_burst_of_mixed_queries_is_answered_to_each_sender() {
+    let up = fake_upstream(Behavior::Answer(ip("192.0.2.9"))).await;
+    let r = resolver(vec![up.addr], Duration::from_millis(1500));
+    let srv = start(r.handler(["front"])).await;
+
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        s.connect(srv.udp).await.expect("connect");
+        clients.push(s);
+    }
+    // 8 sockets x 25 queries, all sent before any answer is read.
+    let mut sent: Vec<Vec<(u16, Ipv4Addr)>> = vec![Vec::new(); clients.len()];
+    for (c, s) in clients.iter().enumerate() {
+        for i in 0..25 {
+            let (name, want) = match i % 5 {
+                4 => ("far.example.", ip("192.0.2.9")),
+                n if n % 2 == 0 => ("c1.", ip("10.1.0.10")),
+                _ => ("db.", ip("10.1.0.11")),
+            };
+            let (id, q) = query_bytes(name, RecordType::A, None);
+            s.send(&q).await.expect("send");
+            sent[c].push((id, want));
+        }
+    }
+    for (c, s) in clients.iter().enumerate() {
+        let mut seen = std::collections::HashSet::new();
+        let mut buf = vec![0u8; 4096];
+        while seen.len() < sent[c].len() {
+            let n = timeout(WAIT, s.recv(&mut buf))
+                .await
+                .expect("every query answered in time")
+                .expect("recv");
+            let m = Message::from_vec(&buf[..n]).expect("parse");
+            let (id, want) = sent[c]
+                .iter()
+                .find(|(id, _)| *id == m.metadata.id)
+                .copied()
+                .expect("an answer to a query of this socket");
+            assert_eq!(a_records(&m), vec![want], "id {id}");
+            assert!(seen.insert(id), "answered twice: {id}");
+        }
+    }
+    assert_eq!(up.udp_hits.load(Ordering::SeqCst), 8 * 5);
+    srv.stop().await;
+}
+
+/// A query waiting for an upstream that does not answer holds back nothing: a local query
+/// sent after it on the same socket is answered at once.
+#[tokio::test]
+async fn a_pending_forward_does_not_delay_local_answers() {
+    let silent = fake_upstream(Behavior::Silent).await;
+    let r = resolver(vec![silent.addr], Duration::from_millis(1500));
+    let srv = start(r.handler(["front"])).await;
+    let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    s.connect(srv.udp).await.expect("connect");
+    let (_, far) = query_bytes("far.example.", RecordType::A, None);
+    let (id, near) = query_bytes("c1.", RecordType::A, None);
+    s.send(&far).await.expect("send");
+    s.send(&near).await.expect("send");
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = timeout(WAIT, s.recv(&mut buf))
+        .await
+        .expect("answer")
+        .expect("recv");
+    let m = Message::from_vec(&buf[..n]).expect("parse");
+    assert_eq!(m.metadata.id, id, "the local answer comes first");
+    assert_eq!(a_records(&m), vec![ip("10.1.0.10")]);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    srv.stop().await;
+}
