@@ -3,8 +3,8 @@
 //! without waiting), and the batch's answers go out with one `sendmmsg`. Only a query that must
 //! be forwarded becomes a task of its own, which sends its answer when the upstream replies.
 //!
-//! Buffers live only while a batch is handled: an idle listener (one per container) holds no
-//! memory for them.
+//! Buffers live only while queries keep coming: an idle listener (one per container) holds
+//! no memory for them.
 
 use std::future::Future;
 use std::mem::MaybeUninit;
@@ -25,6 +25,9 @@ const BATCH: usize = 32;
 /// smaller); a longer datagram is truncated and then fails to parse (FORMERR or dropped).
 const MAX_QUERY: usize = 1500;
 
+/// A listener with no query for this long gives its buffers back.
+const FREE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 type Answer = Pin<Box<dyn Future<Output = Option<Vec<u8>>> + Send>>;
 
 /// Serves `socket` until it fails.
@@ -32,11 +35,24 @@ pub async fn serve(handler: ScopedHandler, socket: Arc<UdpSocket>) -> std::io::R
     // Forwarding tasks; dropped (aborted) with this future, so a stopped listener's socket
     // does not outlive it by an upstream timeout.
     let mut forwarding = tokio::task::JoinSet::new();
+    // Allocated on the first datagram and kept while queries keep coming; freed after a
+    // quiet second.
+    let mut buffers: Option<Vec<u8>> = None;
     loop {
         while forwarding.try_join_next().is_some() {}
-        socket.readable().await?;
-        let mut bufs = vec![0u8; BATCH * MAX_QUERY];
-        let received = match socket.try_io(Interest::READABLE, || recv_batch(&socket, &mut bufs)) {
+        if buffers.is_some() {
+            tokio::select! {
+                r = socket.readable() => r?,
+                () = tokio::time::sleep(FREE_AFTER) => {
+                    buffers = None;
+                    continue;
+                }
+            }
+        } else {
+            socket.readable().await?;
+        }
+        let bufs = buffers.get_or_insert_with(|| vec![0u8; BATCH * MAX_QUERY]);
+        let received = match socket.try_io(Interest::READABLE, || recv_batch(&socket, bufs)) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
