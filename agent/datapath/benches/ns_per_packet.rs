@@ -170,8 +170,13 @@ fn lb_rows() -> Vec<(&'static str, f64)> {
     );
     let fc = fx.dp.from_container().expect("program");
     let fu = fx.dp.from_uplink().expect("program");
-    // First packets create the conntrack entries; the measured runs are all established.
+    // A SYN creates the conntrack entries (only a SYN may), the client's next packet
+    // promotes them to the established table; the measured runs are all established.
+    let vip_syn = tcp_frame(CONTAINER_IP, 40000, vip, 80, TcpFlags::Syn, &[]);
+    let node_syn = tcp_frame(OUTSIDE_CLIENT, 50000, node, 8080, TcpFlags::Syn, &[]);
+    assert_eq!(run(fc, &vip_syn).0, TC_ACT_REDIRECT);
     assert_eq!(run(fc, &to_vip).0, TC_ACT_REDIRECT);
+    assert_eq!(run(fu, &node_syn).0, TC_ACT_REDIRECT);
     assert_eq!(run(fu, &to_node).0, TC_ACT_REDIRECT);
     let mut rows = vec![
         (
