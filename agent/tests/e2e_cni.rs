@@ -12,42 +12,14 @@ use netlab::{Lab, LabConfig, Signal, StoreKind};
 use serde_json::{Value, json};
 
 mod common;
-use common::{Reaper, ok, sleeper, wait_until, workspace_bin};
+use common::{Netns, Reaper, ok, sleeper, wait_until, workspace_bin};
 
 /// Debian's containernetworking-plugins.
 const CNI_BIN: &str = "/usr/lib/cni";
 
-/// A namespace standing for a runtime's container; deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(lab: &Lab, name: &str) -> Netns {
-        let ns = format!("{}-{name}", lab.prefix());
-        let st = Command::new("ip")
-            .args(["netns", "add", &ns])
-            .status()
-            .unwrap();
-        assert!(st.success(), "ip netns add {ns}");
-        Netns(ns)
-    }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.0)
-    }
-
-    fn sh(&self, argv: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(argv)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// A namespace standing for a runtime's container.
+fn netns(lab: &Lab, name: &str) -> Netns {
+    Netns::add(format!("{}-{name}", lab.prefix()))
 }
 
 /// One plugin call: (success, stdout as JSON or Null).
@@ -221,7 +193,7 @@ fn every_verb_of_the_plugin_against_a_real_agent() {
     );
 
     // ADD: a replica of web, named by the runtime's pod name; lo left down on purpose.
-    let a = Netns::new(&lab, "cnia");
+    let a = netns(&lab, "cnia");
     let mut add = Call::new(&lab, "ADD").container("podA", &a, "eth0");
     add.args = "IgnoreUnknown=1;K8S_POD_NAME=pod-a;K8S_POD_NAMESPACE=default;NETAGENT_SERVICE=web";
     let (good, result) = add.run(&c);
@@ -339,7 +311,7 @@ fn every_verb_of_the_plugin_against_a_real_agent() {
     assert!(del.run(&c).0, "a second DEL succeeds");
 
     // DEL after the runtime already deleted the namespace.
-    let b = Netns::new(&lab, "cnib");
+    let b = netns(&lab, "cnib");
     let (good, r) = Call::new(&lab, "ADD").container("podB", &b, "eth0").run(&c);
     assert!(good, "{r}");
     let b_path = b.path();
@@ -354,8 +326,8 @@ fn every_verb_of_the_plugin_against_a_real_agent() {
     assert!(!list.contains("podB"), "{list}");
 
     // GC: keeps the attachments the runtime lists, removes the others.
-    let cns = Netns::new(&lab, "cnic");
-    let dns_ = Netns::new(&lab, "cnid");
+    let cns = netns(&lab, "cnic");
+    let dns_ = netns(&lab, "cnid");
     for (id, ns) in [("podC", &cns), ("podD", &dns_)] {
         let (good, r) = Call::new(&lab, "ADD").container(id, ns, "eth0").run(&c);
         assert!(good, "{r}");
@@ -370,7 +342,7 @@ fn every_verb_of_the_plugin_against_a_real_agent() {
     assert_eq!(error_code(&Call::new(&lab, "GC").run(&c)), 1);
 
     // Results in the caller's version: 0.3.1 names the IP family.
-    let e = Netns::new(&lab, "cnie");
+    let e = netns(&lab, "cnie");
     let (good, old) = Call::new(&lab, "ADD")
         .container("podE", &e, "eth0")
         .run(&conf(&lab, "0.3.1"));
@@ -388,7 +360,7 @@ fn every_verb_of_the_plugin_against_a_real_agent() {
     );
 
     // Error codes.
-    let f = Netns::new(&lab, "cnif");
+    let f = netns(&lab, "cnif");
     let add_f = Call::new(&lab, "ADD").container("podF", &f, "eth0");
     let mut bad = c.clone();
     bad["cniVersion"] = json!("0.2.0");
@@ -498,7 +470,7 @@ fn in_node(lab: &Lab, argv: &[&str]) -> String {
 #[test]
 fn debian_plugins_follow_it_in_a_chain() {
     let lab = lab();
-    let ns = Netns::new(&lab, "chain");
+    let ns = netns(&lab, "chain");
     let base = conf(&lab, "1.0.0");
     let (good, ours) = Call::new(&lab, "ADD")
         .container("chained", &ns, "eth0")

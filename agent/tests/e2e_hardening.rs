@@ -33,14 +33,6 @@ fn sh(argv: &[&str]) -> netlab::Output {
 }
 
 /// A namespace made by hand (an operator's), removed on drop.
-struct OperatorNetns(String);
-
-impl Drop for OperatorNetns {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "netns", "del", &self.0]);
-    }
-}
-
 #[test]
 fn a_container_never_touches_a_namespace_it_did_not_make() {
     let lab = one_node(&[]);
@@ -52,8 +44,7 @@ fn a_container_never_touches_a_namespace_it_did_not_make() {
     // What the agent would name container "foo" (the lab's agents use the prefix
     // "<lab>-n1-"), made by someone else, with a process in it.
     let name = format!("{}-n1-foo", lab.prefix());
-    assert!(sh(&["ip", "netns", "add", &name]).success());
-    let _guard = OperatorNetns(name.clone());
+    let _guard = common::Netns::add(name.clone());
     let sleeper = Reaper(
         Command::new("ip")
             .args(["netns", "exec", &name, "sleep", "120"])
@@ -570,8 +561,7 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
     }
     // The interface name it is given is the one recorded.
     let ns = format!("{}-cni1", lab.prefix());
-    assert!(sh(&["ip", "netns", "add", &ns]).success());
-    let _guard = OperatorNetns(ns.clone());
+    let _guard = common::Netns::add(ns.clone());
     let body =
         format!(r#"{{"netns":"/run/netns/{ns}","ifname":"net5","network":"services","id":"x2"}}"#);
     let (status, resp) = api(&lab, 1, "POST", "/v1/attach", &body);

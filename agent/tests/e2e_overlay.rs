@@ -403,14 +403,6 @@ fn pinned_datapath_forwards_while_the_agent_is_dead() {
 }
 
 /// Removes a namespace the test made, also when the test fails.
-struct NetnsGuard(String);
-impl Drop for NetnsGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
-}
 
 #[test]
 fn several_networks_foreground_runs_and_the_attach_api() {
@@ -497,14 +489,7 @@ fn several_networks_foreground_runs_and_the_attach_api() {
 
     // The CNI-shaped attach of a namespace somebody else made.
     let ns = format!("{}-ext", lab.prefix());
-    assert!(
-        std::process::Command::new("ip")
-            .args(["netns", "add", &ns])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let _guard = NetnsGuard(ns.clone());
+    let _guard = common::Netns::add(ns.clone());
     let req =
         format!(r#"{{"netns":"/run/netns/{ns}","ifname":"eth0","network":"back","id":"ext1"}}"#);
     let (status, body) = api(&lab, 1, "POST", "/v1/attach", &req);

@@ -167,3 +167,40 @@ pub fn vip_of(lab: &Lab, node: usize, name: &str) -> String {
         .expect("a VIP")
         .to_owned()
 }
+
+/// A network namespace made by the test, as a runtime or an operator would make one (named
+/// with the lab's prefix, so a lab teardown finds it if the test dies); deleted when dropped.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn add(name: impl Into<String>) -> Netns {
+        let name = name.into();
+        let st = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip");
+        assert!(st.success(), "ip netns add {name}");
+        Netns(name)
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+
+    /// Runs `argv` inside (`ip netns exec`).
+    pub fn sh(&self, argv: &[&str]) -> std::process::Output {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(argv)
+            .output()
+            .expect("run ip netns exec")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
