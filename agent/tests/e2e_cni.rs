@@ -359,9 +359,7 @@ fn every_verb_of_the_plugin_against_a_real_agent() {
         "CHECK came with 0.4.0"
     );
     // ADD again for an attachment that exists: the agent's conflict, and the first stays.
-    let again = Call::new(&lab, "ADD")
-        .container("podE", &e, "eth0")
-        .run(&c);
+    let again = Call::new(&lab, "ADD").container("podE", &e, "eth0").run(&c);
     assert_eq!(error_code(&again), 100, "{}", again.1);
     let (_, list) = common::api(&lab, 1, "GET", "/v1/attach", "");
     assert!(list.contains("podE"), "{list}");
