@@ -554,11 +554,22 @@ pub struct Container {
     pub cni: Option<CniIdentity>,
 }
 
-/// What CNI names an attachment by: the runtime's container id and the interface name.
+/// What CNI names an attachment by: the runtime's container id and the interface name, and
+/// the CNI network (the configuration's `name`) it was added through, which scopes GC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CniIdentity {
     pub container_id: String,
     pub ifname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+impl CniIdentity {
+    /// The same attachment: container id and interface (the CNI network is not part of the
+    /// name; DEL and CHECK do not carry it).
+    pub fn same(&self, other: &CniIdentity) -> bool {
+        self.container_id == other.container_id && self.ifname == other.ifname
+    }
 }
 
 /// How a container's process ended.

@@ -288,8 +288,10 @@ fn every_verb_of_the_plugin_against_a_real_agent() {
     // CHECK of a container the agent never saw.
     let r = Call::new(&lab, "CHECK")
         .container("nobody", &a, "eth0")
-        .run(&c);
+        .run(&conf_prev);
     assert_eq!(error_code(&r), 3);
+    // CHECK checks against the result ADD gave: without it there is nothing to check.
+    assert_eq!(error_code(&check.run(&c)), 7);
 
     // DEL: gone from both nodes' views, twice is fine.
     let del = Call::new(&lab, "DEL").container("podA", &a, "eth0");
@@ -338,8 +340,43 @@ fn every_verb_of_the_plugin_against_a_real_agent() {
     assert!(good, "{r}");
     let (_, list) = common::api(&lab, 1, "GET", "/v1/attach", "");
     assert!(list.contains("podC") && !list.contains("podD"), "{list}");
-    // GC and STATUS need 1.1.0.
+    // GC needs 1.1.0, and the list: without it nothing is collected.
     assert_eq!(error_code(&Call::new(&lab, "GC").run(&c)), 1);
+    assert_eq!(
+        error_code(&Call::new(&lab, "GC").run(&conf(&lab, "1.1.0"))),
+        7
+    );
+    let (_, list) = common::api(&lab, 1, "GET", "/v1/attach", "");
+    assert!(list.contains("podC"), "{list}");
+    // Another CNI configuration on the same netagent network keeps its attachments through
+    // this one's GC.
+    let g = netns(&lab, "cnig");
+    let mut other_cni = c.clone();
+    other_cni["name"] = json!("other-cni");
+    other_cni["network"] = json!("services");
+    let (good, r) = Call::new(&lab, "ADD")
+        .container("podG", &g, "eth0")
+        .run(&other_cni);
+    assert!(good, "{r}");
+    assert!(Call::new(&lab, "GC").run(&gc_conf).0);
+    let (_, list) = common::api(&lab, 1, "GET", "/v1/attach", "");
+    assert!(list.contains("podG") && list.contains("podC"), "{list}");
+    assert!(
+        Call::new(&lab, "DEL")
+            .container("podG", &g, "eth0")
+            .run(&other_cni)
+            .0
+    );
+    // DEL of an id that names one of the agent's own containers: not ours, so done, and the
+    // container stays.
+    sleeper(&lab, 1, "native-eth0", "services");
+    assert!(
+        Call::new(&lab, "DEL")
+            .container("native", &g, "eth0")
+            .run(&c)
+            .0
+    );
+    common::json(&lab, 1, &["container", "inspect", "native-eth0"]);
 
     // Results in the caller's version: 0.3.1 names the IP family.
     let e = netns(&lab, "cnie");

@@ -25,6 +25,7 @@ impl Identity {
             (Some(container_id), Some(ifname)) => Ok(Some(CniIdentity {
                 container_id,
                 ifname,
+                network: None,
             })),
             (None, None) => Ok(None),
             _ => Err(AgentError::BadRequest(

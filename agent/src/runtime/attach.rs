@@ -86,6 +86,24 @@ impl Attachment {
     }
 }
 
+/// An attachment id's turn; the last one out removes the id's lock from the map.
+struct AttachTurn<'a> {
+    runtime: &'a Runtime,
+    id: String,
+    lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for AttachTurn<'_> {
+    fn drop(&mut self) {
+        let mut locks = super::lock(&self.runtime.attach_locks);
+        // Ours, the map's and the guard's: nobody else waits for this id.
+        if std::sync::Arc::strong_count(&self.lock) <= 3 {
+            locks.remove(&self.id);
+        }
+    }
+}
+
 /// (device, inode) of a namespace file: two paths name the same namespace iff these match.
 fn ns_identity(path: &Path) -> std::io::Result<(u64, u64)> {
     let m = std::fs::metadata(path)?;
@@ -128,7 +146,23 @@ fn addr_in_use(e: &anyhow::Error) -> bool {
 }
 
 impl Runtime {
+    /// Holds the attachment `id`'s turn (see `attach_locks`).
+    async fn attach_turn(&self, id: &str) -> AttachTurn<'_> {
+        let lock = super::lock(&self.attach_locks)
+            .entry(id.to_owned())
+            .or_default()
+            .clone();
+        let guard = lock.clone().lock_owned().await;
+        AttachTurn {
+            runtime: self,
+            id: id.to_owned(),
+            lock,
+            _guard: guard,
+        }
+    }
+
     pub async fn attach_external(&self, req: &AttachRequest) -> Result<CniResult> {
+        let _turn = self.attach_turn(&req.id).await;
         let netns = PathBuf::from(&req.netns);
         check_netns(&netns)?;
         validate_ifname(&req.ifname).map_err(|_| {
@@ -155,6 +189,8 @@ impl Runtime {
         };
         containers::validate(&create, ContainerKind::External)?;
         crate::capacity::check_container(&self.reconciler.view(), &create)?;
+        // Read before anything is made, so nothing needs undoing if it fails.
+        let net = networks::get(&*self.store, &req.network).await?;
         let ifname = req.ifname.clone();
         let rec = containers::reserve(
             &*self.store,
@@ -172,7 +208,6 @@ impl Runtime {
             let _ = containers::release(&*self.store, &rec).await;
             return Err(e);
         }
-        let net = networks::get(&*self.store, &req.network).await?;
         let ep = &rec.endpoints[0];
         tracing::info!(id = %req.id, netns = %req.netns, ip = %ep.ip, "attached");
         Ok(CniResult {
@@ -240,19 +275,22 @@ impl Runtime {
     /// Removes an attachment. With `cni`, only if it is that CNI attachment (else NotFound:
     /// an id shared by chance never removes another runtime's attachment).
     pub async fn detach_external(&self, id: &str, cni: Option<&CniIdentity>) -> Result<()> {
+        let _turn = self.attach_turn(id).await;
         let rec = containers::get(&*self.store, id).await?;
-        self.check_local(&rec)?;
-        if rec.container.kind != ContainerKind::External {
-            return Err(AgentError::BadRequest(format!(
-                "{id:?} is a container; remove it with `container rm`"
-            )));
-        }
+        // Identity first: a name that belongs to something else (a container, another node's
+        // attachment) is not this CNI attachment, and its DEL must succeed, not fail forever.
         if let Some(want) = cni
-            && rec.container.cni.as_ref() != Some(want)
+            && !rec.container.cni.as_ref().is_some_and(|c| c.same(want))
         {
             return Err(AgentError::NotFound(format!(
                 "no attachment {id:?} of container {} interface {}",
                 want.container_id, want.ifname
+            )));
+        }
+        self.check_local(&rec)?;
+        if rec.container.kind != ContainerKind::External {
+            return Err(AgentError::BadRequest(format!(
+                "{id:?} is a container; remove it with `container rm`"
             )));
         }
         self.teardown(&rec, super::STOP_GRACE, None).await;
@@ -277,11 +315,19 @@ impl Runtime {
     /// its MAC and address, up, and the endpoint in the datapath. Conflict says what differs.
     pub async fn check_external(&self, id: &str, cni: Option<&CniIdentity>) -> Result<Attachment> {
         let rec = containers::get(&*self.store, id).await?;
-        self.check_local(&rec)?;
-        if cni.is_some() && rec.container.cni.as_ref() != cni {
+        if let Some(want) = cni
+            && !rec.container.cni.as_ref().is_some_and(|c| c.same(want))
+        {
             return Err(AgentError::NotFound(format!("no such attachment {id:?}")));
         }
+        self.check_local(&rec)?;
         let netns = PathBuf::from(&rec.container.netns);
+        if !netns.exists() {
+            return Err(AgentError::Conflict(format!(
+                "{id}: network namespace {} is gone",
+                netns.display()
+            )));
+        }
         check_netns(&netns)?;
         let ep = rec
             .endpoints

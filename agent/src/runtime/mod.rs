@@ -72,6 +72,9 @@ pub struct Runtime {
     exits: Mutex<HashMap<String, Option<i32>>>,
     /// The exit monitor of each local container with a live process.
     monitors: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// One lock per attachment id: an ADD the runtime gave up on (it keeps running) and the
+    /// DEL that follows take turns instead of interleaving.
+    attach_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// What `container inspect` shows.
@@ -123,6 +126,7 @@ impl Runtime {
             dns,
             exits: Mutex::new(HashMap::new()),
             monitors: Mutex::new(HashMap::new()),
+            attach_locks: Mutex::new(HashMap::new()),
         }
     }
 

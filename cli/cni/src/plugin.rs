@@ -104,10 +104,16 @@ fn add(req: &Request, conf: &NetConf) -> Result<Value, CniError> {
         .or_else(|| conf.args.cni.service.clone())
         .or_else(|| conf.service.clone());
     let mut aliases: Vec<String> = Vec::new();
-    let candidates = req
-        .args
-        .pod_name
-        .iter()
+    // The pod name is a DNS name only when it can be one: Kubernetes allows 253 characters,
+    // a DNS label 63; a pod must not fail to start over its name.
+    let pod_name = req.args.pod_name.iter().filter(|n| {
+        let usable = valid_name(n);
+        if !usable {
+            eprintln!("netagent-cni: pod name {n:?} is not a usable DNS name; not an alias");
+        }
+        usable
+    });
+    let candidates = pod_name
         .chain(&req.args.aliases)
         .chain(&conf.args.cni.aliases)
         .cloned()
@@ -124,7 +130,7 @@ fn add(req: &Request, conf: &NetConf) -> Result<Value, CniError> {
         "id": id,
         "service": service,
         "aliases": aliases,
-        "cni": { "container_id": req.container_id, "ifname": req.ifname },
+        "cni": { "container_id": req.container_id, "ifname": req.ifname, "network": conf.name },
     });
     let client = Client::new(conf.socket(), ADD_TIMEOUT);
     let resp = client
@@ -154,6 +160,15 @@ fn add(req: &Request, conf: &NetConf) -> Result<Value, CniError> {
     Ok(spec::result_for_version(result, &conf.cni_version))
 }
 
+/// The agent's rule for names (and aliases): 1-63 letters, digits, `-_.`, starting with a
+/// letter or digit.
+fn valid_name(n: &str) -> bool {
+    n.len() <= 63
+        && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 fn identity_query(req: &Request) -> String {
     format!(
         "container_id={}&ifname={}",
@@ -178,6 +193,12 @@ fn del(req: &Request, conf: &NetConf) -> Result<(), CniError> {
 /// CHECK: the agent verifies the namespace side and the datapath; the previous result must
 /// still hold our address.
 fn check(req: &Request, conf: &NetConf) -> Result<(), CniError> {
+    if conf.prev_result.is_none() {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "CHECK needs prevResult (the result ADD returned)",
+        ));
+    }
     let id = attachment_id(&req.container_id, &req.ifname);
     let client = Client::new(conf.socket(), CHECK_TIMEOUT);
     let path = format!("/v1/attach/{}/check?{}", encode(&id), identity_query(req));
@@ -226,9 +247,17 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
     }
 }
 
-/// GC: removes this network's CNI attachments on the node that the runtime no longer lists.
+/// GC: removes the attachments this CNI network made on the node that the runtime no longer
+/// lists.
 fn gc(conf: &NetConf) -> Result<(), CniError> {
-    let valid = conf.valid_attachments.clone().unwrap_or_default();
+    // Without the list the runtime said nothing about what is in use: collecting then would
+    // remove every attachment.
+    let Some(valid) = conf.valid_attachments.clone() else {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "GC needs cni.dev/valid-attachments",
+        ));
+    };
     let client = Client::new(conf.socket(), DEL_TIMEOUT);
     let resp = client
         .request("GET", "/v1/attach", None)
@@ -252,7 +281,10 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         ) else {
             continue; // not made through CNI: not ours to collect
         };
+        // Only what this CNI network added: another configuration (or runtime) on the same
+        // netagent network has its own list.
         if a["network"] != conf.network()
+            || a["cni"]["network"] != conf.name.as_str()
             || valid
                 .iter()
                 .any(|v| v.container_id == cid && v.ifname == ifname)
