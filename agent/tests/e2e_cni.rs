@@ -470,6 +470,28 @@ fn every_verb_of_the_plugin_against_a_real_agent() {
         lab.agent_log(1)
     );
 
+    // An attachment whose namespace went while its agent was down (a runtime that crashed
+    // with it): the restarted agent takes it out of service everywhere.
+    let h = netns(&lab, "cnih");
+    let mut replica = Call::new(&lab, "ADD").container("podH", &h, "eth0");
+    replica.args = "NETAGENT_SERVICE=web";
+    let (good, r) = replica.run(&c);
+    assert!(good, "{r}");
+    lab.kill_agent(1, Signal::SIGKILL).unwrap();
+    let h_path = h.path();
+    drop(h);
+    lab.start_agent(1).unwrap();
+    let unready = wait_until(Duration::from_secs(10), || {
+        common::json(&lab, 2, &["container", "inspect", "podH-eth0"])["endpoints"][0]["ready"]
+            == false
+    });
+    assert!(unready.is_some(), "a lost attachment stays in service");
+    let mut del_h = Call::new(&lab, "DEL");
+    del_h.container_id = "podH";
+    del_h.ifname = "eth0";
+    del_h.netns = Some(h_path);
+    assert!(del_h.run(&c).0);
+
     // Clean up through the plugin, as a runtime would.
     for (id, ns) in [("podC", &cns), ("podE", &e)] {
         assert!(Call::new(&lab, "DEL").container(id, ns, "eth0").run(&c).0);

@@ -19,6 +19,7 @@ impl Runtime {
     pub async fn adopt(self: &Arc<Self>, view: &ClusterView) -> usize {
         let mut adopted = 0;
         for c in view.containers.values().filter(|c| c.node == self.node) {
+            let mut lost = false;
             for ep in super::build::endpoints_of(view, &c.name) {
                 match self.netlink.link_index(&ep.host_ifname).await {
                     Ok(Some(ifindex)) => {
@@ -29,13 +30,28 @@ impl Runtime {
                         }
                         self.reconciler.register_iface(&ep.host_ifname, ifindex);
                     }
-                    Ok(None) => tracing::warn!(
-                        container = %c.name,
-                        ifname = %ep.host_ifname,
-                        "interface missing; the container has lost its network"
-                    ),
+                    Ok(None) => {
+                        lost = true;
+                        tracing::warn!(
+                            container = %c.name,
+                            ifname = %ep.host_ifname,
+                            "interface missing; the container has lost its network"
+                        );
+                    }
                     Err(e) => tracing::warn!(error = %e, "looking up interface"),
                 }
+            }
+            if lost {
+                // Out of every balancer and DNS: other nodes would otherwise keep sending
+                // it new connections that cannot arrive. Through the store in the
+                // background: adoption must not wait for a store that may be down.
+                self.reconciler.set_ready(&c.name, false);
+                let (store, name) = (self.store.clone(), c.name.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = crate::containers::set_ready(&*store, &name, false).await {
+                        tracing::warn!(container = %name, error = %e, "marking unready");
+                    }
+                });
             }
             // An attachment's namespace is the runtime's: serve DNS again while it exists (a
             // second attachment of the same namespace finds the port taken: the first serves).
