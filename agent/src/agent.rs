@@ -420,11 +420,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             // changes before the agent stopped (it is written at most every 0.5 s), and a
             // container missing from the view adoption works from would lose its network.
             // Only with the store unreachable does the saved copy stand in for it.
-            let saved = rx.borrow_and_update().revision;
-            let fresh = tokio::time::timeout(ADOPT_WAITS_FOR_STORE, rx.changed()).await;
-            if saved > 0 && !matches!(fresh, Ok(Ok(()))) {
+            let fresh = tokio::time::timeout(ADOPT_WAITS_FOR_STORE, rx.wait_for(|v| v.live))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if !fresh {
                 tracing::warn!(
-                    revision = saved,
+                    revision = rx.borrow().revision,
                     "the store did not answer; adopting containers from the saved view"
                 );
             }

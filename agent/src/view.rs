@@ -36,6 +36,9 @@ pub struct ClusterView {
     /// The node holding the leader key.
     #[serde(default)]
     pub leader: Option<String>,
+    /// Read from the store by this agent (not the copy saved by a previous run).
+    #[serde(skip)]
+    pub live: bool,
 }
 
 /// Keys whose revisions the view keeps (see [`ClusterView::revisions`]).
@@ -102,6 +105,7 @@ impl ClusterView {
     fn from_list(kvs: &[KeyValue], revision: Revision) -> Self {
         let mut view = ClusterView {
             revision,
+            live: true,
             ..Default::default()
         };
         for kv in kvs {
