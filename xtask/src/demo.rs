@@ -606,7 +606,7 @@ fn operate(lab: &Lab) -> Result<()> {
             "sh",
             "-c",
             &format!(
-                "curl -s http://{METRICS}/metrics | grep -E '^(netagent_datapath_drops_total\\{{reason=\"(policy_isolation|egress_internal)\"|netagent_healthy|netagent_dns_queries_total|netagent_conntrack_entries|netagent_service_backends|netagent_wireguard_sent_bytes_total|process_resident)'"
+                "curl -s http://{METRICS}/metrics | grep -E '^(netagent_datapath_drops_total\\{{reason=\"(policy_isolation|egress_internal)\"|netagent_healthy|netagent_dns_queries_total|netagent_conntrack_entries|netagent_service_backends|netagent_lb_new_flows_total|netagent_datapath_forwarded_packets_total\\{{hook=\"from_container\"|netagent_wireguard_sent_bytes_total|process_resident)'"
             ),
         ],
     )?;
