@@ -18,7 +18,7 @@
 //!    (`egress`: masquerade, or the node's own address).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use dataplane_common::{DropReason, Hook};
+use dataplane_common::{DropReason, ENDPOINT_F_REPLICA, Hook};
 
 use crate::{
     arp, drop, egress,
@@ -86,8 +86,11 @@ fn route_ipv4(ctx: &TcContext) -> Result<i32, DropReason> {
         if !dst.is_local() {
             return forward::to_node(ctx, &dst, config);
         }
-        // Delivery into the client of a VIP connection whose backend is on this node.
-        if let Some(l4) = lb::balanced_l4(ctx, &ip)? {
+        // Delivery into the client of a VIP connection whose backend is on this node: only a
+        // replica's packet can be such a reply.
+        if src.flags & ENDPOINT_F_REPLICA != 0
+            && let Some(l4) = lb::balanced_l4(ctx, &ip)?
+        {
             lb::reverse_vip(ctx, &ip, &l4, config)?;
         }
         return forward::to_local(ctx, &dst, config.router_mac);

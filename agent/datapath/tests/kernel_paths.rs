@@ -180,8 +180,11 @@ impl Node {
 
     fn add_local(&self, dp: &mut Datapath, c: &Container, vni: u32) {
         let ifindex = self.ns.ifindex(&c.host_if);
-        dp.upsert_endpoint(c.ip, &EndpointInfo::local(vni, ifindex, c.mac))
-            .expect("local endpoint");
+        // Marked as a replica whatever it is: a flag that only lets replies of VIP
+        // connections be looked up (the replicas of these tests are plain containers).
+        let mut info = EndpointInfo::local(vni, ifindex, c.mac);
+        info.flags |= netagent_datapath::ENDPOINT_F_REPLICA;
+        dp.upsert_endpoint(c.ip, &info).expect("local endpoint");
         let host_if = c.host_if.clone();
         self.ns.run(|| {
             dp.attach_from_container(&host_if)

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use netagent_datapath::{
-    ENDPOINT_F_ENCRYPTED, ENDPOINT_F_INTERNAL, EndpointInfo, L4Proto, NODE_F_TUNNEL_ADDR,
-    NetworkInfo, NodeInfo, PublishedInfo, ServiceInfo,
+    ENDPOINT_F_ENCRYPTED, ENDPOINT_F_INTERNAL, ENDPOINT_F_REPLICA, EndpointInfo, L4Proto,
+    NODE_F_TUNNEL_ADDR, NetworkInfo, NodeInfo, PublishedInfo, ServiceInfo,
 };
 
 use super::LocalState;
@@ -180,6 +180,9 @@ pub fn desired(view: &ClusterView, node: &str, local: &LocalState) -> Desired {
         }
         if net.internal {
             info.flags |= ENDPOINT_F_INTERNAL;
+        }
+        if ep.service.is_some() {
+            info.flags |= ENDPOINT_F_REPLICA;
         }
         d.endpoints.insert(ep.ip, info);
     }

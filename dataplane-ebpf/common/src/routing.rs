@@ -25,8 +25,14 @@ pub const ENDPOINT_F_ENCRYPTED: u16 = 1 << 1;
 /// Set in [`EndpointInfo::flags`] for endpoints of `--internal` networks: no egress.
 pub const ENDPOINT_F_INTERNAL: u16 = 1 << 2;
 
+/// Set in [`EndpointInfo::flags`] for replicas of a service (ready or not): only their
+/// packets can be replies of VIP connections, so only theirs are looked up in conntrack on
+/// local delivery. Every other container-to-container packet skips that lookup.
+pub const ENDPOINT_F_REPLICA: u16 = 1 << 3;
+
 /// All `ENDPOINT_F_*` bits this build knows.
-pub const ENDPOINT_F_ALL: u16 = ENDPOINT_F_LOCAL | ENDPOINT_F_ENCRYPTED | ENDPOINT_F_INTERNAL;
+pub const ENDPOINT_F_ALL: u16 =
+    ENDPOINT_F_LOCAL | ENDPOINT_F_ENCRYPTED | ENDPOINT_F_INTERNAL | ENDPOINT_F_REPLICA;
 
 /// An endpoint (container interface) of an overlay network, local or on another node.
 ///

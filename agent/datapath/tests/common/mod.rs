@@ -241,8 +241,12 @@ impl Fixture {
                 &EndpointInfo::local(VNI_A, elsewhere, CONTAINER_MAC),
             )
             .expect("move client");
+        // Senders other than the client are backends here: replicas, whose packets may be
+        // VIP replies (ENDPOINT_F_REPLICA).
+        let mut sender = EndpointInfo::local(VNI_A, TEST_RUN_IFINDEX, mac);
+        sender.flags |= netagent_datapath::ENDPOINT_F_REPLICA;
         self.dp
-            .upsert_endpoint(ip(addr), &EndpointInfo::local(VNI_A, TEST_RUN_IFINDEX, mac))
+            .upsert_endpoint(ip(addr), &sender)
             .expect("move sender");
     }
 
