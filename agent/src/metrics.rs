@@ -19,6 +19,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use netagent_datapath::map_names;
 use netagent_store::Store;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -187,7 +188,9 @@ fn datapath_metrics(reg: &mut Registry, src: &Sources) {
     let ct = Family::<Labels, Gauge>::default();
     let ct_cap = Family::<Labels, Gauge>::default();
     let up = Gauge::<i64>::default();
-    {
+    // One visit to the maps; one that cannot be read shows as missing series here and as
+    // netagent_datapath_up 0.
+    let (forwarded, flows, usage) = {
         let dp = lock(src.runtime.reconciler.datapath());
         if let Ok(counters) = dp.drop_counters() {
             up.set(1);
@@ -204,24 +207,23 @@ fn datapath_metrics(reg: &mut Registry, src: &Sources) {
                     .inc_by(n);
             }
         }
-        if let Ok(tables) = dp.conntrack_tables() {
-            let established = tables.iter().filter(|(_, _, live)| *live).count();
-            let new = tables.len() - established;
-            for (table, n) in [("established", established), ("new", new)] {
-                ct.get_or_create(&labels(&[("table", table)])).set(n as i64);
-            }
-        }
-    }
-    let view = src.view.borrow().clone();
-    // A map that cannot be read shows as missing series here and as netagent_datapath_up 0.
-    let (forwarded, flows, usage) = {
-        let dp = lock(src.runtime.reconciler.datapath());
         (
             dp.forwarded().unwrap_or_default(),
             dp.flows().unwrap_or_default(),
             dp.map_usage().unwrap_or_default(),
         )
     };
+    // The conntrack tables' entries are their maps' (counted once, with the other maps).
+    for (table, map) in [
+        ("established", map_names::CONNTRACK),
+        ("new", map_names::CT_NEW),
+    ] {
+        if let Some(u) = usage.iter().find(|u| u.name == map) {
+            ct.get_or_create(&labels(&[("table", table)]))
+                .set(i64::from(u.entries));
+        }
+    }
+    let view = src.view.borrow().clone();
     let packets = Family::<Labels, Counter>::default();
     let bytes = Family::<Labels, Counter>::default();
     for (hook, action, c) in forwarded {
@@ -232,20 +234,21 @@ fn datapath_metrics(reg: &mut Registry, src: &Sources) {
     let new_flows = Family::<Labels, Counter>::default();
     let by_ip: BTreeMap<std::net::Ipv4Addr, &crate::model::Endpoint> =
         view.endpoints.values().map(|e| (e.ip, e)).collect();
+    let by_num: BTreeMap<u32, &str> = view
+        .services
+        .values()
+        .map(|s| (s.num, s.name.as_str()))
+        .collect();
     for (key, n) in flows {
         // The set id is the service number and the network's index (see reconcile::desired).
-        let Some(svc) = view
-            .services
-            .values()
-            .find(|s| s.num == key.service_id >> 8)
-        else {
+        let Some(svc) = by_num.get(&(key.service_id >> 8)) else {
             continue;
         };
         let ip = std::net::Ipv4Addr::from(key.backend);
         let container = by_ip.get(&ip).map_or("", |e| e.container.as_str());
         new_flows
             .get_or_create(&labels(&[
-                ("service", &svc.name),
+                ("service", svc),
                 ("backend", &ip.to_string()),
                 ("container", container),
             ]))

@@ -340,22 +340,7 @@ fn an_agent_restarted_while_etcd_is_down_serves_its_containers() {
         &["network", "create", "--subnet", "10.93.0.0/24", "services"],
     );
     for (node, name) in [(1, "a"), (2, "b")] {
-        ok(
-            &lab,
-            node,
-            &[
-                "container",
-                "run",
-                "-d",
-                "--name",
-                name,
-                "--network",
-                "services",
-                "--",
-                "sleep",
-                "600",
-            ],
-        );
+        common::run_detached(&lab, node, name, "services", None, &["sleep", "600"]);
     }
     ok(
         &lab,

@@ -18,24 +18,13 @@ const REPLICA: &str = "socat TCP-LISTEN:80,fork,reuseaddr SYSTEM:'echo $NETAGENT
      socat UDP-RECVFROM:9000,fork SYSTEM:'echo $NETAGENT_CONTAINER' & wait";
 
 fn replica(lab: &Lab, node: usize, name: &str) {
-    ok(
+    common::run_detached(
         lab,
         node,
-        &[
-            "container",
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "services",
-            "--service",
-            "web",
-            "--",
-            "sh",
-            "-c",
-            REPLICA,
-        ],
+        name,
+        "services",
+        Some("web"),
+        &["sh", "-c", REPLICA],
     );
 }
 

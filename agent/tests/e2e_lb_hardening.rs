@@ -28,25 +28,7 @@ fn lab(nodes: usize, extra: &[&str]) -> Lab {
 }
 
 fn replica(lab: &Lab, node: usize, name: &str, cmd: &str) {
-    ok(
-        lab,
-        node,
-        &[
-            "container",
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "services",
-            "--service",
-            "web",
-            "--",
-            "sh",
-            "-c",
-            cmd,
-        ],
-    );
+    common::run_detached(lab, node, name, "services", Some("web"), &["sh", "-c", cmd]);
 }
 
 fn setup(lab: &Lab, publish: Option<&str>) -> String {

@@ -286,27 +286,8 @@ fn balanced_traffic_shows_in_flow_forwarding_and_map_metrics_and_in_traces() {
         1,
         &["service", "create", "--name", "web", "--network", "a"],
     );
-    let bin = common::workspace_bin("tinyhttp").display().to_string();
     for name in ["w1", "w2"] {
-        ok(
-            &lab,
-            1,
-            &[
-                "container",
-                "run",
-                "-d",
-                "--name",
-                name,
-                "--network",
-                "a",
-                "--service",
-                "web",
-                "--",
-                &bin,
-                "80",
-                name,
-            ],
-        );
+        common::http_server(&lab, 1, name, "a", Some("web"));
     }
     sleeper(&lab, 1, "x", "a");
     let vip = common::vip_of(&lab, 1, "web");

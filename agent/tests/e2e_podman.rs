@@ -119,24 +119,7 @@ fn podman_runs_a_container_on_the_overlay_across_nodes() {
             "services",
         ],
     );
-    let bin = workspace_bin("tinyhttp").display().to_string();
-    ok(
-        &lab,
-        2,
-        &[
-            "container",
-            "run",
-            "-d",
-            "--name",
-            "peer",
-            "--network",
-            "services",
-            "--",
-            &bin,
-            "80",
-            "peer",
-        ],
-    );
+    common::http_server(&lab, 2, "peer", "services", None);
     let peer = common::container_ip(&lab, 2, "peer");
     let podman = Podman::new(&lab, &lab.run_dir().join("podman"));
     let namespaces_before = netns_list();

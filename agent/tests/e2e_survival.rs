@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use netlab::{Lab, LabConfig, Signal, StoreKind};
 
 mod common;
-use common::{exec, json, ok, sleeper, vip_of, wait_until, workspace_bin};
+use common::{exec, json, ok, sleeper, vip_of, wait_until};
 
 const LEASE_TTL: u64 = 3;
 
@@ -42,28 +42,9 @@ fn lab(nodes: usize) -> Lab {
     lab
 }
 
-/// A keep-alive HTTP replica (tinyhttp: one connection per thread, one thread per CPU).
+/// A keep-alive HTTP replica of web.
 fn replica(lab: &Lab, node: usize, name: &str) {
-    let bin = workspace_bin("tinyhttp").display().to_string();
-    ok(
-        lab,
-        node,
-        &[
-            "container",
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "services",
-            "--service",
-            "web",
-            "--",
-            &bin,
-            "80",
-            name,
-        ],
-    );
+    common::http_server(lab, node, name, "services", Some("web"));
 }
 
 fn netns_of(lab: &Lab, node: usize, name: &str) -> String {
@@ -252,24 +233,13 @@ fn a_dead_nodes_backends_leave_the_balancer_and_dns_within_the_lease() {
     let lab = lab(2);
     let answer = "socat TCP-LISTEN:80,fork,reuseaddr SYSTEM:'echo $NETAGENT_CONTAINER'";
     for (node, name) in [(1, "web.1"), (2, "web.2")] {
-        ok(
+        common::run_detached(
             &lab,
             node,
-            &[
-                "container",
-                "run",
-                "-d",
-                "--name",
-                name,
-                "--network",
-                "services",
-                "--service",
-                "web",
-                "--",
-                "sh",
-                "-c",
-                answer,
-            ],
+            name,
+            "services",
+            Some("web"),
+            &["sh", "-c", answer],
         );
     }
     sleeper(&lab, 1, "client", "services");

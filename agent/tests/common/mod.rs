@@ -140,24 +140,42 @@ pub fn log_chunk(lab: &Lab, node: usize, name: &str, offset: u64) -> (String, u6
     )
 }
 
+/// `container run -d --name NAME --network NETWORK [--service SERVICE] -- CMD...` on `node`.
+pub fn run_detached(
+    lab: &Lab,
+    node: usize,
+    name: &str,
+    network: &str,
+    service: Option<&str>,
+    cmd: &[&str],
+) {
+    let mut argv = vec![
+        "container",
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        network,
+    ];
+    if let Some(s) = service {
+        argv.extend(["--service", s]);
+    }
+    argv.push("--");
+    argv.extend_from_slice(cmd);
+    ok(lab, node, &argv);
+}
+
 /// A container that only sleeps (an hour), to run commands in with [`exec`].
 pub fn sleeper(lab: &Lab, node: usize, name: &str, network: &str) {
-    ok(
-        lab,
-        node,
-        &[
-            "container",
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            network,
-            "--",
-            "sleep",
-            "3600",
-        ],
-    );
+    run_detached(lab, node, name, network, None, &["sleep", "3600"]);
+}
+
+/// A keep-alive HTTP server on port 80 answering its name (tinyhttp: one connection per
+/// thread, one thread per CPU), a replica of `service` if given.
+pub fn http_server(lab: &Lab, node: usize, name: &str, network: &str, service: Option<&str>) {
+    let bin = workspace_bin("tinyhttp").display().to_string();
+    run_detached(lab, node, name, network, service, &[&bin, "80", name]);
 }
 
 /// The (first) VIP of service `name`.
