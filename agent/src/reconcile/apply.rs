@@ -5,6 +5,7 @@
 //! keeps what the programs see consistent: nodes and networks before endpoints, backend sets
 //! before the VIPs and ports that point at them, and removals the other way round.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Display;
 use std::net::Ipv4Addr;
@@ -71,21 +72,78 @@ fn have<T>(changes: &mut Changes, what: &str, r: Result<T, DatapathError>) -> Op
     }
 }
 
-/// Writes the difference between `want` and the maps.
+/// What the maps hold, map by map; `None`: the map could not be read, and nothing of it is
+/// touched this pass.
+#[derive(Default)]
+struct Held<'a> {
+    nodes: Option<Cow<'a, BTreeMap<Ipv4Addr, NodeInfo>>>,
+    networks: Option<Cow<'a, BTreeMap<Subnet, NetworkInfo>>>,
+    endpoints: Option<Cow<'a, BTreeMap<Ipv4Addr, EndpointInfo>>>,
+    backend_sets: Option<Cow<'a, BTreeMap<u32, Vec<Ipv4Addr>>>>,
+    services: Option<Cow<'a, BTreeMap<Ipv4Addr, ServiceInfo>>>,
+    published: Option<Cow<'a, BTreeMap<(u16, u8), PublishedInfo>>>,
+}
+
+fn owned<K: Ord + Clone, V: Clone>(
+    r: Option<impl IntoIterator<Item = (K, V)>>,
+) -> Option<Cow<'static, BTreeMap<K, V>>> {
+    r.map(|v| Cow::Owned(v.into_iter().collect()))
+}
+
+impl Held<'static> {
+    /// Every map, read from the kernel (two syscalls an entry).
+    fn read(dp: &Datapath, c: &mut Changes) -> Self {
+        Held {
+            nodes: owned(have(c, "nodes", dp.nodes())),
+            networks: owned(have(c, "networks", dp.networks())),
+            endpoints: owned(have(c, "endpoints", dp.endpoints())),
+            backend_sets: owned(have(c, "backend sets", dp.backend_sets())),
+            services: owned(have(c, "services", dp.services())),
+            published: owned(have(c, "published ports", dp.published()).map(|v| {
+                v.into_iter()
+                    .map(|(port, proto, info)| ((port, proto as u8), info))
+            })),
+        }
+    }
+}
+
+impl<'a> Held<'a> {
+    /// What a pass that wrote `d` without a failure left in the maps.
+    fn written(d: &'a Desired) -> Self {
+        Held {
+            nodes: Some(Cow::Borrowed(&d.nodes)),
+            networks: Some(Cow::Borrowed(&d.networks)),
+            endpoints: Some(Cow::Borrowed(&d.endpoints)),
+            backend_sets: Some(Cow::Borrowed(&d.backend_sets)),
+            services: Some(Cow::Borrowed(&d.services)),
+            published: Some(Cow::Borrowed(&d.published)),
+        }
+    }
+}
+
+/// Writes the difference between `want` and the maps, as read from the kernel.
 pub fn apply(dp: &mut Datapath, want: &Desired) -> Changes {
     let mut c = Changes::default();
-    let nodes = have(&mut c, "nodes", dp.nodes());
-    if let Some(have_nodes) = &nodes {
-        let have_nodes: BTreeMap<Ipv4Addr, NodeInfo> = have_nodes.iter().copied().collect();
+    let held = Held::read(dp, &mut c);
+    write(dp, want, &held, c)
+}
+
+/// Writes the difference between `want` and `written`, what an earlier pass wrote without a
+/// failure: no map is read, so a pass costs syscalls for its changes only. Only for maps
+/// nothing else writes (the reconciler is their only writer); [`apply`] repairs the rest.
+pub fn apply_since(dp: &mut Datapath, want: &Desired, written: &Desired) -> Changes {
+    write(dp, want, &Held::written(written), Changes::default())
+}
+
+fn write(dp: &mut Datapath, want: &Desired, held: &Held, mut c: Changes) -> Changes {
+    if let Some(have_nodes) = &held.nodes {
         for (addr, info) in &want.nodes {
             if have_nodes.get(addr) != Some(info) {
                 c.upsert(format_args!("node {addr}"), dp.upsert_node(*addr, info));
             }
         }
     }
-    let nets = have(&mut c, "networks", dp.networks());
-    if let Some(have_nets) = &nets {
-        let have_nets: BTreeMap<Subnet, NetworkInfo> = have_nets.iter().copied().collect();
+    if let Some(have_nets) = &held.networks {
         for (subnet, info) in &want.networks {
             if have_nets.get(subnet) != Some(info) {
                 c.upsert(
@@ -96,8 +154,7 @@ pub fn apply(dp: &mut Datapath, want: &Desired) -> Changes {
         }
     }
     let mut gone = HashSet::new();
-    if let Some(have_eps) = have(&mut c, "endpoints", dp.endpoints()) {
-        let have_eps: BTreeMap<Ipv4Addr, EndpointInfo> = have_eps.into_iter().collect();
+    if let Some(have_eps) = &held.endpoints {
         for (ip, info) in &want.endpoints {
             if have_eps.get(ip) != Some(info) {
                 c.upsert(format_args!("endpoint {ip}"), dp.upsert_endpoint(*ip, info));
@@ -110,7 +167,7 @@ pub fn apply(dp: &mut Datapath, want: &Desired) -> Changes {
             }
         }
     }
-    apply_services(dp, want, &mut c);
+    apply_services(dp, want, held, &mut c);
     // A removed endpoint's address will be handed out again: its connections must not reach
     // whoever gets it (TCP clients get a reset, UDP flows are balanced anew).
     if !gone.is_empty() {
@@ -120,8 +177,8 @@ pub fn apply(dp: &mut Datapath, want: &Desired) -> Changes {
         }
     }
     // Networks go last so no endpoint is ever left without its subnet.
-    if let Some(have_nets) = &nets {
-        for (subnet, _) in have_nets {
+    if let Some(have_nets) = &held.networks {
+        for subnet in have_nets.keys() {
             if !want.networks.contains_key(subnet) {
                 c.remove(
                     format_args!("network {}/{}", subnet.0, subnet.1),
@@ -130,8 +187,8 @@ pub fn apply(dp: &mut Datapath, want: &Desired) -> Changes {
             }
         }
     }
-    if let Some(have_nodes) = &nodes {
-        for (addr, _) in have_nodes {
+    if let Some(have_nodes) = &held.nodes {
+        for addr in have_nodes.keys() {
             if !want.nodes.contains_key(addr) {
                 c.remove(format_args!("node {addr}"), dp.remove_node(*addr));
             }
@@ -150,31 +207,22 @@ fn proto_of(n: u8) -> L4Proto {
 
 /// Sets first (a VIP or port never points at a set that does not exist), then VIPs and ports;
 /// removals the other way round.
-fn apply_services(dp: &mut Datapath, want: &Desired, c: &mut Changes) {
-    let sets = have(c, "backend sets", dp.backend_sets());
-    if let Some(have_sets) = &sets {
-        let have_sets: BTreeMap<u32, &Vec<Ipv4Addr>> =
-            have_sets.iter().map(|(id, ips)| (*id, ips)).collect();
+fn apply_services(dp: &mut Datapath, want: &Desired, held: &Held, c: &mut Changes) {
+    if let Some(have_sets) = &held.backend_sets {
         for (id, ips) in &want.backend_sets {
-            if have_sets.get(id).copied() != Some(ips) {
+            if have_sets.get(id) != Some(ips) {
                 c.upsert(format_args!("backend set {id}"), dp.set_backends(*id, ips));
             }
         }
     }
-    let svcs = have(c, "services", dp.services());
-    if let Some(have_svcs) = &svcs {
-        let have_svcs: BTreeMap<Ipv4Addr, ServiceInfo> = have_svcs.iter().copied().collect();
+    if let Some(have_svcs) = &held.services {
         for (vip, info) in &want.services {
             if have_svcs.get(vip) != Some(info) {
                 c.upsert(format_args!("service {vip}"), dp.upsert_service(*vip, info));
             }
         }
     }
-    if let Some(have_pub) = have(c, "published ports", dp.published()) {
-        let have_pub: BTreeMap<(u16, u8), PublishedInfo> = have_pub
-            .into_iter()
-            .map(|(port, proto, info)| ((port, proto as u8), info))
-            .collect();
+    if let Some(have_pub) = &held.published {
         for ((port, proto), info) in &want.published {
             if have_pub.get(&(*port, *proto)) != Some(info) {
                 c.upsert(
@@ -192,15 +240,15 @@ fn apply_services(dp: &mut Datapath, want: &Desired, c: &mut Changes) {
             }
         }
     }
-    if let Some(have_svcs) = &svcs {
-        for (vip, _) in have_svcs {
+    if let Some(have_svcs) = &held.services {
+        for vip in have_svcs.keys() {
             if !want.services.contains_key(vip) {
                 c.remove(format_args!("service {vip}"), dp.remove_service(*vip));
             }
         }
     }
-    if let Some(have_sets) = &sets {
-        for (id, _) in have_sets {
+    if let Some(have_sets) = &held.backend_sets {
+        for id in have_sets.keys() {
             if !want.backend_sets.contains_key(id) {
                 c.remove(format_args!("backend set {id}"), dp.remove_backends(*id));
             }

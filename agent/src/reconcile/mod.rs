@@ -22,7 +22,7 @@ use netagent_store::Revision;
 use serde::Serialize;
 use tokio::sync::watch;
 
-pub use apply::{Changes, apply};
+pub use apply::{Changes, apply, apply_since};
 pub use desired::{
     Desired, Subnet, desired, local_endpoint, network_info, remote_endpoint, set_id,
 };
@@ -74,6 +74,13 @@ pub struct ReconcileStatus {
     pub total_duration_us: u64,
 }
 
+/// The maps' content as a pass left it: `desired`, written in full, on maps last read back
+/// at `read_at`.
+struct Written {
+    desired: Desired,
+    read_at: std::time::Instant,
+}
+
 pub struct Reconciler {
     node: String,
     datapath: Arc<Mutex<Datapath>>,
@@ -82,6 +89,10 @@ pub struct Reconciler {
     /// One pass at a time: a pass reads the maps, then writes the difference.
     pass_lock: tokio::sync::Mutex<()>,
     status: Mutex<ReconcileStatus>,
+    /// What the last pass wrote, if it wrote all of it: the next pass diffs against it
+    /// instead of reading every map back (O(changes) syscalls, not O(entries)), until the
+    /// maps were last read `RESYNC` ago.
+    written: Mutex<Option<Written>>,
     /// Set once the runtime has re-registered this node's containers after a start: until
     /// then the local state is empty, and a pass would remove every local endpoint.
     adopted: watch::Sender<bool>,
@@ -100,6 +111,7 @@ impl Reconciler {
             local: Mutex::new(LocalState::default()),
             pass_lock: tokio::sync::Mutex::new(()),
             status: Mutex::new(ReconcileStatus::default()),
+            written: Mutex::new(None),
             adopted: watch::channel(false).0,
         })
     }
@@ -181,7 +193,23 @@ impl Reconciler {
         let view = self.view.borrow().clone();
         let local = lock(&self.local).clone();
         let want = desired(&view, &self.node, &local);
-        let changes = apply(&mut lock(&self.datapath), &want);
+        let earlier = lock(&self.written)
+            .take()
+            .filter(|w| w.read_at.elapsed() < RESYNC);
+        let changes = {
+            let mut dp = lock(&self.datapath);
+            match &earlier {
+                Some(w) => apply_since(&mut dp, &want, &w.desired),
+                None => apply(&mut dp, &want),
+            }
+        };
+        if changes.failed == 0 {
+            let read_at = earlier.map_or_else(std::time::Instant::now, |w| w.read_at);
+            *lock(&self.written) = Some(Written {
+                desired: want,
+                read_at,
+            });
+        }
         let mut status = lock(&self.status);
         status.revision = view.revision;
         status.passes += 1;
