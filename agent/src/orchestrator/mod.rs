@@ -121,15 +121,20 @@ async fn pass(store: &dyn Store, fence: Revision, view: &ClusterView) {
             *load.entry(n.clone()).or_default() += 1;
         }
     }
+    // Tasks by service in one walk: a filter per service made a pass O(services x tasks).
+    let mut by_service: BTreeMap<(&str, &str), Vec<_>> = BTreeMap::new();
+    for t in view.tasks.values() {
+        by_service
+            .entry((t.service.as_str(), t.service_id.as_str()))
+            .or_default()
+            .push((t, view.task_status.get(&t.id)));
+    }
     let now = now_ms();
     for svc in view.services.values() {
         let Some(spec) = &svc.spec else { continue };
-        let tasks: Vec<_> = view
-            .tasks
-            .values()
-            .filter(|t| t.service == svc.name && t.service_id == svc.id)
-            .map(|t| (t, view.task_status.get(&t.id)))
-            .collect();
+        let tasks = by_service
+            .remove(&(svc.name.as_str(), svc.id.as_str()))
+            .unwrap_or_default();
         let plan = netagent_orchestrator::plan(
             Input {
                 service: ServiceState {

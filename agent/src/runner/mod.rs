@@ -139,20 +139,25 @@ impl Runner {
             .then(|| Busy(self.clone(), id.to_string()))
     }
 
-    fn container_of<'v>(&self, view: &'v ClusterView, task: &str) -> Option<&'v Container> {
+    /// This node's task containers by task id, from one walk of the view's containers (a
+    /// search per task made a pass O(tasks x containers)).
+    fn containers_by_task<'v>(&self, view: &'v ClusterView) -> HashMap<&'v str, &'v Container> {
         view.containers
             .values()
-            .find(|c| c.node == self.node && c.task.as_deref() == Some(task))
+            .filter(|c| c.node == self.node)
+            .filter_map(|c| Some((c.task.as_deref()?, c)))
+            .collect()
     }
 
     /// One pass: an operation for every task of this node that needs one.
     fn pass(self: &Arc<Self>, view: &ClusterView) {
         let now = now_ms();
+        let containers = self.containers_by_task(view);
         for task in view.tasks.values() {
             if task.node.as_deref() != Some(self.node.as_str()) {
                 continue;
             }
-            let container = self.container_of(view, &task.id).cloned();
+            let container = containers.get(task.id.as_str()).map(|c| (*c).clone());
             let known = self
                 .fact(&task.id)
                 .or_else(|| view.task_status.get(&task.id).cloned());
@@ -493,12 +498,14 @@ impl Runner {
     async fn remove_container(&self, task: &Task, container: &str) {
         self.unwatch(&task.id);
         let logs = self.archive.join(&task.id);
-        if let Err(e) = self
+        match self
             .runtime
             .remove_task_container(container, Duration::ZERO, &logs)
             .await
         {
-            tracing::warn!(container, error = %e, "removing an ended task's container");
+            // Already gone from the store: the view showing it is behind.
+            Ok(()) | Err(crate::error::AgentError::NotFound(_)) => {}
+            Err(e) => tracing::warn!(container, error = %e, "removing an ended task's container"),
         }
     }
 
@@ -551,7 +558,7 @@ impl Runner {
     /// kept when it ended.
     pub fn logs(&self, task: &str, offset: u64, max: usize) -> std::io::Result<logs::Chunk> {
         let view = self.view_rx.borrow().clone();
-        let dir = match self.container_of(&view, task) {
+        let dir = match self.containers_by_task(&view).get(task) {
             Some(c) => self.runtime.log_dir(&c.name),
             None => self.archive.join(task),
         };
