@@ -11,6 +11,8 @@ mod lb;
 mod lbsetup;
 mod machine;
 mod overlay;
+mod probe;
+mod scale;
 mod setups;
 mod table;
 mod tools;
@@ -51,6 +53,32 @@ enum Bench {
     /// overlay through (a) netagent's eBPF masquerade, against (b) iptables MASQUERADE on a
     /// Linux bridge (Docker's way)
     Egress(EgressArgs),
+    /// Control plane at scale: 3 nodes on etcd, services added in steps; agent memory and CPU,
+    /// `service create` and `container run` latency, and the time from `container run` to
+    /// every node's maps and DNS, at each step
+    Scale(ScaleArgs),
+}
+
+#[derive(Args)]
+struct ScaleArgs {
+    /// Overlay networks the services are spread over
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    networks: u32,
+    /// Tasks per service
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=200))]
+    replicas: u32,
+    /// Endpoints (tasks) in the cluster at each step, growing
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 10000])]
+    steps: Vec<usize>,
+    /// Probe containers per step (at most 240)
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=240))]
+    probes: u32,
+    /// Where to write the results as JSON
+    #[arg(long, default_value_os_t = default_json("scale"))]
+    json: PathBuf,
+    /// Print the table as Markdown (for the README)
+    #[arg(long)]
+    markdown: bool,
 }
 
 #[derive(Args)]
@@ -246,6 +274,14 @@ fn main() -> ExitCode {
             runs: a.runs.into(),
             secs: a.secs,
             workers: a.workers,
+            json: a.json,
+            markdown: a.markdown,
+        }),
+        Bench::Scale(a) => scale::run(&scale::Options {
+            networks: a.networks as usize,
+            replicas: a.replicas as usize,
+            steps: a.steps,
+            probes: a.probes as usize,
             json: a.json,
             markdown: a.markdown,
         }),

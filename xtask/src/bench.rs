@@ -17,15 +17,18 @@ use anyhow::{Context, Result, bail};
 use crate::{cargo, setup};
 
 /// The benchmarks `benches` knows; `cargo xtask bench` accepts only these.
-pub const NAMES: &[&str] = &["overlay", "encrypted", "dns", "lb", "egress"];
+pub const NAMES: &[&str] = &["overlay", "encrypted", "dns", "lb", "egress", "scale"];
 
 /// The benchmarks that measure netagent's own code (not only the eBPF
-/// programs, which are release builds either way): its resolver, its WireGuard.
-const RELEASE_AGENT: &[&str] = &["dns", "encrypted"];
+/// programs, which are release builds either way): its resolver, its WireGuard, its
+/// control plane.
+const RELEASE_AGENT: &[&str] = &["dns", "encrypted", "scale"];
 
 /// A whole benchmark takes a few minutes; this only catches a hang (every
 /// tool run inside it is bounded on its own).
 const BENCH_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// The scale benchmark starts ten thousand tasks.
+const SCALE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 pub fn run(name: &str, extra: &[String]) -> Result<ExitCode> {
     setup::run()?;
@@ -46,7 +49,13 @@ pub fn run(name: &str, extra: &[String]) -> Result<ExitCode> {
         c.env("NETAGENT_BIN", agent);
     }
     println!("$ {shown}{}", netlab::describe(&c));
-    let status = netlab::run_inherit(&mut c, BENCH_TIMEOUT)?;
+    let status = netlab::run_inherit(
+        &mut c,
+        match name {
+            "scale" => SCALE_TIMEOUT,
+            _ => BENCH_TIMEOUT,
+        },
+    )?;
     Ok(match status.success() {
         true => ExitCode::SUCCESS,
         false => ExitCode::FAILURE,
