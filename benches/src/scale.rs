@@ -367,6 +367,9 @@ fn max_of(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }
 
+/// One of a step's lists of latencies.
+type Series = fn(&Step) -> &[f64];
+
 /// One row per figure: its value at each step, then last step / first step.
 fn rows(steps: &[Step]) -> Vec<(String, Vec<Option<f64>>, usize)> {
     let mut out: Vec<(String, Vec<Option<f64>>, usize)> = Vec::new();
@@ -393,30 +396,17 @@ fn rows(steps: &[Step]) -> Vec<(String, Vec<Option<f64>>, usize)> {
     row("step: tasks started per second", 0, &|s| {
         Some(s.started as f64 / s.converge_secs.max(1e-9))
     });
-    row("service create p50 (ms)", 1, &|s| {
-        pct(&s.service_create_ms, 50.0)
-    });
-    row("service create p99 (ms)", 1, &|s| {
-        pct(&s.service_create_ms, 99.0)
-    });
-    row("container run p50 (ms)", 1, &|s| {
-        pct(&s.container_run_ms, 50.0)
-    });
-    row("container run p99 (ms)", 1, &|s| {
-        pct(&s.container_run_ms, 99.0)
-    });
-    row("run -> local map + DNS p50 (ms)", 1, &|s| {
-        pct(&s.arrival_local_ms, 50.0)
-    });
-    row("run -> local map + DNS p99 (ms)", 1, &|s| {
-        pct(&s.arrival_local_ms, 99.0)
-    });
-    row("run -> remote maps + DNS p50 (ms)", 1, &|s| {
-        pct(&s.arrival_remote_ms, 50.0)
-    });
-    row("run -> remote maps + DNS p99 (ms)", 1, &|s| {
-        pct(&s.arrival_remote_ms, 99.0)
-    });
+    let latencies: [(&str, Series); 4] = [
+        ("service create", |s| &s.service_create_ms),
+        ("container run", |s| &s.container_run_ms),
+        ("run -> local map + DNS", |s| &s.arrival_local_ms),
+        ("run -> remote maps + DNS", |s| &s.arrival_remote_ms),
+    ];
+    for (what, values) in latencies {
+        for p in [50.0, 99.0] {
+            row(&format!("{what} p{p} (ms)"), 1, &|s| pct(values(s), p));
+        }
+    }
     row("probes not arrived in 10 s", 0, &|s| Some(s.lost as f64));
     row("agent CPU per container run (ms)", 1, &|s| {
         Some(s.cpu_per_run_ms)

@@ -4,7 +4,7 @@
 //! - `test`:  setup, build, run every test, fail if tests left anything behind
 //! - `lab`:   bring a test lab up (left running), down, or show its status
 //! - `demo`:  a 3-node lab with etcd and a short netctl session
-//! - `bench`: setup, build, run a benchmark against its baselines (`bench overlay|lb|dns`)
+//! - `bench`: setup, build, run a benchmark against its baselines (`bench overlay|encrypted|dns|lb|egress|scale`)
 //! - `install`: binaries, systemd unit and example config onto this node (or under `--root`)
 
 mod bench;
