@@ -14,9 +14,9 @@ use tokio::sync::watch;
 use crate::model::{Container, Endpoint, Network, Node, Service, keys};
 
 /// The view's maps are persistent (structurally shared) maps: publishing a new snapshot after an
-/// event clones the view in O(1) and the event's insert copies O(log n) nodes, so an agent's CPU
-/// per store event follows the change, not the cluster (a deep clone of 10^4 endpoints, tasks
-/// and containers per event made a busy cluster's view fall seconds behind the store).
+/// event clones the view in O(1) and the event's insert copies O(log n) nodes. A deep clone of
+/// every endpoint, task and container per event made a busy cluster's view fall seconds behind
+/// the store. (The consumers still recompute from the whole view per change.)
 pub type ViewMap<V> = imbl::OrdMap<String, V>;
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -2,7 +2,8 @@
 //!
 //! From a view snapshot and what this node has plugged (`LocalState`) we compute the full
 //! desired content of the maps for this node (`desired`), read what the maps hold, and write
-//! only the difference (`apply`). Start-up runs the same code, so a restarted agent changes
+//! only the difference (`apply`); between reads, every `RESYNC`, a pass diffs against what the
+//! last complete pass wrote instead (`apply_since`). Start-up runs the same code, so a restarted agent changes
 //! nothing that is already right and the pinned maps keep forwarding throughout.
 //!
 //! The [`Reconciler`] is the only writer of the routing and load-balancing maps. The runtime
