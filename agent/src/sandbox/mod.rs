@@ -9,6 +9,7 @@ mod exec;
 mod iface;
 mod netns;
 mod process;
+mod reaper;
 mod setup;
 
 use std::path::PathBuf;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -184,21 +184,13 @@ fn spawn_shim(argv: &[std::ffi::OsString]) -> Result<OwnedFd> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|source| SandboxError::Spawn {
+    let child = cmd.spawn().map_err(|source| SandboxError::Spawn {
         program: program.to_string_lossy().into_owned(),
         netns: PathBuf::from("(the agent's)"),
         source,
     })?;
-    // Reaped by a thread while this agent runs; after a restart init inherits it.
-    let spawned = std::thread::Builder::new()
-        .name(format!("reap-shim-{}", child.id()))
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            let _ = child.wait();
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "could not start the log shim's reaper thread");
-    }
+    // Reaped while this agent runs; after a restart init inherits it.
+    super::reaper::reap(child, "reap-shim", |_| {});
     Ok(OwnedFd::from(write))
 }
 
@@ -280,37 +272,16 @@ pub fn spawn(req: &SpawnRequest) -> Result<ProcessHandle> {
     Ok(handle)
 }
 
-/// Waits for the child on a small dedicated thread and publishes its exit status.
+/// Publishes the child's exit status once it is reaped ([`super::reaper`]: no thread per child).
 ///
-/// A thread rather than a tokio task: std's `Child::wait` blocks, and tokio's child reaping
-/// would kill or orphan-track the process on drop. Dropping `Child` itself neither kills nor
-/// waits, so the process survives the agent.
-fn start_reaper(handle: ProcessHandle, mut child: Child) {
+/// Dropping `Child` itself neither kills nor waits, so the process survives the agent.
+fn start_reaper(handle: ProcessHandle, child: Child) {
     let (tx, rx) = watch::channel(None);
     register_child(handle, rx);
-    let spawned = std::thread::Builder::new()
-        .name(format!("reap-{}", handle.pid))
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            let exit = match child.wait() {
-                Ok(status) => match (status.code(), status.signal()) {
-                    (Some(code), _) => ProcessExit::Code(code),
-                    (None, Some(sig)) => ProcessExit::Signal(sig),
-                    (None, None) => ProcessExit::Unknown,
-                },
-                Err(e) => {
-                    tracing::warn!(pid = handle.pid, error = %e, "waiting for sandbox process failed");
-                    ProcessExit::Unknown
-                }
-            };
-            tracing::info!(pid = handle.pid, ?exit, "sandbox process exited");
-            tx.send_replace(Some(exit));
-        });
-    if let Err(e) = spawned {
-        // The process runs fine; it only lingers as a zombie after exiting until the agent
-        // exits. Not worth failing the start for.
-        tracing::warn!(pid = handle.pid, error = %e, "could not start reaper thread");
-    }
+    super::reaper::reap(child, "reap", move |exit| {
+        tracing::info!(pid = handle.pid, ?exit, "sandbox process exited");
+        tx.send_replace(Some(exit));
+    });
 }
 
 /// Waits up to `timeout` for the process to end. `Ok(None)`: still running at the deadline.
