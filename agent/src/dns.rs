@@ -102,10 +102,15 @@ impl Dns {
     }
 
     /// Publishes every view change at once: answers follow the store within one watch event.
+    /// Changes that leave every name as it was (task states, container pids) publish nothing.
     pub async fn follow(self: Arc<Self>, mut view_rx: watch::Receiver<Arc<ClusterView>>) {
+        let mut published: Option<Arc<ClusterView>> = None;
         loop {
             let view = view_rx.borrow_and_update().clone();
-            self.resolver.publish(&dns_view(&view));
+            if !published.as_ref().is_some_and(|p| p.same_routing(&view)) {
+                self.resolver.publish(&dns_view(&view));
+                published = Some(view);
+            }
             if view_rx.changed().await.is_err() {
                 return;
             }

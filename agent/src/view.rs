@@ -93,6 +93,18 @@ impl ClusterView {
         out
     }
 
+    /// Whether `other` holds the very same networks, nodes, live nodes, endpoints and services
+    /// (the inputs of DNS and of the datapath's desired state), by structure: `true` means
+    /// equal; `false` means changed, or rebuilt from an equal store listing. O(1): a task's
+    /// status or a container's pid changing leaves these maps shared between snapshots.
+    pub fn same_routing(&self, other: &ClusterView) -> bool {
+        self.networks.ptr_eq(&other.networks)
+            && self.nodes.ptr_eq(&other.nodes)
+            && self.alive.ptr_eq(&other.alive)
+            && self.endpoints.ptr_eq(&other.endpoints)
+            && self.services.ptr_eq(&other.services)
+    }
+
     /// A container with its endpoints, as this view knows them.
     pub fn container_record(&self, name: &str) -> Option<crate::containers::ContainerRecord> {
         let container = self.containers.get(name)?.clone();

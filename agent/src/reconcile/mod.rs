@@ -37,7 +37,7 @@ const RESYNC: Duration = Duration::from_secs(10);
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What this node's runtime has plugged, as the reconciler sees it.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct LocalState {
     /// Host-side veth name -> ifindex of every local endpoint's interface.
     pub ifaces: HashMap<String, u32>,
@@ -251,18 +251,29 @@ impl Reconciler {
             return;
         }
         let mut rx = self.view.clone();
+        // What the last pass worked from, if it wrote everything: a change that leaves the
+        // routing inputs and the local state as they were needs no pass (the RESYNC one still
+        // comes).
+        let mut done: Option<(Arc<ClusterView>, LocalState)> = None;
+        let mut resync = false;
         loop {
-            let revision = rx.borrow_and_update().revision;
-            if revision > 0 {
-                self.pass().await;
+            let view = rx.borrow_and_update().clone();
+            let local = lock(&self.local).clone();
+            let unchanged = done
+                .as_ref()
+                .is_some_and(|(v, l)| v.same_routing(&view) && *l == local);
+            if view.revision > 0 && (resync || !unchanged) {
+                let changes = self.pass().await;
+                done = (changes.failed == 0).then_some((view, local));
             }
+            resync = false;
             tokio::select! {
                 changed = rx.changed() => {
                     if changed.is_err() {
                         return;
                     }
                 }
-                _ = tokio::time::sleep(RESYNC) => {}
+                _ = tokio::time::sleep(RESYNC) => resync = true,
             }
         }
     }
