@@ -96,74 +96,25 @@ pub fn run(o: &Options) -> Result<()> {
     let ticks = tools::clock_ticks()?;
     let mut steps: Vec<Step> = Vec::new();
     let mut services = 0;
+    // A step that fails ends the run, but the steps before it are still reported.
+    let mut failed = None;
     for (s, &target) in o.steps.iter().enumerate() {
-        let mut step = Step {
-            endpoints: target,
-            ..Default::default()
-        };
-        let started = Instant::now();
-        while services * o.replicas < target {
-            let name = format!("s{services}");
-            let network = format!("net{}", services % o.networks);
-            let replicas = o.replicas.to_string();
-            let mut args = vec![
-                "service",
-                "create",
-                "-d",
-                "--name",
-                &name,
-                "--network",
-                &network,
-                "--replicas",
-                &replicas,
-                "--",
-            ];
-            args.extend(TASK);
-            let t = Instant::now();
-            netctl(&lab, 1 + services % NODES, &args)?;
-            step.service_create_ms.push(ms(t.elapsed()));
-            services += 1;
-        }
-        step.services = services;
-        step.started = services * o.replicas - steps.last().map_or(0, |p| p.services * o.replicas);
-        wait_running(&lab, services * o.replicas, target)?;
-        step.converge_secs = started.elapsed().as_secs_f64();
-        thread::sleep(SETTLE);
-        let cpu0 = agents_cpu(&lab, ticks)?;
-        thread::sleep(IDLE_WINDOW);
-        step.idle_cpu_ms_per_s =
-            (agents_cpu(&lab, ticks)? - cpu0) * 1000.0 / IDLE_WINDOW.as_secs_f64();
-        let rev0 = store_revision(&lab)?;
-        let cpu0 = agents_cpu(&lab, ticks)?;
-        for k in 0..o.probes {
-            let name = format!("p{s}-{k}");
-            let ip = Ipv4Addr::new(10, 63, s as u8 + 1, k as u8 + 10);
-            let (run, arrival) = probe.one(&lab, &name, ip)?;
-            step.container_run_ms.push(run);
-            match arrival {
-                Some([local, remote]) => {
-                    step.arrival_local_ms.push(local);
-                    step.arrival_remote_ms.push(remote);
-                }
-                None => step.lost += 1,
+        match one_step(
+            &lab,
+            &probe,
+            o,
+            ticks,
+            s,
+            target,
+            &mut services,
+            steps.last(),
+        ) {
+            Ok(step) => steps.push(step),
+            Err(e) => {
+                failed = Some(e.context(format!("step {target}")));
+                break;
             }
         }
-        // The last probe's status updates land after it arrived everywhere.
-        thread::sleep(Duration::from_secs(1));
-        let cpu = agents_cpu(&lab, ticks)? - cpu0;
-        let revisions = store_revision(&lab)?.saturating_sub(rev0).max(1);
-        step.cpu_per_run_ms = cpu * 1000.0 / o.probes as f64;
-        step.cpu_per_revision_ms = cpu * 1000.0 / revisions as f64;
-        thread::sleep(SETTLE);
-        for i in 1..=NODES {
-            step.rss_mb.push(rss_mb(&lab, i)?);
-            step.local.push(local_containers(&lab, i)?);
-        }
-        eprintln!(
-            "bench:   step {target}: {}",
-            serde_json::to_string(&summary(&step))?
-        );
-        steps.push(step);
     }
     drop(probe);
     let report = Report {
@@ -179,7 +130,91 @@ pub fn run(o: &Options) -> Result<()> {
     std::fs::write(&o.json, serde_json::to_vec_pretty(&report)?)?;
     println!("{}", render(&report, o.markdown).join("\n"));
     println!("(JSON: {})", o.json.display());
-    Ok(())
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Grows the cluster to `target` endpoints (`services` made so far), lets it settle, and
+/// measures it.
+#[allow(clippy::too_many_arguments)]
+fn one_step(
+    lab: &Lab,
+    probe: &Probe,
+    o: &Options,
+    ticks: f64,
+    s: usize,
+    target: usize,
+    services: &mut usize,
+    previous: Option<&Step>,
+) -> Result<Step> {
+    let mut step = Step {
+        endpoints: target,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    while *services * o.replicas < target {
+        let name = format!("s{}", *services);
+        let network = format!("net{}", *services % o.networks);
+        let replicas = o.replicas.to_string();
+        let mut args = vec![
+            "service",
+            "create",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            &network,
+            "--replicas",
+            &replicas,
+            "--",
+        ];
+        args.extend(TASK);
+        let t = Instant::now();
+        netctl(lab, 1 + *services % NODES, &args)?;
+        step.service_create_ms.push(ms(t.elapsed()));
+        *services += 1;
+    }
+    step.services = *services;
+    step.started = *services * o.replicas - previous.map_or(0, |p| p.services * o.replicas);
+    wait_running(lab, *services * o.replicas, target)?;
+    step.converge_secs = started.elapsed().as_secs_f64();
+    thread::sleep(SETTLE);
+    let cpu0 = agents_cpu(lab, ticks)?;
+    thread::sleep(IDLE_WINDOW);
+    step.idle_cpu_ms_per_s = (agents_cpu(lab, ticks)? - cpu0) * 1000.0 / IDLE_WINDOW.as_secs_f64();
+    let rev0 = store_revision(lab)?;
+    let cpu0 = agents_cpu(lab, ticks)?;
+    for k in 0..o.probes {
+        let name = format!("p{s}-{k}");
+        let ip = Ipv4Addr::new(10, 63, s as u8 + 1, k as u8 + 10);
+        let (run, arrival) = probe.one(lab, &name, ip)?;
+        step.container_run_ms.push(run);
+        match arrival {
+            Some([local, remote]) => {
+                step.arrival_local_ms.push(local);
+                step.arrival_remote_ms.push(remote);
+            }
+            None => step.lost += 1,
+        }
+    }
+    // The last probe's status updates land after it arrived everywhere.
+    thread::sleep(Duration::from_secs(1));
+    let cpu = agents_cpu(lab, ticks)? - cpu0;
+    let revisions = store_revision(lab)?.saturating_sub(rev0).max(1);
+    step.cpu_per_run_ms = cpu * 1000.0 / o.probes as f64;
+    step.cpu_per_revision_ms = cpu * 1000.0 / revisions as f64;
+    thread::sleep(SETTLE);
+    for i in 1..=NODES {
+        step.rss_mb.push(rss_mb(lab, i)?);
+        step.local.push(local_containers(lab, i)?);
+    }
+    eprintln!(
+        "bench:   step {target}: {}",
+        serde_json::to_string(&summary(&step))?
+    );
+    Ok(step)
 }
 
 /// A watcher container per node on the probe network, whose 127.0.0.11 the probe asks, and
@@ -273,10 +308,9 @@ impl Probe {
     }
 }
 
-/// Waits until `want` tasks run (a step's services start at up to a few hundred per second
-/// across the cluster; the bound allows 10 per second).
+/// Waits until `want` tasks run (the bound allows 4 a second: a 10,000 step on 2 cores).
 fn wait_running(lab: &Lab, want: usize, target: usize) -> Result<()> {
-    let timeout = Duration::from_secs(60 + target as u64 / 10);
+    let timeout = Duration::from_secs(60 + target as u64 / 4);
     let deadline = Instant::now() + timeout;
     let mut last = 0;
     while Instant::now() < deadline {
