@@ -111,8 +111,7 @@ pub fn netns_pids(namespaces: &[String]) -> Vec<i32> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
             // Processes that exit meanwhile (or kernel threads without one) are skipped.
-            fs::metadata(format!("/proc/{pid}/ns/net"))
-                .is_ok_and(|m| wanted.contains(&id(m)))
+            fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| wanted.contains(&id(m)))
         })
         .collect()
 }
