@@ -8,11 +8,11 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netlab::{Lab, LabConfig, Signal, StoreKind};
+use netlab::{Lab, Signal};
 use serde_json::{Value, json};
 
 mod common;
-use common::{Netns, Reaper, ok, sleeper, wait_until, workspace_bin};
+use common::{Netns, Reaper, etcd_lab, ok, sleeper, wait_until, workspace_bin};
 
 /// Debian's containernetworking-plugins.
 const CNI_BIN: &str = "/usr/lib/cni";
@@ -126,12 +126,7 @@ fn error_code(r: &(bool, Value)) -> u64 {
 }
 
 fn lab() -> Lab {
-    let lab = Lab::up(LabConfig {
-        nodes: 2,
-        store: StoreKind::Etcd,
-        ..Default::default()
-    })
-    .expect("lab up");
+    let lab = etcd_lab(2);
     ok(
         &lab,
         1,

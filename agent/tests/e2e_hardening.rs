@@ -12,7 +12,9 @@ use std::time::Duration;
 use netlab::{Lab, LabConfig, Signal, StoreKind};
 
 mod common;
-use common::{Reaper, api, container_ip, drops, exec, json, log_chunk, must_fail, ok, wait_until};
+use common::{
+    Reaper, api, container_ip, drops, etcd_lab, exec, json, log_chunk, must_fail, ok, wait_until,
+};
 
 fn one_node(extra: &[&str]) -> Lab {
     Lab::up(LabConfig {
@@ -95,12 +97,7 @@ fn a_container_never_touches_a_namespace_it_did_not_make() {
 
 #[test]
 fn containers_started_while_the_node_keeps_reconciling_are_reachable_at_once() {
-    let lab = Lab::up(LabConfig {
-        nodes: 2,
-        store: StoreKind::Etcd,
-        ..Default::default()
-    })
-    .expect("lab up");
+    let lab = etcd_lab(2);
     ok(
         &lab,
         1,
@@ -328,12 +325,7 @@ fn operations_finish_or_roll_back_when_the_client_goes_away() {
 
 #[test]
 fn an_agent_restarted_while_etcd_is_down_serves_its_containers() {
-    let lab = Lab::up(LabConfig {
-        nodes: 2,
-        store: StoreKind::Etcd,
-        ..Default::default()
-    })
-    .expect("lab up");
+    let lab = etcd_lab(2);
     ok(
         &lab,
         1,

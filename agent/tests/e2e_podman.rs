@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use netlab::{Lab, LabConfig, StoreKind};
+use netlab::Lab;
 
 mod common;
-use common::{ok, wait_until, workspace_bin};
+use common::{etcd_lab, ok, wait_until, workspace_bin};
 
 struct Podman {
     dir: PathBuf,
@@ -101,12 +101,7 @@ fn netns_list() -> String {
 
 #[test]
 fn podman_runs_a_container_on_the_overlay_across_nodes() {
-    let lab = Lab::up(LabConfig {
-        nodes: 2,
-        store: StoreKind::Etcd,
-        ..Default::default()
-    })
-    .expect("lab up");
+    let lab = etcd_lab(2);
     ok(
         &lab,
         1,

@@ -236,18 +236,9 @@ impl Probe {
         let mut maps = Vec::new();
         for i in 1..=NODES {
             let name = format!("watch{i}");
-            let mut args = vec![
-                "container",
-                "run",
-                "-d",
-                "--name",
-                &name,
-                "--network",
-                PROBE_NET,
-                "--",
-            ];
-            args.extend(TASK);
-            crate::cluster::retry(Duration::from_secs(10), || netctl(lab, i, &args))?;
+            crate::cluster::retry(Duration::from_secs(10), || {
+                probe_container(lab, i, &name, &[])
+            })?;
             dns.push(dns_socket(&inspect(lab, i, &name)?.netns)?);
             maps.push(PinnedMap::open(&lab.bpf_dir(i).join("ENDPOINTS"))?);
         }
@@ -263,21 +254,8 @@ impl Probe {
     /// within ARRIVAL_TIMEOUT).
     fn one(&self, lab: &Lab, name: &str, ip: Ipv4Addr) -> Result<(f64, Option<[f64; 2]>)> {
         let ip_arg = ip.to_string();
-        let mut args = vec![
-            "container",
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            PROBE_NET,
-            "--ip",
-            &ip_arg,
-            "--",
-        ];
-        args.extend(TASK);
         let t = Instant::now();
-        netctl(lab, 1, &args)?;
+        probe_container(lab, 1, name, &["--ip", &ip_arg])?;
         let run = ms(t.elapsed());
         let returned = Instant::now();
         let mut in_map = [None; NODES];
@@ -306,6 +284,23 @@ impl Probe {
         }
         Ok((run, None))
     }
+}
+
+/// `container run -d` of a `sleep` named `name` on the probe network from node `i`.
+fn probe_container(lab: &Lab, i: usize, name: &str, extra: &[&str]) -> Result<()> {
+    let mut args = vec![
+        "container",
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        PROBE_NET,
+    ];
+    args.extend(extra);
+    args.push("--");
+    args.extend(TASK);
+    netctl(lab, i, &args).map(drop)
 }
 
 /// Waits until `want` tasks run (the bound allows 4 a second: a 10,000 step on 2 cores).

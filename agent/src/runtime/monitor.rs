@@ -1,7 +1,7 @@
 //! Watching a container's process: when it ends, the container leaves the balancer and DNS
 //! (here at once, everywhere within the store's round trip), and its exit is recorded.
 
-use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,18 +14,12 @@ use crate::sandbox::{self, ProcessHandle};
 
 /// How often /proc is polled when a pidfd cannot be waited on.
 const POLL: Duration = Duration::from_secs(1);
-/// How long an exit status may take to arrive from the reaper thread once the process is gone.
+/// How long an exit status may take to arrive from the reaper once the process is gone.
 const STATUS_WAIT: Duration = Duration::from_secs(1);
 
 /// A pidfd (readable once the process has exited), or `None` if the process is already gone.
 fn pidfd(p: &ProcessHandle) -> Option<AsyncFd<OwnedFd>> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    let fd = sandbox::pidfd_open(p.pid).ok()?;
     // Opened after the check would race; checked after the open, the fd names our process.
     if !sandbox::is_alive(p) {
         return None;

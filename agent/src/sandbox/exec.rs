@@ -2,7 +2,7 @@
 //! and UTS namespaces, entered through a pidfd of its process, so it sees what the process
 //! sees (its resolv.conf, mounts, secrets and hostname).
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::AsRawFd as _;
 use std::time::Duration;
 
 use super::{ProcessHandle, Result, SandboxError, is_alive};
@@ -21,16 +21,10 @@ const OUTPUT_MAX: usize = 512;
 
 /// Runs `sh -c <cmd>` in the namespaces of `process`, killed after `timeout`.
 pub async fn exec_in(process: &ProcessHandle, cmd: &str, timeout: Duration) -> Result<ExecOutcome> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(SandboxError::Signal {
-            pid: process.pid,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    let pidfd = super::pidfd_open(process.pid).map_err(|source| SandboxError::Signal {
+        pid: process.pid,
+        source,
+    })?;
     if !is_alive(process) {
         return Err(SandboxError::Invalid(format!(
             "process {} is gone",

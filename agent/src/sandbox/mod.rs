@@ -21,6 +21,7 @@ pub use process::{
     LogTarget, ProcessExit, ProcessHandle, SpawnRequest, is_alive, kill_namespace_processes,
     process_start_time, spawn, stop, wait_exit,
 };
+pub use reaper::pidfd_open;
 pub use setup::{MountRequest, MountRequestKind, SECRETS_DIR, SecretFile};
 
 use crate::netlink::NetlinkError;

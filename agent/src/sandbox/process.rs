@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -312,20 +312,16 @@ pub async fn wait_exit(handle: &ProcessHandle, timeout: Duration) -> Result<Opti
 /// A pidfd for the process if it is still the one `handle` names. Signalling through a pidfd
 /// can never hit a different process that reused the pid after this check.
 fn open_pidfd(handle: &ProcessHandle) -> Result<Option<OwnedFd>> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, handle.pid as libc::pid_t, 0) };
-    if fd < 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::ESRCH) {
-            return Ok(None);
+    let fd = match super::pidfd_open(handle.pid) {
+        Ok(fd) => fd,
+        Err(err) if err.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+        Err(source) => {
+            return Err(SandboxError::Signal {
+                pid: handle.pid,
+                source,
+            });
         }
-        return Err(SandboxError::Signal {
-            pid: handle.pid,
-            source: err,
-        });
-    }
-    // SAFETY: the syscall returned a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    };
     // Checked after opening: if the pid named our process now, the pidfd refers to it.
     if is_alive(handle) {
         Ok(Some(fd))

@@ -75,7 +75,9 @@ fn reap_on_thread(
     }
 }
 
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+/// A pidfd for `pid` (readable once the process exits; signals through it reach only that
+/// process). ESRCH if there is no such process.
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: plain syscall with integer arguments; a non-negative result is a new fd we own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {

@@ -5,10 +5,20 @@ use std::time::{Duration, Instant};
 
 pub mod tasks;
 
-use netlab::{Lab, Output};
+use netlab::{Lab, LabConfig, Output, StoreKind};
 use serde_json::Value;
 
 /// Runs netctl on `node` and insists it succeeds; on failure shows the agent's log.
+/// A lab of `nodes` nodes sharing one etcd, with the lab's defaults otherwise.
+pub fn etcd_lab(nodes: usize) -> Lab {
+    Lab::up(LabConfig {
+        nodes,
+        store: StoreKind::Etcd,
+        ..Default::default()
+    })
+    .expect("lab up")
+}
+
 pub fn ok(lab: &Lab, node: usize, args: &[&str]) -> Output {
     let out = lab.netctl(node, args).expect("run netctl");
     assert!(
