@@ -22,6 +22,7 @@ use crate::{
     ipv4::{self, IPV4_HLEN},
     l4, lb, maps, stats,
     verdict::TC_ACT_OK,
+    vxlan,
 };
 
 /// The overlay's VXLAN port (IANA's), network order.
@@ -30,6 +31,7 @@ const VXLAN_PORT: [u8; 2] = 4789u16.to_be_bytes();
 #[classifier]
 pub fn from_uplink(ctx: TcContext) -> i32 {
     match try_from_uplink(&ctx) {
+        Ok(vxlan::DECAP) => vxlan::receive(&ctx),
         Ok(verdict) => stats::forwarded(&ctx, Hook::FromUplink, verdict, 0),
         Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromUplink, 0),
     }
@@ -83,6 +85,11 @@ pub fn try_from_uplink(ctx: &TcContext) -> Result<i32, DropReason> {
     {
         if !maps::is_node(&ip.src) {
             return Err(DropReason::UnknownNode);
+        }
+        // Overlay traffic for a local container is delivered from here; the rest goes to
+        // the VXLAN device (or the WireGuard socket).
+        if l4.dport == VXLAN_PORT && vxlan::deliverable(ctx, &ip) {
+            return Ok(vxlan::DECAP);
         }
         return Ok(TC_ACT_OK);
     }

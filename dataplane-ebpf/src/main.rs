@@ -2,7 +2,7 @@
 //!
 //! Layout follows Cilium's split: one module per attachment point (`from_container`,
 //! `from_overlay`, `from_uplink`) and small shared modules for header parsing (`eth`, `arp`,
-//! `ipv4`, `l4`), map definitions (`maps`), packet exits (`forward`, `tunnel`), the load
+//! `ipv4`, `l4`), map definitions (`maps`), packet exits (`forward`, `tunnel`, `vxlan`), the load
 //! balancer (`lb`, `conntrack`, `nat`, `atomic`), egress (`egress`) and drop accounting (`drop`). `test_hooks` holds programs that exist only for tests. Each program is a thin
 //! `#[classifier]` entry point around a `try_*(ctx) -> Result<i32, DropReason>` function, so
 //! every early exit with a reason ends in the one place that counts and reports it.
@@ -33,6 +33,7 @@ mod stats;
 mod test_hooks;
 mod tunnel;
 mod verdict;
+mod vxlan;
 
 /// eBPF programs cannot unwind or print; the verifier rejects any path that could reach here
 /// (it ends in an infinite loop), so a panic in the source shows up as a load failure.

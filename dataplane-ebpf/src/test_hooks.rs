@@ -21,7 +21,7 @@ use crate::{
     from_overlay::try_from_overlay,
     from_uplink::try_from_uplink,
     maps::{TEST_INPUT, TEST_OBSERVED},
-    tunnel,
+    tunnel, vxlan,
 };
 
 #[classifier]
@@ -50,6 +50,7 @@ pub fn from_overlay_test(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_uplink_test(ctx: TcContext) -> i32 {
     let verdict = match try_from_uplink(&ctx) {
+        Ok(vxlan::DECAP) => vxlan::receive(&ctx),
         Ok(verdict) => verdict,
         Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromUplink, 0),
     };
