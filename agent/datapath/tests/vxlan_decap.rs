@@ -1,0 +1,181 @@
+//! VXLAN decapsulated in `from_uplink` (src/vxlan.rs of the eBPF crate) under
+//! BPF_PROG_TEST_RUN: plain VXLAN from a node for a local endpoint of its VNI's network is
+//! delivered from the uplink with from_overlay's decision; everything else passes untouched to
+//! the VXLAN device, where `from_overlay` judges it (tests/from_overlay.rs, encryption.rs).
+//! tests/kernel_paths.rs sends real VXLAN through both paths.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::*;
+use netagent_datapath::{
+    CT_DIR_REPLY, CtKind, ENDPOINT_F_ENCRYPTED, EndpointInfo, MESH_INNER_SRC_MAC,
+};
+use smoltcp::wire::{EthernetAddress, EthernetProtocol, Ipv4Address};
+
+const TCP: u8 = 6;
+const PACKET_HOST: u8 = 0;
+const NODE: Ipv4Address = Ipv4Address::new(198, 18, 0, 1);
+/// The MAC the sending node's from_container gives the inner frame as source.
+const SENDER_ROUTER_MAC: [u8; 6] = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0x09];
+
+fn node_addr(addr: Ipv4Addr) -> Ipv4Address {
+    Ipv4Address::from_octets(addr.octets())
+}
+
+/// The inner frame `from_container` on REMOTE_NODE sends to `dst` (MAC `dst_mac`).
+fn inner(dst: Ipv4Address, dst_mac: [u8; 6], payload: &[u8]) -> Vec<u8> {
+    let mut frame = ipv4_from(REMOTE_PEER_IP, dst, payload);
+    frame[0..6].copy_from_slice(&dst_mac);
+    frame[6..12].copy_from_slice(&SENDER_ROUTER_MAC);
+    frame
+}
+
+/// `inner` in VXLAN with `vni` (flags: VNI present) from `from` to this node's VXLAN port.
+fn vxlan(from: Ipv4Addr, vni: u32, inner: &[u8]) -> Vec<u8> {
+    vxlan_with_flags(from, vni, 0x08, inner)
+}
+
+fn vxlan_with_flags(from: Ipv4Addr, vni: u32, flags: u8, inner: &[u8]) -> Vec<u8> {
+    let mut payload = vec![flags, 0, 0, 0];
+    payload.extend_from_slice(&(vni << 8).to_be_bytes());
+    payload.extend_from_slice(inner);
+    udp_frame(node_addr(from), 41000, NODE, 4789, &payload)
+}
+
+fn forwarded(fx: &Fixture, hook: &str) -> u64 {
+    fx.dp
+        .forwarded()
+        .expect("forwarded")
+        .into_iter()
+        .filter(|(h, action, _)| *h == hook && *action == "redirect")
+        .map(|(_, _, c)| c.packets)
+        .sum()
+}
+
+#[test]
+fn vxlan_for_a_local_endpoint_is_decapsulated_and_delivered_from_the_uplink() {
+    if !have_root() {
+        return;
+    }
+    let fx = Fixture::with_services();
+    let frame = inner(LOCAL_PEER_IP, LOCAL_PEER_MAC, b"from afar");
+    let (verdict, out, obs) = fx.run_uplink(&vxlan(REMOTE_NODE, VNI_A, &frame));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    // Exactly the inner frame, readdressed as from_overlay delivers it.
+    assert_readdressed(&out, &frame, LOCAL_PEER_MAC);
+    assert_eq!(obs.pkt_type, PACKET_HOST);
+    assert_ne!(obs.tunnel_key_status, 0, "delivered, not tunnelled");
+    // Counted as what it is: a packet delivered from the overlay.
+    assert_eq!(forwarded(&fx, "from_overlay"), 1);
+    assert_eq!(forwarded(&fx, "from_uplink"), 0);
+
+    // Network B's endpoint with B's VNI.
+    let frame = inner(B_LOCAL_IP, B_MAC, b"b");
+    let (verdict, out, _) = fx.run_uplink(&vxlan(REMOTE_NODE, VNI_B, &frame));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_readdressed(&out, &frame, B_MAC);
+    fx.assert_only_drops(None, 0);
+}
+
+#[test]
+fn routing_mesh_traffic_decapsulated_on_the_uplink_records_its_ingress_node() {
+    if !have_root() {
+        return;
+    }
+    let fx = Fixture::with_services();
+    // What an ingress node tunnels to a backend: client address kept, marked by the inner
+    // source MAC (tests/mesh.rs has the same through the VXLAN device).
+    let mut frame = tcp_frame(OUTSIDE_CLIENT, 50000, LOCAL_PEER_IP, 80, TcpFlags::Syn, b"");
+    frame[0..6].copy_from_slice(&LOCAL_PEER_MAC);
+    frame[6..12].copy_from_slice(&MESH_INNER_SRC_MAC);
+    let (verdict, out, _) = fx.run_uplink(&vxlan(REMOTE_NODE, VNI_A, &frame));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_readdressed(&out, &frame, LOCAL_PEER_MAC);
+    let key = ct_key(LOCAL_PEER_IP, 80, OUTSIDE_CLIENT, 50000, TCP, CT_DIR_REPLY);
+    let entry = fx.ct_entry(&key).expect("return entry");
+    assert_eq!(CtKind::from_code(entry.kind), Some(CtKind::MeshReturn));
+    assert_eq!((entry.tunnel_addr(), entry.vni), (REMOTE_NODE, VNI_A));
+}
+
+#[test]
+fn everything_else_goes_on_to_the_vxlan_device_untouched() {
+    if !have_root() {
+        return;
+    }
+    let mut fx = Fixture::with_services();
+    fx.dp
+        .upsert_endpoint(
+            ip(B3_IP),
+            &EndpointInfo {
+                flags: EndpointInfo::local(VNI_A, B3_IFINDEX, B3_MAC).flags | ENDPOINT_F_ENCRYPTED,
+                ..EndpointInfo::local(VNI_A, B3_IFINDEX, B3_MAC)
+            },
+        )
+        .expect("encrypted endpoint");
+    let arp_inner = ethernet(
+        EthernetAddress(LOCAL_PEER_MAC),
+        EthernetProtocol::Arp,
+        &[0u8; 28],
+    );
+    let cases = [
+        // The wrong network's VNI: from_overlay drops it as wrong_vni.
+        (
+            "wrong vni",
+            vxlan(
+                REMOTE_NODE,
+                VNI_B,
+                &inner(LOCAL_PEER_IP, LOCAL_PEER_MAC, b"x"),
+            ),
+        ),
+        (
+            "unknown vni",
+            vxlan(
+                REMOTE_NODE,
+                0x77,
+                &inner(LOCAL_PEER_IP, LOCAL_PEER_MAC, b"x"),
+            ),
+        ),
+        // An encrypted network's endpoint in clear: from_overlay drops it as unencrypted.
+        (
+            "encrypted endpoint",
+            vxlan(REMOTE_NODE, VNI_A, &inner(B3_IP, B3_MAC, b"x")),
+        ),
+        // Not for a local endpoint: a routing-mesh reply for the outside, or stale state.
+        (
+            "outside destination",
+            vxlan(REMOTE_NODE, VNI_A, &inner(OUTSIDE_CLIENT, ROUTER_MAC, b"x")),
+        ),
+        (
+            "remote endpoint",
+            vxlan(
+                REMOTE_NODE,
+                VNI_A,
+                &inner(REMOTE_PEER_IP, REMOTE_PEER_MAC, b"x"),
+            ),
+        ),
+        // Not plain VXLAN carrying IPv4.
+        (
+            "no VNI flag",
+            vxlan_with_flags(
+                REMOTE_NODE,
+                VNI_A,
+                0,
+                &inner(LOCAL_PEER_IP, LOCAL_PEER_MAC, b"x"),
+            ),
+        ),
+        ("inner ARP", vxlan(REMOTE_NODE, VNI_A, &arp_inner)),
+        (
+            "truncated",
+            udp_frame(node_addr(REMOTE_NODE), 41000, NODE, 4789, &[0x08, 0, 0, 0]),
+        ),
+    ];
+    for (what, frame) in &cases {
+        let (verdict, out, _) = fx.run_uplink(frame);
+        assert_eq!(verdict, TC_ACT_OK, "{what}");
+        assert_eq!(&out, frame, "{what}: untouched");
+    }
+    assert_eq!(forwarded(&fx, "from_overlay"), 0);
+    fx.assert_only_drops(None, 0);
+}
