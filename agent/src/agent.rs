@@ -117,6 +117,18 @@ pub struct Args {
     /// Seconds without a refresh after which this node counts as down.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..=300))]
     pub lease_ttl: u64,
+    /// Who puts plain overlay traffic in VXLAN: `ebpf` (the programs, straight out of the
+    /// uplink) or `device` (the kernel's VXLAN device, routed by the node's routing table:
+    /// for nodes that reach each other through another interface than the uplink).
+    /// Encrypted networks always go through the tunnel's device.
+    #[arg(long, value_enum, default_value = "ebpf")]
+    pub overlay_encap: OverlayEncap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OverlayEncap {
+    Ebpf,
+    Device,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -280,6 +292,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     datapath
         .set_egress_ports(args.egress_ports.0, args.egress_ports.1)
         .context("configuring egress")?;
+    datapath
+        .set_device_encap(args.overlay_encap == OverlayEncap::Device)
+        .context("configuring the overlay's encapsulation")?;
     // The routing mesh: published ports answer on this node's address.
     datapath
         .attach_from_uplink(&uplink)

@@ -141,6 +141,11 @@ struct OverlayArgs {
     /// Leave the tools' placement to the scheduler
     #[arg(long)]
     no_pin: bool,
+    /// An argument for this product's agents (repeatable), e.g.
+    /// `--agent-arg=--overlay-encap=device` to measure the kernel's VXLAN device instead of
+    /// the programs' encapsulation; quoted under the table
+    #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
     /// Where to write the results as JSON
     #[arg(long, default_value_os_t = default_json("overlay"))]
     json: PathBuf,
@@ -193,6 +198,7 @@ fn run_pairs(suite: overlay::Suite, a: OverlayArgs, name: &str) -> anyhow::Resul
         secs: a.secs,
         kinds,
         placements: placements(a.pin, a.no_pin),
+        agent_args: a.agent_args,
         json,
         markdown: a.markdown,
     })

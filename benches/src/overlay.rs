@@ -72,6 +72,8 @@ pub struct Options {
     /// CPUs for the client and the server tools, one table per placement (see `pin` in
     /// main.rs); `None` leaves placement to the scheduler.
     pub placements: Vec<Option<[usize; 2]>>,
+    /// Extra arguments for this product's agents (columns a and, encrypted, c).
+    pub agent_args: Vec<String>,
     pub json: PathBuf,
     pub markdown: bool,
 }
@@ -154,7 +156,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut pairs: Vec<Pair> = Vec::new();
     for kind in kinds {
         eprintln!("bench: building {kind}");
-        let pair = setups::build(kind, first_server_cpu)?;
+        let pair = setups::build(kind, first_server_cpu, &opts.agent_args)?;
         eprintln!(
             "bench:   lab {}: client {} -> server {} ({}), MTU {}",
             pair.lab().prefix(),

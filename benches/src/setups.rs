@@ -108,11 +108,11 @@ impl Pair {
 }
 
 /// Builds setup `kind` with its servers on `server_cpu` (any CPU for
-/// `None`) and waits until they answer.
-pub fn build(kind: Kind, server_cpu: Option<usize>) -> Result<Pair> {
+/// `None`) and waits until they answer; this product's agents get `agent_args` too.
+pub fn build(kind: Kind, server_cpu: Option<usize>, agent_args: &[String]) -> Result<Pair> {
     let pair = match kind {
-        Kind::A => product(server_cpu, false)?,
-        Kind::E => product(server_cpu, true)?,
+        Kind::A => product(server_cpu, false, agent_args)?,
+        Kind::E => product(server_cpu, true, agent_args)?,
         Kind::B => bridge_vxlan(server_cpu)?,
         Kind::W => wireguard_go(server_cpu)?,
         Kind::C => routing(server_cpu)?,
@@ -126,10 +126,11 @@ pub fn build(kind: Kind, server_cpu: Option<usize>) -> Result<Pair> {
 const BENCH_NET: &str = "bench";
 const BENCH_SUBNET: &str = "10.50.0.0/24";
 
-fn product(server_cpu: Option<usize>, encrypted: bool) -> Result<Pair> {
+fn product(server_cpu: Option<usize>, encrypted: bool, agent_args: &[String]) -> Result<Pair> {
     let lab = Lab::up(LabConfig {
         nodes: 2,
         store: StoreKind::Etcd,
+        extra_agent_args: agent_args.to_vec(),
         ..Default::default()
     })
     .context("lab for netagent")?;
@@ -194,7 +195,11 @@ fn product(server_cpu: Option<usize>, encrypted: bool) -> Result<Pair> {
         server: srv.netns,
         server_ip,
         lab_prefix: lab.prefix().to_owned(),
-        notes: Vec::new(),
+        notes: if agent_args.is_empty() {
+            Vec::new()
+        } else {
+            vec![format!("agent args {}", agent_args.join(" "))]
+        },
         _servers: Vec::new(),
         lab,
     })

@@ -80,7 +80,7 @@ pub fn report(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) {
         count(DROP_COUNTER_EVENTS_LOST);
         return;
     }
-    if !emit(ctx, now, reason.code(), hook, vni, 0) {
+    if !emit(ctx, 0, now, reason.code(), hook, vni, 0) {
         count(DROP_COUNTER_EVENTS_LOST);
     }
 }
@@ -88,7 +88,15 @@ pub fn report(ctx: &TcContext, reason: DropReason, hook: Hook, vni: u32) {
 /// Pushes one event (a drop, or a trace with `action`) with the headers of the frame as it is
 /// now. False when the ring buffer is full.
 #[inline(always)]
-pub fn emit(ctx: &TcContext, now: u64, reason: u32, hook: Hook, vni: u32, action: u8) -> bool {
+pub fn emit(
+    ctx: &TcContext,
+    off: usize,
+    now: u64,
+    reason: u32,
+    hook: Hook,
+    vni: u32,
+    action: u8,
+) -> bool {
     let mut event = DropEvent {
         timestamp_ns: now,
         reason,
@@ -102,27 +110,27 @@ pub fn emit(ctx: &TcContext, now: u64, reason: u32, hook: Hook, vni: u32, action
     // Header fields are read with bpf_skb_load_bytes, not direct access: the frame may be
     // truncated or paged (that can be why it is dropped), and a failed fixed-size read simply
     // leaves the fields zero.
-    if let Ok(eth) = ctx.load::<EthHdr>(0) {
+    if let Ok(eth) = ctx.load::<EthHdr>(off) {
         event.dst_mac = eth.dst;
         event.src_mac = eth.src;
         event.ethertype = u16::from_be_bytes(eth.ether_type);
         match eth.ether_type {
             crate::eth::ETH_P_ARP => {
-                if let Ok(arp) = ctx.load::<ArpEthIpv4>(ETH_HLEN) {
+                if let Ok(arp) = ctx.load::<ArpEthIpv4>(off + ETH_HLEN) {
                     event.arp_op = u16::from_be_bytes(arp.oper);
                     event.src_ip = arp.spa;
                     event.dst_ip = arp.tpa;
                 }
             }
             crate::eth::ETH_P_IP => {
-                if let Ok(ip) = ctx.load::<Ipv4Hdr>(ETH_HLEN) {
+                if let Ok(ip) = ctx.load::<Ipv4Hdr>(off + ETH_HLEN) {
                     event.ip_proto = ip.protocol;
                     event.src_ip = ip.saddr;
                     event.dst_ip = ip.daddr;
                     let first_fragment = u16::from_be_bytes(ip.frag_off) & 0x1fff == 0;
                     if (ip.protocol == 6 || ip.protocol == 17) && first_fragment {
-                        let off = ETH_HLEN + usize::from(ip.version_ihl & 0x0f) * 4;
-                        if let Ok(ports) = ctx.load::<[u8; 4]>(off) {
+                        let l4 = off + ETH_HLEN + usize::from(ip.version_ihl & 0x0f) * 4;
+                        if let Ok(ports) = ctx.load::<[u8; 4]>(l4) {
                             event.src_port = u16::from_be_bytes([ports[0], ports[1]]);
                             event.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
                         }

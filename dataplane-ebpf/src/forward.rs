@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{Config, DropReason, ENDPOINT_F_ENCRYPTED, EndpointInfo};
 
-use crate::{eth::set_macs, maps, tunnel, verdict::TC_ACT_REDIRECT};
+use crate::{eth::set_macs, maps, tunnel, verdict::TC_ACT_REDIRECT, vxlan};
 
 /// `PACKET_HOST` from `linux/if_packet.h`.
 const PACKET_HOST: u32 = 0;
@@ -97,9 +97,11 @@ fn tunnel_addr_of(node_be: u32) -> Result<u32, DropReason> {
     }
 }
 
-/// Sends the frame through a VXLAN device to the node `node_be` (network order) with `vni`,
-/// leaving the inner Ethernet header as it is: the plain device to a node's advertise
-/// address, or (`encrypted`) the tunnel's device to a node's tunnel address.
+/// Sends the frame in VXLAN to the node `node_be` (network order) with `vni`, leaving the
+/// inner Ethernet header as it is: plain traffic encapsulated here and out of the uplink
+/// (`vxlan`; through the plain device if this datapath has no uplink), or (`encrypted`)
+/// through the tunnel's device to a node's tunnel address. A node without the plain device
+/// sends no plain traffic at all (`NoTunnelDevice`), as before.
 #[inline(always)]
 pub fn to_tunnel(
     ctx: &TcContext,
@@ -109,6 +111,12 @@ pub fn to_tunnel(
     config: &Config,
 ) -> Result<i32, DropReason> {
     let device = device(encrypted, config)?;
+    if !encrypted && vxlan::can_encapsulate(config) {
+        match vxlan::encapsulate(ctx, vni, node_be, config)? {
+            vxlan::NOT_ENCAPSULATED => {}
+            verdict => return Ok(verdict),
+        }
+    }
     tunnel::set_key(ctx, vni, node_be)?;
     // Flags 0: transmit out of the VXLAN device, which encapsulates using the metadata.
     // SAFETY: plain helper call with scalar arguments.

@@ -28,8 +28,10 @@ use crate::{
 
 #[classifier]
 pub fn from_container(ctx: TcContext) -> i32 {
+    // As it came in: encapsulation for another node adds to it.
+    let len = ctx.len();
     match try_from_container(&ctx) {
-        Ok(verdict) => stats::forwarded(&ctx, Hook::FromContainer, verdict, 0),
+        Ok(verdict) => stats::forwarded(&ctx, Hook::FromContainer, verdict, 0, len),
         Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromContainer, 0),
     }
 }

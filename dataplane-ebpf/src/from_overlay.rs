@@ -36,8 +36,9 @@ pub fn from_overlay(ctx: TcContext) -> i32 {
         Ok(c) => c.vxlan_enc_ifindex != 0 && ifindex(&ctx) == c.vxlan_enc_ifindex,
         Err(reason) => return drop::drop_packet(&ctx, reason, Hook::FromOverlay, vni),
     };
+    let len = ctx.len();
     match try_from_overlay(&ctx, vni, remote, encrypted) {
-        Ok(verdict) => stats::forwarded(&ctx, Hook::FromOverlay, verdict, vni),
+        Ok(verdict) => stats::forwarded(&ctx, Hook::FromOverlay, verdict, vni, len),
         Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromOverlay, vni),
     }
 }

@@ -26,13 +26,15 @@ use crate::{
 };
 
 /// The overlay's VXLAN port (IANA's), network order.
-const VXLAN_PORT: [u8; 2] = 4789u16.to_be_bytes();
+const VXLAN_PORT: [u8; 2] = vxlan::VXLAN_PORT.to_be_bytes();
 
 #[classifier]
 pub fn from_uplink(ctx: TcContext) -> i32 {
+    // As it came in: encapsulation for a backend on another node adds to it.
+    let len = ctx.len();
     match try_from_uplink(&ctx) {
         Ok(vxlan::DECAP) => vxlan::receive(&ctx),
-        Ok(verdict) => stats::forwarded(&ctx, Hook::FromUplink, verdict, 0),
+        Ok(verdict) => stats::forwarded(&ctx, Hook::FromUplink, verdict, 0, len),
         Err(reason) => drop::drop_packet(&ctx, reason, Hook::FromUplink, 0),
     }
 }

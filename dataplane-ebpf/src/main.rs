@@ -16,6 +16,7 @@
 mod arp;
 mod atomic;
 mod conntrack;
+mod csum;
 mod drop;
 mod egress;
 mod eth;

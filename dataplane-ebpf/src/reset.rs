@@ -13,6 +13,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{DropReason, IPPROTO_TCP};
 
+use crate::csum::{fold, sum_words};
 use crate::verdict::subprogram;
 use crate::{
     eth::{ETH_HLEN, ETH_P_IP, EthHdr, ensure_linear, ifindex, ptr_at},
@@ -27,25 +28,6 @@ const RST_LEN: usize = ETH_HLEN + IPV4_HLEN + TCP_HLEN;
 /// IPv4 "don't fragment", the TTL of locally generated packets.
 const IP_DF: [u8; 2] = [0x40, 0];
 const TTL: u8 = 64;
-
-/// Sum of big-endian 16-bit words (one's complement arithmetic is done by the caller's fold).
-#[inline(always)]
-fn sum_words(bytes: &[u8]) -> u32 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
-        i += 2;
-    }
-    sum
-}
-
-#[inline(always)]
-fn fold(mut sum: u32) -> [u8; 2] {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    (!(sum as u16)).to_be_bytes()
-}
 
 /// Whether [`to_sender`] can answer this TCP packet: not a RST itself (never answered), and
 /// no IPv4 options (the reset is built in place of a 20-byte header).

@@ -10,15 +10,18 @@ use crate::{
     drop::{self, BUDGET_TRACES},
     maps::{FLOWS, FORWARDED, TRACE},
     verdict::{TC_ACT_OK, TC_ACT_REDIRECT},
+    vxlan,
 };
 
-/// Counts a packet `hook` let through with `verdict` and, while tracing is on, reports it as
-/// it leaves (after any NAT). Returns `verdict`. Verdicts that are neither pass nor redirect
-/// (a reset sent in the packet's place) are not traffic let through and are not counted.
+/// Counts a packet `hook` let through with `verdict`, `len` bytes as it came in, and, while
+/// tracing is on, reports it as it leaves (after any NAT; a packet the hook put in VXLAN, i.e.
+/// grew by exactly the encapsulation, by its inner headers). Returns `verdict`. Verdicts that
+/// are neither pass nor redirect (a reset sent in the packet's place) are not traffic let
+/// through and are not counted.
 ///
 /// Not inlined: one copy for the three entry points, off their stack frames.
 #[inline(never)]
-pub fn forwarded(ctx: &TcContext, hook: Hook, verdict: i32, vni: u32) -> i32 {
+pub fn forwarded(ctx: &TcContext, hook: Hook, verdict: i32, vni: u32, len: u32) -> i32 {
     let action = match verdict {
         TC_ACT_OK => ForwardAction::Pass,
         TC_ACT_REDIRECT => ForwardAction::Redirect,
@@ -29,14 +32,19 @@ pub fn forwarded(ctx: &TcContext, hook: Hook, verdict: i32, vni: u32) -> i32 {
         // SAFETY: this CPU's slot of a per-CPU map; programs do not migrate while running.
         unsafe {
             (*counter).packets += 1;
-            (*counter).bytes += u64::from(ctx.len());
+            (*counter).bytes += u64::from(len);
         }
     }
     if TRACE.get(0).is_some_and(|on| *on != 0) {
         // SAFETY: helper without arguments.
         let now = unsafe { bpf_ktime_get_ns() };
         if drop::within_budget(now, BUDGET_TRACES, TRACE_EVENTS_PER_SEC) {
-            drop::emit(ctx, now, TRACE_REASON, hook, vni, action as u8);
+            let off = if ctx.len() == len + vxlan::ENCAP_LEN as u32 {
+                vxlan::ENCAP_LEN
+            } else {
+                0
+            };
+            drop::emit(ctx, off, now, TRACE_REASON, hook, vni, action as u8);
         }
     }
     verdict

@@ -1,5 +1,15 @@
-//! The overlay's receive path without the VXLAN device (path 2, far side).
+//! VXLAN in eBPF: the overlay's plain (unencrypted) traffic skips the VXLAN device both ways
+//! (path 2).
 //!
+//! Sending ([`encapsulate`], from `forward::to_tunnel`): the frame gets its outer IPv4, UDP and
+//! VXLAN headers in place (`bpf_skb_adjust_room` with the UDP tunnel flags, so GSO packets
+//! stay GSO and are segmented as UDP tunnel packets where needed) and leaves through the
+//! uplink with `bpf_redirect_neigh` (the node's FIB and neighbour table pick the next hop),
+//! exactly the packet the VXLAN device would have sent: outer source the node's address, UDP
+//! to 4789, no outer UDP checksum, the flow's hash in the source port. Encrypted networks'
+//! traffic never comes here: it must go through the tunnel's device into WireGuard.
+//!
+//! Receiving:
 //! `from_uplink` sees every VXLAN packet a node sends us before the node's UDP socket does. A
 //! packet whose inner frame is for a local endpoint of that VNI's plain (unencrypted) network
 //! is decapsulated right there and judged by from_overlay's own decision
@@ -17,15 +27,21 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
+    helpers::bpf_get_hash_recalc,
     programs::TcContext,
 };
-use dataplane_common::{DropReason, ENDPOINT_F_ENCRYPTED, Hook};
+use dataplane_common::{
+    CONFIG_F_DEVICE_ENCAP, Config, DropReason, ENDPOINT_F_ENCRYPTED, Hook, IPPROTO_UDP,
+};
 
 use crate::{
+    csum::{fold, sum_words},
     drop,
     eth::{ETH_HLEN, ETH_P_IP, EthHdr, ensure_linear, ptr_at, set_macs},
+    forward,
     from_overlay::try_from_overlay,
     ipv4::{IPV4_HLEN, Ipv4, Ipv4Hdr},
     maps, stats,
@@ -36,7 +52,7 @@ const UDP_HLEN: usize = 8;
 const VXLAN_HLEN: usize = 8;
 /// Outer IPv4 (without options), UDP, VXLAN and the inner Ethernet header: what decapsulation
 /// removes after the outer Ethernet header, which stays and becomes the inner frame's.
-const ENCAP_LEN: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
+pub const ENCAP_LEN: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
 const VXLAN_OFF: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN;
 const INNER_ETH_OFF: usize = VXLAN_OFF + VXLAN_HLEN;
 const INNER_IP_OFF: usize = INNER_ETH_OFF + ETH_HLEN;
@@ -56,6 +72,133 @@ struct VxlanHdr {
 }
 
 const _: () = assert!(core::mem::size_of::<VxlanHdr>() == VXLAN_HLEN);
+
+/// Everything encapsulation puts between the outer Ethernet header and the inner IPv4 header.
+#[repr(C)]
+struct Encap {
+    ip: Ipv4Hdr,
+    udp: UdpHdr,
+    vxlan: VxlanHdr,
+    inner_eth: EthHdr,
+}
+
+const _: () = assert!(core::mem::size_of::<Encap>() == ENCAP_LEN);
+
+#[repr(C)]
+struct UdpHdr {
+    source: [u8; 2],
+    dest: [u8; 2],
+    len: [u8; 2],
+    check: [u8; 2],
+}
+
+/// The overlay's VXLAN port (IANA's).
+pub const VXLAN_PORT: u16 = 4789;
+/// IPv4 "don't fragment": the overlay's MTU leaves room for the headers on the uplink, so a
+/// packet that does not fit the path is a misconfiguration to report (ICMP), not to fragment.
+const IP_DF: [u8; 2] = [0x40, 0];
+/// Outer TTL, as `tunnel::set_key` gives the VXLAN device.
+const TUNNEL_TTL: u8 = 64;
+/// The source port range the Linux VXLAN device uses by default (the local port range), so
+/// the fabric's ECMP hashing sees the same spread either way.
+const SPORT_MIN: u32 = 32768;
+const SPORT_MAX: u32 = 61000;
+/// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the length of the inner L2 header, in the top byte.
+const ENCAP_L2_ETH_LEN: u64 = (ETH_HLEN as u64) << 56;
+
+/// Whether [`encapsulate`] sends on this node: it knows its address and uplink (the agent
+/// always sets both; a datapath without them uses the VXLAN device), and the agent did not
+/// ask for the device (`CONFIG_F_DEVICE_ENCAP`).
+#[inline(always)]
+pub fn can_encapsulate(config: &Config) -> bool {
+    config.node_ip != [0; 4]
+        && config.uplink_ifindex != 0
+        && config.flags & CONFIG_F_DEVICE_ENCAP == 0
+}
+
+subprogram! {
+    /// Sends the frame (its inner Ethernet header already addressed) in VXLAN with `vni` to
+    /// the node `node_be` (network order) out of the uplink. `NOT_ENCAPSULATED` (the packet
+    /// untouched) if the kernel would not grow it: the caller then uses the VXLAN device.
+    pub fn encapsulate => try_encapsulate(ctx: &TcContext, vni: u32, node_be: u32, config: &Config)
+}
+
+/// [`encapsulate`]'s answer when the packet was left as it was.
+pub const NOT_ENCAPSULATED: i32 = -1;
+
+#[inline(always)]
+fn try_encapsulate(
+    ctx: &TcContext,
+    vni: u32,
+    node_be: u32,
+    config: &Config,
+) -> Result<i32, DropReason> {
+    let inner_len = ctx.len();
+    let udp_len = (UDP_HLEN + VXLAN_HLEN) as u32 + inner_len;
+    let tot_len = IPV4_HLEN as u32 + udp_len;
+    // Larger (BIG TCP) GSO packets have no 16-bit length to write; the device handles them.
+    if tot_len > 0xffff {
+        return Ok(NOT_ENCAPSULATED);
+    }
+    // SAFETY: the context's skb pointer. The flow hash (the socket's, or dissected now).
+    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let sport = ((u64::from(hash) * u64::from(SPORT_MAX - SPORT_MIN)) >> 32) as u32 + SPORT_MIN;
+    // The inner frame's Ethernet header stays where it is and becomes the outer one; the
+    // inner IPv4 packet keeps its own checksums (offloads see it as the inner packet).
+    let flags = BPF_F_ADJ_ROOM_FIXED_GSO
+        | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+        | BPF_F_ADJ_ROOM_ENCAP_L2_ETH;
+    if ctx
+        .adjust_room(
+            ENCAP_LEN as i32,
+            BPF_ADJ_ROOM_MAC,
+            u64::from(flags) | ENCAP_L2_ETH_LEN,
+        )
+        .is_err()
+    {
+        return Ok(NOT_ENCAPSULATED);
+    }
+    // From here on the packet is changed: a failure is a drop, never the device.
+    ensure_linear(ctx, ETH_HLEN + ENCAP_LEN)?;
+    let outer_eth: *const EthHdr = ptr_at(ctx, 0)?;
+    let encap: *mut Encap = ptr_at(ctx, ETH_HLEN)?;
+    let mut ip = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len: (tot_len as u16).to_be_bytes(),
+        id: [0; 2],
+        frag_off: IP_DF,
+        ttl: TUNNEL_TTL,
+        protocol: IPPROTO_UDP,
+        check: [0; 2],
+        saddr: config.node_ip,
+        daddr: node_be.to_ne_bytes(),
+    };
+    // SAFETY: a plain byte struct; viewing it as bytes is always valid.
+    let ip_bytes: &[u8; IPV4_HLEN] = unsafe { &*(&raw const ip).cast() };
+    ip.check = fold(sum_words(ip_bytes));
+    let v = vni.to_be_bytes();
+    // SAFETY: `ptr_at` checked both lie inside the linear (writable) packet data; the room
+    // just made does not overlap the outer Ethernet header it copies.
+    unsafe {
+        (*encap).inner_eth = *outer_eth;
+        (*encap).ip = ip;
+        (*encap).udp = UdpHdr {
+            source: (sport as u16).to_be_bytes(),
+            dest: VXLAN_PORT.to_be_bytes(),
+            len: (udp_len as u16).to_be_bytes(),
+            check: [0; 2],
+        };
+        (*encap).vxlan = VxlanHdr {
+            flags: VXLAN_F_VNI,
+            _reserved: [0; 3],
+            vni: [v[1], v[2], v[3]],
+            _reserved2: 0,
+        };
+    }
+    forward::to_uplink(config)
+}
 
 /// Whether the packet `ip`, UDP to our VXLAN port from a node (the caller checked both), can
 /// be delivered here: plain VXLAN carrying IPv4 for a local endpoint of the VNI's network, not
@@ -100,12 +243,12 @@ fn headers(ctx: &TcContext) -> Option<(u32, [u8; 4])> {
 #[inline(always)]
 pub fn receive(ctx: &TcContext) -> i32 {
     let Some((vni, remote)) = headers(ctx) else {
-        return stats::forwarded(ctx, Hook::FromUplink, TC_ACT_OK, 0);
+        return stats::forwarded(ctx, Hook::FromUplink, TC_ACT_OK, 0, ctx.len());
     };
     // Decapsulation keeps the outer Ethernet header (both say IPv4); give it the inner one's
     // addresses first, since from_overlay's decision reads them (the routing mesh's mark).
     if keep_inner_macs(ctx).is_err() {
-        return stats::forwarded(ctx, Hook::FromUplink, TC_ACT_OK, 0);
+        return stats::forwarded(ctx, Hook::FromUplink, TC_ACT_OK, 0, ctx.len());
     }
     if ctx
         .adjust_room(
@@ -115,10 +258,10 @@ pub fn receive(ctx: &TcContext) -> i32 {
         )
         .is_err()
     {
-        return stats::forwarded(ctx, Hook::FromUplink, TC_ACT_OK, 0);
+        return stats::forwarded(ctx, Hook::FromUplink, TC_ACT_OK, 0, ctx.len());
     }
     match deliver(ctx, vni, remote) {
-        Ok(verdict) => stats::forwarded(ctx, Hook::FromOverlay, verdict, vni),
+        Ok(verdict) => stats::forwarded(ctx, Hook::FromOverlay, verdict, vni, ctx.len()),
         Err(reason) => drop::drop_packet(ctx, reason, Hook::FromOverlay, vni),
     }
 }

@@ -66,17 +66,17 @@ pub use compat::PinReport;
 pub use conntrack::{CtGcStats, live_entry_expired, monotonic_coarse_ns};
 pub use dataplane_common::{
     BACKEND_SETS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BACKENDS_PER_SET_MAX, Backend, BackendKey,
-    BackendSet, CONFIG_F_READY, CONNTRACK_MAX_ENTRIES, CT_CLOSE_TIMEOUT_DEFAULT_S, CT_DIR_ORIGINAL,
-    CT_DIR_REPLY, CT_F_CLOSING, CT_F_ENCRYPTED, CT_F_HAIRPIN, CT_NEW_MAX_ENTRIES,
-    CT_SYN_TIMEOUT_DEFAULT_S, CT_TCP_TIMEOUT_DEFAULT_S, CT_UDP_TIMEOUT_DEFAULT_S, Config, CtEntry,
-    CtKey, CtKind, DropEvent, DropReason, EGRESS_PORT_MAX_DEFAULT, EGRESS_PORT_MIN_DEFAULT,
-    ENDPOINT_F_ENCRYPTED, ENDPOINT_F_INTERNAL, ENDPOINT_F_LOCAL, ENDPOINT_F_REPLICA,
-    ENDPOINTS_MAX_ENTRIES, EndpointInfo, FlowStatKey, ForwardAction, HAIRPIN_SNAT_IP, Hook,
-    L4Proto, MESH_INNER_SRC_MAC, NETWORK_F_ENCRYPTED, NETWORK_F_INTERNAL, NETWORKS_MAX_ENTRIES,
-    NODE_F_TUNNEL_ADDR, NODES_MAX_ENTRIES, NetworkInfo, NodeInfo, PUBLISHED_MAX_ENTRIES,
-    PublishedInfo, PublishedKey, RrCursor, SERVICES_MAX_ENTRIES, ServiceInfo, TRACE_REASON,
-    TestInput, TestObservation, TrafficCounter, VNI_MAX, map_names, node_ip_from_abi,
-    node_ip_to_abi, program_names,
+    BackendSet, CONFIG_F_DEVICE_ENCAP, CONFIG_F_READY, CONNTRACK_MAX_ENTRIES,
+    CT_CLOSE_TIMEOUT_DEFAULT_S, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING, CT_F_ENCRYPTED,
+    CT_F_HAIRPIN, CT_NEW_MAX_ENTRIES, CT_SYN_TIMEOUT_DEFAULT_S, CT_TCP_TIMEOUT_DEFAULT_S,
+    CT_UDP_TIMEOUT_DEFAULT_S, Config, CtEntry, CtKey, CtKind, DropEvent, DropReason,
+    EGRESS_PORT_MAX_DEFAULT, EGRESS_PORT_MIN_DEFAULT, ENDPOINT_F_ENCRYPTED, ENDPOINT_F_INTERNAL,
+    ENDPOINT_F_LOCAL, ENDPOINT_F_REPLICA, ENDPOINTS_MAX_ENTRIES, EndpointInfo, FlowStatKey,
+    ForwardAction, HAIRPIN_SNAT_IP, Hook, L4Proto, MESH_INNER_SRC_MAC, NETWORK_F_ENCRYPTED,
+    NETWORK_F_INTERNAL, NETWORKS_MAX_ENTRIES, NODE_F_TUNNEL_ADDR, NODES_MAX_ENTRIES, NetworkInfo,
+    NodeInfo, PUBLISHED_MAX_ENTRIES, PublishedInfo, PublishedKey, RrCursor, SERVICES_MAX_ENTRIES,
+    ServiceInfo, TRACE_REASON, TestInput, TestObservation, TrafficCounter, VNI_MAX, map_names,
+    node_ip_from_abi, node_ip_to_abi, program_names,
 };
 use dataplane_common::{CONFIG_KEY, DROP_COUNTER_EVENTS_LOST, DROP_COUNTERS_MAX_ENTRIES};
 pub use error::DatapathError;
@@ -415,6 +415,19 @@ impl Datapath {
         let mut abi = self.config()?;
         abi.egress_port_min = min;
         abi.egress_port_max = max;
+        self.write_config(abi)
+    }
+
+    /// Whether plain overlay traffic leaves through the VXLAN device (`true`) or encapsulated
+    /// by the programs out of the uplink (`false`, what a load starts with); the rest of the
+    /// config stays.
+    pub fn set_device_encap(&mut self, device: bool) -> Result<(), DatapathError> {
+        let mut abi = self.config()?;
+        abi.flags = if device {
+            abi.flags | CONFIG_F_DEVICE_ENCAP
+        } else {
+            abi.flags & !CONFIG_F_DEVICE_ENCAP
+        };
         self.write_config(abi)
     }
 

@@ -102,6 +102,8 @@ fn concurrent_new_connections_on_two_cpus_split_exactly() {
                     for (sport, frame) in &frames {
                         let (verdict, out) = run(prog, frame);
                         assert_eq!(verdict, TC_ACT_REDIRECT);
+                        // The remote backend's frames come out in VXLAN.
+                        let out = decapsulate(verdict, &out).map_or(out, |(inner, _)| inner);
                         let backend =
                             Ipv4Address::from_octets(out[30..34].try_into().expect("4 bytes"));
                         let slot = BACKENDS

@@ -361,6 +361,7 @@ fn three_hundred_sequential_connections_split_exactly_over_three_backends() {
         };
         let (verdict, out) = run(prog, &proto_frame);
         assert_eq!(verdict, TC_ACT_REDIRECT);
+        let out = decapsulate(verdict, &out).map_or(out, |(inner, _)| inner);
         let dst = parse_checked(&out).dst;
         counts[BACKENDS.iter().position(|b| *b == dst).expect("backend")] += 1;
     }

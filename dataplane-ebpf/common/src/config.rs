@@ -7,6 +7,10 @@ pub const CONFIG_KEY: u32 = 0;
 /// ARP until then, because a zeroed router MAC would poison the containers' neighbour caches.
 pub const CONFIG_F_READY: u32 = 1 << 0;
 
+/// Plain overlay traffic leaves through the VXLAN device (its tunnel key set by the program)
+/// instead of being encapsulated by the program and sent out of the uplink.
+pub const CONFIG_F_DEVICE_ENCAP: u32 = 1 << 1;
+
 /// Node-wide settings written by the agent, read by every program.
 ///
 /// CONFIG is a hash map without preallocation rather than an array: an update of such a map

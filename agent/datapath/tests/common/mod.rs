@@ -261,7 +261,7 @@ impl Fixture {
             "the hook recorded this run"
         );
         assert_eq!(obs.verdict, verdict);
-        (verdict, out, obs)
+        observe_encapsulation(verdict, out, obs)
     }
 
     /// Runs the `from_overlay_test` hook as if the frame arrived with `vni` from `node`.
@@ -297,9 +297,14 @@ impl Fixture {
             .map(|(_, e)| e)
     }
 
-    /// Runs `from_container`.
+    /// Runs `from_container`; a frame it encapsulated comes back decapsulated (checked by
+    /// [`decapsulate`]).
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        run(self.dp.from_container().expect("program"), frame)
+        let (verdict, out) = run(self.dp.from_container().expect("program"), frame);
+        match decapsulate(verdict, &out) {
+            Some((inner, _)) => (verdict, inner),
+            None => (verdict, out),
+        }
     }
 
     /// Runs the `from_container_test` hook; returns what it observed too.
@@ -313,7 +318,7 @@ impl Fixture {
             "the hook recorded this run"
         );
         assert_eq!(obs.verdict, verdict);
-        (verdict, out, obs)
+        observe_encapsulation(verdict, out, obs)
     }
 
     /// Runs the `from_overlay_test` hook as if the frame arrived with `vni` from
@@ -357,6 +362,92 @@ impl Fixture {
     pub fn events(&mut self) -> Vec<DropEvent> {
         self.dp.take_drop_events().expect("ring buffer").drain()
     }
+}
+
+/// What VXLAN encapsulation in eBPF put around a frame (see [`decapsulate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outer {
+    pub vni: u32,
+    pub remote: Ipv4Addr,
+    pub ttl: u8,
+    pub sport: u16,
+}
+
+/// If the program redirected `out` in VXLAN from this node (NODE_IP) it built itself, checks
+/// the outer headers are what the VXLAN device would send (IPv4 checksum and lengths, DF,
+/// UDP to 4789 without checksum, the VNI flag) and returns the inner frame and what the outer
+/// headers say. Anything else (another node's VXLAN passing the uplink, a frame not
+/// redirected) is not ours: None.
+pub fn decapsulate(verdict: u32, out: &[u8]) -> Option<(Vec<u8>, Outer)> {
+    const ENCAP: usize = 14 + 20 + 8 + 8;
+    if verdict != TC_ACT_REDIRECT || out.len() < ENCAP + 14 || out[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &out[14..34];
+    if ip[9] != 17 || ip[12..16] != NODE_IP.octets() || out[36..38] != 4789u16.to_be_bytes() {
+        return None;
+    }
+    assert_eq!(ip[0], 0x45, "outer IPv4 without options");
+    assert_eq!(
+        usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+        out.len() - 14,
+        "outer total length"
+    );
+    assert_eq!(ip[6..8], [0x40, 0], "DF, no fragment offset");
+    let sum: u32 = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    assert_eq!(
+        (folded & 0xffff) + (folded >> 16),
+        0xffff,
+        "outer IPv4 checksum"
+    );
+    let udp = &out[34..42];
+    assert_eq!(
+        usize::from(u16::from_be_bytes([udp[4], udp[5]])),
+        out.len() - 34,
+        "UDP length"
+    );
+    assert_eq!(udp[6..8], [0, 0], "no outer UDP checksum");
+    let vxlan = &out[42..50];
+    assert_eq!(vxlan[0..4], [0x08, 0, 0, 0], "VXLAN flags: VNI present");
+    assert_eq!(vxlan[7], 0);
+    let outer = Outer {
+        vni: u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]),
+        remote: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        ttl: ip[8],
+        sport: u16::from_be_bytes([udp[0], udp[1]]),
+    };
+    assert!(
+        outer.sport >= 32768,
+        "source port from the flow hash, in the VXLAN range"
+    );
+    Some((out[50..].to_vec(), outer))
+}
+
+/// A hook's result with a frame the program encapsulated itself replaced by the inner frame,
+/// and the outer headers reported in the observation's tunnel fields, as the VXLAN device's
+/// tunnel key would have been: tests say "tunnelled to node N with VNI V" either way.
+fn observe_encapsulation(
+    verdict: u32,
+    out: Vec<u8>,
+    mut obs: TestObservation,
+) -> (u32, Vec<u8>, TestObservation) {
+    let Some((inner, outer)) = decapsulate(verdict, &out) else {
+        return (verdict, out, obs);
+    };
+    assert_ne!(
+        obs.tunnel_key_status, 0,
+        "encapsulated in eBPF and given a tunnel key for the device as well"
+    );
+    obs.tunnel_key_status = 0;
+    obs.tunnel_id = outer.vni;
+    obs.tunnel_remote = outer.remote.octets();
+    obs.tunnel_ttl = outer.ttl;
+    obs.tunnel_tos = 0;
+    (verdict, inner, obs)
 }
 
 /// Runs the program once on `frame`; returns the verdict and the frame as the program left it.

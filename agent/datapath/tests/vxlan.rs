@@ -1,5 +1,9 @@
-//! VXLAN decapsulated in `from_uplink` (src/vxlan.rs of the eBPF crate) under
-//! BPF_PROG_TEST_RUN: plain VXLAN from a node for a local endpoint of its VNI's network is
+//! VXLAN in eBPF (src/vxlan.rs of the eBPF crate) under BPF_PROG_TEST_RUN.
+//!
+//! Sending: plain traffic for another node leaves encapsulated by the program (the fixtures
+//! with the mesh config know the node's address and uplink; `common::decapsulate` checks the
+//! outer headers for every test that sends to a remote endpoint), encrypted networks' traffic
+//! never does. Receiving: plain VXLAN from a node for a local endpoint of its VNI's network is
 //! delivered from the uplink with from_overlay's decision; everything else passes untouched to
 //! the VXLAN device, where `from_overlay` judges it (tests/from_overlay.rs, encryption.rs).
 //! tests/kernel_paths.rs sends real VXLAN through both paths.
@@ -11,6 +15,7 @@ use std::net::Ipv4Addr;
 use common::*;
 use netagent_datapath::{
     CT_DIR_REPLY, CtKind, ENDPOINT_F_ENCRYPTED, EndpointInfo, MESH_INNER_SRC_MAC,
+    NODE_F_TUNNEL_ADDR, NodeInfo, TunnelConfig,
 };
 use smoltcp::wire::{EthernetAddress, EthernetProtocol, Ipv4Address};
 
@@ -178,4 +183,119 @@ fn everything_else_goes_on_to_the_vxlan_device_untouched() {
     }
     assert_eq!(forwarded(&fx, "from_overlay"), 0);
     fx.assert_only_drops(None, 0);
+}
+
+#[test]
+fn plain_traffic_to_another_node_leaves_in_vxlan_built_by_the_program() {
+    if !have_root() {
+        return;
+    }
+    let fx = Fixture::with_services();
+    let prog = fx.dp.from_container_test().expect("program");
+    let frame = tcp_frame(CONTAINER_IP, 40000, REMOTE_PEER_IP, 80, TcpFlags::Syn, b"");
+    let (verdict, out) = run(prog, &frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (inner, outer) = decapsulate(verdict, &out).expect("encapsulated by the program");
+    assert_eq!(
+        (outer.vni, outer.remote, outer.ttl),
+        (VNI_A, REMOTE_NODE, 64)
+    );
+    assert_eq!(
+        fx.observation().tunnel_key_status,
+        NO_TUNNEL_KEY,
+        "no metadata for the VXLAN device"
+    );
+    // The inner frame is the container's, addressed to the peer from the router.
+    assert_readdressed(&inner, &frame, REMOTE_PEER_MAC);
+    assert_eq!(&inner[6..12], &ROUTER_MAC);
+
+    // One flow, one source port (the fabric's ECMP keeps it on one path).
+    let again = tcp_frame(CONTAINER_IP, 40000, REMOTE_PEER_IP, 80, TcpFlags::Ack, b"x");
+    let (verdict, out) = run(prog, &again);
+    assert_eq!(
+        decapsulate(verdict, &out).expect("encapsulated").1.sport,
+        outer.sport
+    );
+    // Other flows spread over the range.
+    let ports: std::collections::HashSet<u16> = (0..16u16)
+        .map(|i| {
+            let f = tcp_frame(
+                CONTAINER_IP,
+                41000 + i,
+                REMOTE_PEER_IP,
+                80,
+                TcpFlags::Syn,
+                b"",
+            );
+            let (verdict, out) = run(prog, &f);
+            decapsulate(verdict, &out).expect("encapsulated").1.sport
+        })
+        .collect();
+    assert!(ports.len() > 8, "source ports {ports:?}");
+    fx.assert_only_drops(None, 0);
+}
+
+/// -EINVAL: what bpf_skb_get_tunnel_key returns for an skb without tunnel metadata.
+const NO_TUNNEL_KEY: i32 = -22;
+
+#[test]
+fn encrypted_traffic_is_never_encapsulated_for_the_uplink() {
+    if !have_root() {
+        return;
+    }
+    let mut fx = Fixture::with_services();
+    const TUNNEL: Ipv4Addr = Ipv4Addr::new(169, 254, 128, 12);
+    for (addr, info) in [
+        (
+            CONTAINER_IP,
+            EndpointInfo::local(VNI_A, TEST_RUN_IFINDEX, CONTAINER_MAC),
+        ),
+        (
+            REMOTE_PEER_IP,
+            EndpointInfo::remote(VNI_A, REMOTE_NODE, REMOTE_PEER_MAC),
+        ),
+    ] {
+        let encrypted = EndpointInfo {
+            flags: info.flags | ENDPOINT_F_ENCRYPTED,
+            ..info
+        };
+        fx.dp
+            .upsert_endpoint(ip(addr), &encrypted)
+            .expect("endpoint");
+    }
+    fx.dp
+        .set_tunnel_config(TunnelConfig {
+            vxlan_enc_ifindex: 98,
+            wireguard_port: 51820,
+        })
+        .expect("tunnel config");
+    fx.dp
+        .upsert_node(
+            REMOTE_NODE,
+            &NodeInfo {
+                flags: 0,
+                tunnel_ip: TUNNEL.octets(),
+            },
+        )
+        .expect("node");
+    fx.dp
+        .upsert_node(
+            TUNNEL,
+            &NodeInfo {
+                flags: NODE_F_TUNNEL_ADDR,
+                tunnel_ip: TUNNEL.octets(),
+            },
+        )
+        .expect("tunnel address");
+    let frame = tcp_frame(CONTAINER_IP, 40000, REMOTE_PEER_IP, 80, TcpFlags::Syn, b"");
+    let (verdict, out) = run(fx.dp.from_container_test().expect("program"), &frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert!(
+        decapsulate(verdict, &out).is_none(),
+        "an encrypted network's packet in clear VXLAN"
+    );
+    let obs = fx.observation();
+    assert_eq!(obs.tunnel_key_status, 0, "metadata for the tunnel's device");
+    assert_eq!(obs.tunnel_remote, TUNNEL.octets());
+    assert_readdressed(&out, &frame, REMOTE_PEER_MAC);
 }
