@@ -543,3 +543,98 @@ fn several_networks_foreground_runs_and_the_attach_api() {
         "interface left behind"
     );
 }
+
+/// A node with `--overlay-encap=device` (the kernel's VXLAN device puts plain traffic in
+/// VXLAN) and one with the default (the programs do, and decapsulate on the uplink) carry the
+/// same overlay between them: same wire format both ways, small packets and GSO-sized ones.
+#[test]
+fn kernel_device_and_ebpf_encapsulation_interoperate() {
+    let lab = Lab::up(LabConfig {
+        nodes: 2,
+        store: StoreKind::Etcd,
+        lease_ttl_secs: 3,
+        extra_agent_args_per_node: vec![(1, vec!["--overlay-encap=device".to_owned()])],
+        ..Default::default()
+    })
+    .expect("lab up");
+    for (node, encap) in [(1, "device"), (2, "ebpf")] {
+        let n = json(&lab, node, &["node", "inspect", &lab.node_name(node)]);
+        assert_eq!(n["datapath"]["overlay_encap"], encap, "{n}");
+    }
+    netctl(
+        &lab,
+        1,
+        &["network", "create", "--subnet", "10.10.7.0/24", "mixed"],
+    );
+    let sink = "socat TCP-LISTEN:7002,fork,reuseaddr SYSTEM:'wc -c' & ".to_owned() + SERVERS;
+    let mut ips = Vec::new();
+    for (node, name) in [(1, "dev"), (2, "bpf")] {
+        netctl(
+            &lab,
+            node,
+            &[
+                "container",
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--network",
+                "mixed",
+                "--",
+                "sh",
+                "-c",
+                &sink,
+            ],
+        );
+        ips.push(
+            json(&lab, node, &["container", "inspect", name])["endpoints"][0]["ip"]
+                .as_str()
+                .expect("ip")
+                .to_owned(),
+        );
+    }
+    for (node, from, to, ip) in [(1, "dev", "bpf", &ips[1]), (2, "bpf", "dev", &ips[0])] {
+        assert!(
+            wait_until(Duration::from_secs(5), || ping_ok(&lab, node, from, ip)).is_some(),
+            "ping {from} -> {to}\n{}",
+            lab.agent_log(node)
+        );
+        // Full-size frames with DF fit (MTU 1450 both ways).
+        let df = exec(
+            &lab,
+            node,
+            from,
+            &["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1422", ip],
+        );
+        assert!(
+            df.success(),
+            "DF ping {from} -> {to}: {}{}",
+            df.stdout,
+            df.stderr
+        );
+        let tcp = exec(
+            &lab,
+            node,
+            from,
+            &["socat", "-T3", "-", &format!("TCP:{ip}:7000")],
+        );
+        assert_eq!(tcp.stdout.trim(), format!("tcp-{to}"), "{}", tcp.stderr);
+        // Megabytes in one connection: TSO-sized packets through both paths.
+        let bulk = exec(
+            &lab,
+            node,
+            from,
+            &[
+                "sh",
+                "-c",
+                &format!("head -c 8000000 /dev/zero | socat -t3 -T5 - TCP:{ip}:7002"),
+            ],
+        );
+        assert_eq!(
+            bulk.stdout.trim(),
+            "8000000",
+            "bulk {from} -> {to}: {}",
+            bulk.stderr
+        );
+    }
+}

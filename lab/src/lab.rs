@@ -80,6 +80,9 @@ pub struct LabConfig {
     pub start_agents: bool,
     /// Appended to every agent's command line.
     pub extra_agent_args: Vec<String>,
+    /// Appended to one node's agent command line after those (node number, 1-based; e.g. a
+    /// mixed cluster of agents with different options).
+    pub extra_agent_args_per_node: Vec<(usize, Vec<String>)>,
     /// Set in every agent's environment. `NOTIFY_SOCKET` is removed from it otherwise, so
     /// agents of a lab run from a systemd unit never talk to that service manager.
     pub agent_env: Vec<(String, String)>,
@@ -108,6 +111,7 @@ impl Default for LabConfig {
             lease_ttl_secs: 5,
             start_agents: true,
             extra_agent_args: Vec::new(),
+            extra_agent_args_per_node: Vec::new(),
             agent_env: Vec::new(),
             netagent_bin: None,
             netctl_bin: None,
@@ -945,6 +949,11 @@ fn agent_args(prefix: &str, i: usize, config: &LabConfig) -> Vec<String> {
     ]
     .into();
     args.extend(config.extra_agent_args.iter().cloned());
+    for (node, extra) in &config.extra_agent_args_per_node {
+        if *node == i {
+            args.extend(extra.iter().cloned());
+        }
+    }
     args
 }
 

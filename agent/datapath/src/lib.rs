@@ -431,6 +431,11 @@ impl Datapath {
         self.write_config(abi)
     }
 
+    /// Whether plain overlay traffic leaves through the VXLAN device, as the programs see it.
+    pub fn device_encap(&self) -> Result<bool, DatapathError> {
+        Ok(self.config()?.flags & CONFIG_F_DEVICE_ENCAP != 0)
+    }
+
     /// Sets where encrypted networks' traffic goes; the rest of the config stays.
     pub fn set_tunnel_config(&mut self, t: TunnelConfig) -> Result<(), DatapathError> {
         let mut abi = self.config()?;

@@ -190,9 +190,33 @@ fn plain_traffic_to_another_node_leaves_in_vxlan_built_by_the_program() {
     if !have_root() {
         return;
     }
-    let fx = Fixture::with_services();
-    let prog = fx.dp.from_container_test().expect("program");
+    let mut fx = Fixture::with_services();
     let frame = tcp_frame(CONTAINER_IP, 40000, REMOTE_PEER_IP, 80, TcpFlags::Syn, b"");
+    // The real program: counted as the container sent it, traced by its inner headers.
+    let mut events = fx.dp.take_drop_events().expect("events");
+    fx.dp.set_trace(true).expect("trace on");
+    let (verdict, _) = fx.run(&frame);
+    fx.dp.set_trace(false).expect("trace off");
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let traces = events.drain();
+    assert_eq!(traces.len(), 1, "{traces:?}");
+    let t = &traces[0];
+    assert_eq!(
+        (t.src_ip, t.dst_ip, t.src_port, t.dst_port),
+        (CONTAINER_IP.octets(), REMOTE_PEER_IP.octets(), 40000, 80),
+        "{t}"
+    );
+    let sent = fx
+        .dp
+        .forwarded()
+        .expect("forwarded")
+        .into_iter()
+        .find(|(h, a, _)| *h == "from_container" && *a == "redirect")
+        .expect("counted")
+        .2;
+    assert_eq!((sent.packets, sent.bytes), (1, frame.len() as u64));
+
+    let prog = fx.dp.from_container_test().expect("program");
     let (verdict, out) = run(prog, &frame);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     let (inner, outer) = decapsulate(verdict, &out).expect("encapsulated by the program");

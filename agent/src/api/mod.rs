@@ -272,13 +272,15 @@ async fn node_rotate_key(
 fn datapath_status(st: &ApiState) -> serde_json::Value {
     let reconcile = serde_json::to_value(st.runtime.reconciler.status()).unwrap_or_default();
     let dp = lock(st.runtime.reconciler.datapath());
-    match dp.drop_counters() {
-        Ok(counters) => {
+    match dp.drop_counters().and_then(|c| Ok((c, dp.device_encap()?))) {
+        Ok((counters, device)) => {
             let drops: serde_json::Map<String, serde_json::Value> = counters
                 .into_iter()
                 .map(|(name, n)| (name.to_string(), n.into()))
                 .collect();
-            serde_json::json!({ "drops": drops, "reconcile": reconcile })
+            // Who puts plain overlay traffic in VXLAN, as the programs see it.
+            let encap = if device { "device" } else { "ebpf" };
+            serde_json::json!({ "drops": drops, "overlay_encap": encap, "reconcile": reconcile })
         }
         Err(e) => serde_json::json!({ "error": e.to_string(), "reconcile": reconcile }),
     }
