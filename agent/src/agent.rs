@@ -117,10 +117,11 @@ pub struct Args {
     /// Seconds without a refresh after which this node counts as down.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..=300))]
     pub lease_ttl: u64,
-    /// Who puts plain overlay traffic in VXLAN: `ebpf` (the programs, straight out of the
-    /// uplink) or `device` (the kernel's VXLAN device, routed by the node's routing table:
-    /// for nodes that reach each other through another interface than the uplink).
-    /// Encrypted networks always go through the tunnel's device.
+    /// Who puts plain overlay traffic in VXLAN and takes it out: `ebpf` (the programs, straight
+    /// out of the uplink and from the uplink into the container) or `device` (the kernel's
+    /// VXLAN device both ways, routed by the node's routing table and seen by its netfilter:
+    /// for nodes that reach each other through another interface than the uplink, or filter
+    /// VXLAN with iptables). Encrypted networks always go through the tunnel's device.
     #[arg(long, value_enum, default_value = "ebpf")]
     pub overlay_encap: OverlayEncap,
 }

@@ -90,7 +90,7 @@ pub fn try_from_uplink(ctx: &TcContext) -> Result<i32, DropReason> {
         }
         // Overlay traffic for a local container is delivered from here; the rest goes to
         // the VXLAN device (or the WireGuard socket).
-        if l4.dport == VXLAN_PORT && vxlan::deliverable(ctx, &ip) {
+        if l4.dport == VXLAN_PORT && vxlan::in_ebpf(config) && vxlan::deliverable(ctx, &ip) {
             return Ok(vxlan::DECAP);
         }
         return Ok(TC_ACT_OK);

@@ -107,13 +107,17 @@ const SPORT_MAX: u32 = 61000;
 const ENCAP_L2_ETH_LEN: u64 = (ETH_HLEN as u64) << 56;
 
 /// Whether [`encapsulate`] sends on this node: it knows its address and uplink (the agent
-/// always sets both; a datapath without them uses the VXLAN device), and the agent did not
-/// ask for the device (`CONFIG_F_DEVICE_ENCAP`).
+/// always sets both; a datapath without them uses the VXLAN device), and [`in_ebpf`].
 #[inline(always)]
 pub fn can_encapsulate(config: &Config) -> bool {
-    config.node_ip != [0; 4]
-        && config.uplink_ifindex != 0
-        && config.flags & CONFIG_F_DEVICE_ENCAP == 0
+    config.node_ip != [0; 4] && config.uplink_ifindex != 0 && in_ebpf(config)
+}
+
+/// Whether the programs do the VXLAN both ways here: the agent did not ask for the device
+/// (`CONFIG_F_DEVICE_ENCAP`: then it encapsulates and decapsulates everything).
+#[inline(always)]
+pub fn in_ebpf(config: &Config) -> bool {
+    config.flags & CONFIG_F_DEVICE_ENCAP == 0
 }
 
 subprogram! {

@@ -418,9 +418,9 @@ impl Datapath {
         self.write_config(abi)
     }
 
-    /// Whether plain overlay traffic leaves through the VXLAN device (`true`) or encapsulated
-    /// by the programs out of the uplink (`false`, what a load starts with); the rest of the
-    /// config stays.
+    /// Whether plain overlay traffic leaves and arrives through the VXLAN device (`true`) or
+    /// is encapsulated by the programs out of the uplink and decapsulated on it (`false`, what
+    /// a load starts with); the rest of the config stays.
     pub fn set_device_encap(&mut self, device: bool) -> Result<(), DatapathError> {
         let mut abi = self.config()?;
         abi.flags = if device {

@@ -323,3 +323,41 @@ fn encrypted_traffic_is_never_encapsulated_for_the_uplink() {
     assert_eq!(obs.tunnel_remote, TUNNEL.octets());
     assert_readdressed(&out, &frame, REMOTE_PEER_MAC);
 }
+
+#[test]
+fn with_the_device_asked_for_the_programs_do_no_vxlan_either_way() {
+    if !have_root() {
+        return;
+    }
+    let mut fx = Fixture::with_services();
+    fx.dp.set_device_encap(true).expect("device encap");
+    assert!(fx.dp.device_encap().expect("read back"));
+    // Out: the tunnel key for the device, the frame untouched but readdressed.
+    let frame = tcp_frame(CONTAINER_IP, 40000, REMOTE_PEER_IP, 80, TcpFlags::Syn, b"");
+    let (verdict, out) = run(fx.dp.from_container_test().expect("program"), &frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert!(
+        decapsulate(verdict, &out).is_none(),
+        "encapsulated by the program"
+    );
+    let obs = fx.observation();
+    assert_eq!(obs.tunnel_key_status, 0);
+    assert_eq!(
+        (obs.tunnel_id, obs.tunnel_remote),
+        (VNI_A, REMOTE_NODE.octets())
+    );
+    assert_readdressed(&out, &frame, REMOTE_PEER_MAC);
+    // In: left to the device.
+    let vx = vxlan(
+        REMOTE_NODE,
+        VNI_A,
+        &inner(LOCAL_PEER_IP, LOCAL_PEER_MAC, b"x"),
+    );
+    let (verdict, out, _) = fx.run_uplink(&vx);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, vx);
+    // And back.
+    fx.dp.set_device_encap(false).expect("ebpf encap");
+    assert_eq!(fx.run_uplink(&vx).0, TC_ACT_REDIRECT);
+    fx.assert_only_drops(None, 0);
+}

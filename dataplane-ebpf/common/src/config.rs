@@ -8,7 +8,8 @@ pub const CONFIG_KEY: u32 = 0;
 pub const CONFIG_F_READY: u32 = 1 << 0;
 
 /// Plain overlay traffic leaves through the VXLAN device (its tunnel key set by the program)
-/// instead of being encapsulated by the program and sent out of the uplink.
+/// instead of being encapsulated by the program and sent out of the uplink, and arrives
+/// through it too (`from_uplink` decapsulates nothing).
 pub const CONFIG_F_DEVICE_ENCAP: u32 = 1 << 1;
 
 /// Node-wide settings written by the agent, read by every program.
