@@ -29,6 +29,8 @@ pub struct Options {
     pub workers: usize,
     /// Other services defined for the second phase.
     pub services: usize,
+    /// Extra arguments for this product's agents.
+    pub agent_args: Vec<String>,
     pub json: PathBuf,
     pub markdown: bool,
 }
@@ -139,7 +141,7 @@ pub fn run(opts: &Options) -> Result<()> {
         "bench: building the lab (3 nodes, service {} with 3 tinyhttp replicas)",
         crate::lbsetup::SERVICE
     );
-    let mut lab = LbLab::build()?;
+    let mut lab = LbLab::build(&opts.agent_args)?;
     // (index into PATHS, client netns, address)
     let mut targets: Vec<(usize, PathBuf, String)> = lab
         .targets()
@@ -172,8 +174,26 @@ pub fn run(opts: &Options) -> Result<()> {
                 let ti = (round + k) % targets.len();
                 let (pi, ns, addr) = &targets[ti];
                 for (mi, mode) in MODES.iter().enumerate() {
+                    let ours = *pi < 2;
+                    let before = if ours {
+                        crate::cluster::drops(&lab.lab, crate::lbsetup::REPLICAS)?
+                    } else {
+                        Default::default()
+                    };
                     let out = lab.load(ns, addr, mode, opts.workers, opts.secs)?;
                     let r = parse_run(&out)?;
+                    if ours {
+                        // What the datapath dropped during the run, if anything.
+                        let after = crate::cluster::drops(&lab.lab, crate::lbsetup::REPLICAS)?;
+                        let new: Vec<String> = after
+                            .iter()
+                            .filter(|(k, n)| before.get(*k).is_none_or(|b| *b < **n))
+                            .map(|(k, n)| format!("{k}=+{}", n - before.get(k).unwrap_or(&0)))
+                            .collect();
+                        if !new.is_empty() {
+                            eprintln!("bench:   drops during the run: {}", new.join(" "));
+                        }
+                    }
                     eprintln!(
                         "bench: {} services, run {}/{} ({}) {mode}: {:.0} req/s, p50 {} us, p99 {} us, {} errors",
                         phase,
@@ -225,7 +245,13 @@ pub fn run(opts: &Options) -> Result<()> {
         baseline_backends: base.as_ref().map_or_else(Vec::new, |b| {
             b.backend_ips.iter().map(|ip| ip.to_string()).collect()
         }),
-        notes: base.as_ref().map_or_else(Vec::new, |b| b.notes.clone()),
+        notes: {
+            let mut notes = base.as_ref().map_or_else(Vec::new, |b| b.notes.clone());
+            if !opts.agent_args.is_empty() {
+                notes.push(format!("(a), (b) agent args {}", opts.agent_args.join(" ")));
+            }
+            notes
+        },
         netagent_build: if cfg!(debug_assertions) {
             "debug"
         } else {

@@ -59,12 +59,14 @@ pub fn sibling_bin(name: &str) -> Result<PathBuf> {
 }
 
 impl LbLab {
-    pub fn build() -> Result<LbLab> {
+    /// The product's lab; its agents get `agent_args` too.
+    pub fn build(agent_args: &[String]) -> Result<LbLab> {
         let tinyhttp = sibling_bin("tinyhttp")?;
         let lbload = sibling_bin("lbload")?;
         let lab = Lab::up(LabConfig {
             nodes: REPLICAS,
             store: StoreKind::Etcd,
+            extra_agent_args: agent_args.to_vec(),
             ..Default::default()
         })
         .context("lab for the load-balancer benchmark")?;

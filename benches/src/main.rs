@@ -114,6 +114,10 @@ struct LbArgs {
     /// Other services defined for the second phase
     #[arg(long, default_value_t = 1000)]
     services: usize,
+    /// An argument for this product's agents (repeatable), as for `overlay`; quoted under the
+    /// table
+    #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
     /// Where to write the results as JSON
     #[arg(long, default_value_os_t = default_json("lb"))]
     json: PathBuf,
@@ -296,6 +300,7 @@ fn main() -> ExitCode {
             secs: a.secs,
             workers: a.workers,
             services: a.services,
+            agent_args: a.agent_args,
             json: a.json,
             markdown: a.markdown,
         }),
