@@ -86,6 +86,25 @@ pub fn retry<T>(timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T
     }
 }
 
+/// Every node's drop counters that are not zero, as `n1 reason=count` words (from `node
+/// inspect`): what a benchmark quotes when a run of this product saw errors.
+pub fn drops(lab: &Lab, nodes: usize) -> Result<std::collections::BTreeMap<String, u64>> {
+    let mut out = std::collections::BTreeMap::new();
+    for i in 1..=nodes {
+        let name = lab.node_name(i);
+        let json = netctl(lab, i, &["--format", "json", "node", "inspect", &name])?;
+        let v = one_object(&json)?;
+        if let Some(drops) = v["datapath"]["drops"].as_object() {
+            for (reason, n) in drops {
+                if let Some(n) = n.as_u64().filter(|n| *n > 0) {
+                    out.insert(format!("{name} {reason}"), n);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,23 +149,4 @@ mod tests {
         );
         assert_eq!(retry(Duration::ZERO, || Ok(5)).unwrap(), 5);
     }
-}
-
-/// Every node's drop counters that are not zero, as `n1 reason=count` words (from `node
-/// inspect`): what a benchmark quotes when a run of this product saw errors.
-pub fn drops(lab: &Lab, nodes: usize) -> Result<std::collections::BTreeMap<String, u64>> {
-    let mut out = std::collections::BTreeMap::new();
-    for i in 1..=nodes {
-        let name = lab.node_name(i);
-        let json = netctl(lab, i, &["--format", "json", "node", "inspect", &name])?;
-        let v = one_object(&json)?;
-        if let Some(drops) = v["datapath"]["drops"].as_object() {
-            for (reason, n) in drops {
-                if let Some(n) = n.as_u64().filter(|n| *n > 0) {
-                    out.insert(format!("{name} {reason}"), n);
-                }
-            }
-        }
-    }
-    Ok(out)
 }
