@@ -56,19 +56,19 @@ pub const ENCAP_LEN: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
 const VXLAN_OFF: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN;
 const INNER_ETH_OFF: usize = VXLAN_OFF + VXLAN_HLEN;
 const INNER_IP_OFF: usize = INNER_ETH_OFF + ETH_HLEN;
-/// The "VNI present" flag, the only one RFC 7348 defines.
-const VXLAN_F_VNI: u8 = 0x08;
+/// The first word of a VXLAN header: the "VNI present" flag, the only one RFC 7348 defines.
+const VXLAN_FLAGS: [u8; 4] = [0x08, 0, 0, 0];
 
 /// What `try_from_uplink` answers for a packet to decapsulate here ([`receive`]): not a tc
 /// verdict (those are small and non-negative) and not a caller's sentinel (-1).
 pub const DECAP: i32 = -2;
 
+/// RFC 7348: flags (only "VNI present" defined) and 24 reserved bits, then the VNI and 8
+/// reserved bits (`vni[3]`).
 #[repr(C)]
 struct VxlanHdr {
-    flags: u8,
-    _reserved: [u8; 3],
-    vni: [u8; 3],
-    _reserved2: u8,
+    flags: [u8; 4],
+    vni: [u8; 4],
 }
 
 const _: () = assert!(core::mem::size_of::<VxlanHdr>() == VXLAN_HLEN);
@@ -195,10 +195,8 @@ fn try_encapsulate(
             check: [0; 2],
         };
         (*encap).vxlan = VxlanHdr {
-            flags: VXLAN_F_VNI,
-            _reserved: [0; 3],
-            vni: [v[1], v[2], v[3]],
-            _reserved2: 0,
+            flags: VXLAN_FLAGS,
+            vni: [v[1], v[2], v[3], 0],
         };
     }
     forward::to_uplink(config)
@@ -235,7 +233,12 @@ fn headers(ctx: &TcContext) -> Option<(u32, [u8; 4])> {
     // SAFETY: `ptr_at` checked each header lies inside the linear packet data.
     let (remote, flags, vni, ether_type) =
         unsafe { ((*outer).saddr, (*vx).flags, (*vx).vni, (*eth).ether_type) };
-    if flags != VXLAN_F_VNI || ether_type != ETH_P_IP {
+    // Only the VNI flag, and no reserved bit: anything else is an extension we do not speak
+    // (the device drops those).
+    if u32::from_ne_bytes(flags) != u32::from_ne_bytes(VXLAN_FLAGS)
+        || vni[3] != 0
+        || ether_type != ETH_P_IP
+    {
         return None;
     }
     Some((u32::from_be_bytes([0, vni[0], vni[1], vni[2]]), remote))
@@ -250,7 +253,9 @@ pub fn receive(ctx: &TcContext) -> i32 {
         return stats::forwarded(ctx, Hook::FromUplink, TC_ACT_OK, 0, ctx.len());
     };
     // Decapsulation keeps the outer Ethernet header (both say IPv4); give it the inner one's
-    // addresses first, since from_overlay's decision reads them (the routing mesh's mark).
+    // addresses first, since from_overlay's decision reads them (the routing mesh's mark). If
+    // the kernel then refuses, the stack gets the packet with those addresses: it classified
+    // the frame before this hook (and packet taps saw it as it came), so nothing notices.
     if keep_inner_macs(ctx).is_err() {
         return stats::forwarded(ctx, Hook::FromUplink, TC_ACT_OK, 0, ctx.len());
     }

@@ -19,11 +19,6 @@ use crate::{cargo, setup};
 /// The benchmarks `benches` knows; `cargo xtask bench` accepts only these.
 pub const NAMES: &[&str] = &["overlay", "encrypted", "dns", "lb", "egress", "scale"];
 
-/// The benchmarks that measure netagent's own code (not only the eBPF
-/// programs, which are release builds either way): its resolver, its WireGuard, its
-/// control plane.
-const RELEASE_AGENT: &[&str] = &["dns", "encrypted", "scale"];
-
 /// A whole benchmark takes a few minutes; this only catches a hang (every
 /// tool run inside it is bounded on its own).
 const BENCH_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -42,8 +37,12 @@ pub fn run(name: &str, extra: &[String]) -> Result<ExitCode> {
     let mut c = Command::new(dir.join("benches"));
     c.arg(name).args(extra);
     let mut shown = String::new();
-    // A NETAGENT_BIN the caller set wins (netlab reads it too).
-    if RELEASE_AGENT.contains(&name) && env::var_os("NETAGENT_BIN").is_none() {
+    // Every benchmark runs netagent as users do, a release build: those that measure its own
+    // code (resolver, WireGuard, control plane) need it, and the datapath ones too, since the
+    // agents share the CPUs being measured and a debug agent's periodic work (leases,
+    // reconcile passes, view saves) costs several times a release one's. A NETAGENT_BIN the
+    // caller set wins (netlab reads it too).
+    if env::var_os("NETAGENT_BIN").is_none() {
         let agent = release_agent(dir)?;
         shown = format!("NETAGENT_BIN={} ", agent.display());
         c.env("NETAGENT_BIN", agent);

@@ -170,6 +170,16 @@ fn everything_else_goes_on_to_the_vxlan_device_untouched() {
                 &inner(LOCAL_PEER_IP, LOCAL_PEER_MAC, b"x"),
             ),
         ),
+        ("reserved bits set", {
+            let mut f = vxlan(
+                REMOTE_NODE,
+                VNI_A,
+                &inner(LOCAL_PEER_IP, LOCAL_PEER_MAC, b"x"),
+            );
+            // The second byte of the VXLAN header (after Ethernet, IPv4 and UDP).
+            f[14 + 20 + 8 + 1] = 0x01;
+            f
+        }),
         ("inner ARP", vxlan(REMOTE_NODE, VNI_A, &arp_inner)),
         (
             "truncated",
