@@ -25,6 +25,11 @@ const SERVERS: &str = "socat TCP-LISTEN:7000,fork,reuseaddr SYSTEM:'echo tcp-$NE
                        socat UDP-RECVFROM:7001,fork SYSTEM:'echo udp-$NETAGENT_CONTAINER' & wait";
 
 fn run_container(lab: &Lab, node: usize, name: &str, network: &str) -> String {
+    run_container_with(lab, node, name, network, SERVERS)
+}
+
+/// `run_container` with another shell script than SERVERS.
+fn run_container_with(lab: &Lab, node: usize, name: &str, network: &str, script: &str) -> String {
     netctl(
         lab,
         node,
@@ -39,7 +44,7 @@ fn run_container(lab: &Lab, node: usize, name: &str, network: &str) -> String {
             "--",
             "sh",
             "-c",
-            SERVERS,
+            script,
         ],
     );
     let c = json(lab, node, &["container", "inspect", name]);
@@ -567,32 +572,10 @@ fn kernel_device_and_ebpf_encapsulation_interoperate() {
         &["network", "create", "--subnet", "10.10.7.0/24", "mixed"],
     );
     let sink = "socat TCP-LISTEN:7002,fork,reuseaddr SYSTEM:'wc -c' & ".to_owned() + SERVERS;
-    let mut ips = Vec::new();
-    for (node, name) in [(1, "dev"), (2, "bpf")] {
-        netctl(
-            &lab,
-            node,
-            &[
-                "container",
-                "run",
-                "-d",
-                "--name",
-                name,
-                "--network",
-                "mixed",
-                "--",
-                "sh",
-                "-c",
-                &sink,
-            ],
-        );
-        ips.push(
-            json(&lab, node, &["container", "inspect", name])["endpoints"][0]["ip"]
-                .as_str()
-                .expect("ip")
-                .to_owned(),
-        );
-    }
+    let ips: Vec<String> = [(1, "dev"), (2, "bpf")]
+        .into_iter()
+        .map(|(node, name)| run_container_with(&lab, node, name, "mixed", &sink))
+        .collect();
     for (node, from, to, ip) in [(1, "dev", "bpf", &ips[1]), (2, "bpf", "dev", &ips[0])] {
         assert!(
             wait_until(Duration::from_secs(5), || ping_ok(&lab, node, from, ip)).is_some(),

@@ -3,7 +3,10 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::DropReason;
 
-use crate::eth::{ETH_HLEN, ensure_linear, ptr_at};
+use crate::{
+    csum::{fold, sum_words},
+    eth::{ETH_HLEN, ensure_linear, ptr_at},
+};
 
 /// The fixed part of the IPv4 header (options, if any, follow it).
 #[repr(C)]
@@ -84,4 +87,31 @@ pub fn parse(ctx: &TcContext) -> Result<Ipv4, DropReason> {
 #[inline(always)]
 pub fn is_broadcast_or_multicast(addr: [u8; 4]) -> bool {
     addr[0] & 0xf0 == 0xe0 || addr == [0xff; 4]
+}
+
+/// IPv4 "don't fragment".
+const IP_DF: [u8; 2] = [0x40, 0];
+/// The TTL of locally generated packets (Linux's default).
+const TTL: u8 = 64;
+
+/// The header of a packet the programs build themselves (a reset, a VXLAN outer header): no
+/// options, DF (they fit the path by construction), id 0, TTL 64, its checksum filled in.
+#[inline(always)]
+pub fn header(protocol: u8, tot_len: u16, saddr: [u8; 4], daddr: [u8; 4]) -> Ipv4Hdr {
+    let mut ip = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len: tot_len.to_be_bytes(),
+        id: [0; 2],
+        frag_off: IP_DF,
+        ttl: TTL,
+        protocol,
+        check: [0; 2],
+        saddr,
+        daddr,
+    };
+    // SAFETY: a plain byte struct; viewing it as bytes is always valid.
+    let bytes: &[u8; IPV4_HLEN] = unsafe { &*(&raw const ip).cast() };
+    ip.check = fold(sum_words(bytes));
+    ip
 }

@@ -24,7 +24,7 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
+pub const UDP_HLEN: usize = 8;
 /// Offset of the checksum field in the TCP and UDP headers.
 const TCP_CSUM_OFF: usize = 16;
 const UDP_CSUM_OFF: usize = 6;
@@ -48,11 +48,11 @@ const _: () = assert!(core::mem::size_of::<TcpHdr>() == TCP_HLEN);
 
 /// The UDP header.
 #[repr(C)]
-struct UdpHdr {
-    source: [u8; 2],
-    dest: [u8; 2],
-    len: [u8; 2],
-    check: [u8; 2],
+pub struct UdpHdr {
+    pub source: [u8; 2],
+    pub dest: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
 }
 
 const _: () = assert!(core::mem::size_of::<UdpHdr>() == UDP_HLEN);

@@ -17,7 +17,7 @@ use crate::csum::{fold, sum_words};
 use crate::verdict::subprogram;
 use crate::{
     eth::{ETH_HLEN, ETH_P_IP, EthHdr, ensure_linear, ifindex, ptr_at},
-    ipv4::{IPV4_HLEN, Ipv4, Ipv4Hdr},
+    ipv4::{self, IPV4_HLEN, Ipv4, Ipv4Hdr},
     l4::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, TcpHdr},
     verdict::TC_ACT_REDIRECT,
 };
@@ -25,9 +25,6 @@ use crate::{
 const TCP_HLEN: usize = 20;
 /// The whole reset: Ethernet, IPv4 without options, TCP without options.
 const RST_LEN: usize = ETH_HLEN + IPV4_HLEN + TCP_HLEN;
-/// IPv4 "don't fragment", the TTL of locally generated packets.
-const IP_DF: [u8; 2] = [0x40, 0];
-const TTL: u8 = 64;
 
 /// Whether [`to_sender`] can answer this TCP packet: not a RST itself (never answered), and
 /// no IPv4 options (the reset is built in place of a 20-byte header).
@@ -70,18 +67,7 @@ pub fn to_sender(ctx: &TcContext, ip: &Ipv4, router_mac: [u8; 6]) -> Result<i32,
         ([0; 4], next.to_be_bytes(), TCP_RST | TCP_ACK)
     };
 
-    let mut rst_ip = Ipv4Hdr {
-        version_ihl: 0x45,
-        tos: 0,
-        tot_len: ((IPV4_HLEN + TCP_HLEN) as u16).to_be_bytes(),
-        id: [0; 2],
-        frag_off: IP_DF,
-        ttl: TTL,
-        protocol: IPPROTO_TCP,
-        check: [0; 2],
-        saddr: ip.dst,
-        daddr: ip.src,
-    };
+    let rst_ip = ipv4::header(IPPROTO_TCP, (IPV4_HLEN + TCP_HLEN) as u16, ip.dst, ip.src);
     let mut rst_tcp = TcpHdr {
         source: tcp.dest,
         dest: tcp.source,
@@ -93,10 +79,7 @@ pub fn to_sender(ctx: &TcContext, ip: &Ipv4, router_mac: [u8; 6]) -> Result<i32,
         check: [0; 2],
         urg_ptr: [0; 2],
     };
-    // SAFETY: both are plain byte structs; viewing them as bytes is always valid.
-    let ip_bytes: &[u8; IPV4_HLEN] = unsafe { &*(&raw const rst_ip).cast() };
-    rst_ip.check = fold(sum_words(ip_bytes));
-    // SAFETY: as above.
+    // SAFETY: a plain byte struct; viewing it as bytes is always valid.
     let tcp_bytes: &[u8; TCP_HLEN] = unsafe { &*(&raw const rst_tcp).cast() };
     let pseudo = sum_words(&ip.dst) + sum_words(&ip.src) + u32::from(IPPROTO_TCP) + TCP_HLEN as u32;
     rst_tcp.check = fold(pseudo + sum_words(tcp_bytes));

@@ -38,17 +38,16 @@ use dataplane_common::{
 };
 
 use crate::{
-    csum::{fold, sum_words},
     drop,
     eth::{ETH_HLEN, ETH_P_IP, EthHdr, ensure_linear, ptr_at, set_macs},
     forward,
     from_overlay::try_from_overlay,
-    ipv4::{IPV4_HLEN, Ipv4, Ipv4Hdr},
+    ipv4::{self, IPV4_HLEN, Ipv4, Ipv4Hdr},
+    l4::{UDP_HLEN, UdpHdr},
     maps, stats,
     verdict::{TC_ACT_OK, subprogram},
 };
 
-const UDP_HLEN: usize = 8;
 const VXLAN_HLEN: usize = 8;
 /// Outer IPv4 (without options), UDP, VXLAN and the inner Ethernet header: what decapsulation
 /// removes after the outer Ethernet header, which stays and becomes the inner frame's.
@@ -84,21 +83,8 @@ struct Encap {
 
 const _: () = assert!(core::mem::size_of::<Encap>() == ENCAP_LEN);
 
-#[repr(C)]
-struct UdpHdr {
-    source: [u8; 2],
-    dest: [u8; 2],
-    len: [u8; 2],
-    check: [u8; 2],
-}
-
 /// The overlay's VXLAN port (IANA's).
 pub const VXLAN_PORT: u16 = 4789;
-/// IPv4 "don't fragment": the overlay's MTU leaves room for the headers on the uplink, so a
-/// packet that does not fit the path is a misconfiguration to report (ICMP), not to fragment.
-const IP_DF: [u8; 2] = [0x40, 0];
-/// Outer TTL, as `tunnel::set_key` gives the VXLAN device.
-const TUNNEL_TTL: u8 = 64;
 /// The source port range the Linux VXLAN device uses by default (the local port range), so
 /// the fabric's ECMP hashing sees the same spread either way.
 const SPORT_MIN: u32 = 32768;
@@ -167,21 +153,15 @@ fn try_encapsulate(
     ensure_linear(ctx, ETH_HLEN + ENCAP_LEN)?;
     let outer_eth: *const EthHdr = ptr_at(ctx, 0)?;
     let encap: *mut Encap = ptr_at(ctx, ETH_HLEN)?;
-    let mut ip = Ipv4Hdr {
-        version_ihl: 0x45,
-        tos: 0,
-        tot_len: (tot_len as u16).to_be_bytes(),
-        id: [0; 2],
-        frag_off: IP_DF,
-        ttl: TUNNEL_TTL,
-        protocol: IPPROTO_UDP,
-        check: [0; 2],
-        saddr: config.node_ip,
-        daddr: node_be.to_ne_bytes(),
-    };
-    // SAFETY: a plain byte struct; viewing it as bytes is always valid.
-    let ip_bytes: &[u8; IPV4_HLEN] = unsafe { &*(&raw const ip).cast() };
-    ip.check = fold(sum_words(ip_bytes));
+    // DF: the overlay's MTU leaves room for these headers on the uplink, so a packet that does
+    // not fit the path is a misconfiguration to report (ICMP), not to fragment. TTL 64, as
+    // `tunnel::set_key` gives the device.
+    let ip = ipv4::header(
+        IPPROTO_UDP,
+        tot_len as u16,
+        config.node_ip,
+        node_be.to_ne_bytes(),
+    );
     let v = vni.to_be_bytes();
     // SAFETY: `ptr_at` checked both lie inside the linear (writable) packet data; the room
     // just made does not overlap the outer Ethernet header it copies.
