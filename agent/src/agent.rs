@@ -132,6 +132,10 @@ pub enum OverlayEncap {
     Device,
 }
 
+/// How long the agent waits for its own node record to reach its view before it serves the
+/// API anyway (see where it is used).
+const REGISTERED_WAIT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -493,6 +497,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let ops = state.ops.clone();
     let mut stop = shutdown_rx.clone();
+    // Ready (the API, READY=1) means this node is in the cluster: its record has reached the
+    // view, so `node inspect` of itself answers. Bounded: with the store slow or down the
+    // API must still come up, to say why.
+    let mut own = view_rx.clone();
+    let name = args.node_name.clone();
+    let registered = own.wait_for(|v| v.nodes.contains_key(&name));
+    if tokio::time::timeout(REGISTERED_WAIT, registered)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            node = %args.node_name,
+            "serving the API before this node's record reached the cluster view"
+        );
+    }
     let api = tokio::spawn({
         let socket = args.socket.clone();
         async move {
