@@ -3,7 +3,7 @@
 //! Sending: plain traffic for another node leaves encapsulated by the program (the fixtures
 //! with the mesh config know the node's address and uplink; `common::decapsulate` checks the
 //! outer headers for every test that sends to a remote endpoint), encrypted networks' traffic
-//! never does. Receiving: plain VXLAN from a node for a local endpoint of its VNI's network is
+//! never does (tests/encryption.rs). Receiving: plain VXLAN from a node for a local endpoint of its VNI's network is
 //! delivered from the uplink with from_overlay's decision; everything else passes untouched to
 //! the VXLAN device, where `from_overlay` judges it (tests/from_overlay.rs, encryption.rs).
 //! tests/kernel_paths.rs sends real VXLAN through both paths.
@@ -15,7 +15,6 @@ use std::net::Ipv4Addr;
 use common::*;
 use netagent_datapath::{
     CT_DIR_REPLY, CtKind, ENDPOINT_F_ENCRYPTED, EndpointInfo, MESH_INNER_SRC_MAC,
-    NODE_F_TUNNEL_ADDR, NodeInfo, TunnelConfig,
 };
 use smoltcp::wire::{EthernetAddress, EthernetProtocol, Ipv4Address};
 
@@ -271,68 +270,6 @@ fn plain_traffic_to_another_node_leaves_in_vxlan_built_by_the_program() {
 
 /// -EINVAL: what bpf_skb_get_tunnel_key returns for an skb without tunnel metadata.
 const NO_TUNNEL_KEY: i32 = -22;
-
-#[test]
-fn encrypted_traffic_is_never_encapsulated_for_the_uplink() {
-    if !have_root() {
-        return;
-    }
-    let mut fx = Fixture::with_services();
-    const TUNNEL: Ipv4Addr = Ipv4Addr::new(169, 254, 128, 12);
-    for (addr, info) in [
-        (
-            CONTAINER_IP,
-            EndpointInfo::local(VNI_A, TEST_RUN_IFINDEX, CONTAINER_MAC),
-        ),
-        (
-            REMOTE_PEER_IP,
-            EndpointInfo::remote(VNI_A, REMOTE_NODE, REMOTE_PEER_MAC),
-        ),
-    ] {
-        let encrypted = EndpointInfo {
-            flags: info.flags | ENDPOINT_F_ENCRYPTED,
-            ..info
-        };
-        fx.dp
-            .upsert_endpoint(ip(addr), &encrypted)
-            .expect("endpoint");
-    }
-    fx.dp
-        .set_tunnel_config(TunnelConfig {
-            vxlan_enc_ifindex: 98,
-            wireguard_port: 51820,
-        })
-        .expect("tunnel config");
-    fx.dp
-        .upsert_node(
-            REMOTE_NODE,
-            &NodeInfo {
-                flags: 0,
-                tunnel_ip: TUNNEL.octets(),
-            },
-        )
-        .expect("node");
-    fx.dp
-        .upsert_node(
-            TUNNEL,
-            &NodeInfo {
-                flags: NODE_F_TUNNEL_ADDR,
-                tunnel_ip: TUNNEL.octets(),
-            },
-        )
-        .expect("tunnel address");
-    let frame = tcp_frame(CONTAINER_IP, 40000, REMOTE_PEER_IP, 80, TcpFlags::Syn, b"");
-    let (verdict, out) = run(fx.dp.from_container_test().expect("program"), &frame);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert!(
-        decapsulate(verdict, &out).is_none(),
-        "an encrypted network's packet in clear VXLAN"
-    );
-    let obs = fx.observation();
-    assert_eq!(obs.tunnel_key_status, 0, "metadata for the tunnel's device");
-    assert_eq!(obs.tunnel_remote, TUNNEL.octets());
-    assert_readdressed(&out, &frame, REMOTE_PEER_MAC);
-}
 
 #[test]
 fn with_the_device_asked_for_the_programs_do_no_vxlan_either_way() {
