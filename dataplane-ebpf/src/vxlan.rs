@@ -30,7 +30,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::bpf_get_hash_recalc,
+    helpers::{bpf_check_mtu, bpf_get_hash_recalc},
     programs::TcContext,
 };
 use dataplane_common::{
@@ -130,6 +130,9 @@ fn try_encapsulate(
     if tot_len > 0xffff {
         return Ok(NOT_ENCAPSULATED);
     }
+    if !fits_device_mtu(ctx, config) {
+        return Ok(NOT_ENCAPSULATED);
+    }
     // SAFETY: the context's skb pointer. The flow hash (the socket's, or dissected now).
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let sport = ((u64::from(hash) * u64::from(SPORT_MAX - SPORT_MIN)) >> 32) as u32 + SPORT_MIN;
@@ -180,6 +183,35 @@ fn try_encapsulate(
         };
     }
     forward::to_uplink(config)
+}
+
+/// `BPF_MTU_CHK_RET_FRAG_NEEDED`, `BPF_MTU_CHK_RET_SEGS_TOOBIG`: `bpf_check_mtu`'s "too big".
+const MTU_FRAG_NEEDED: i64 = 1;
+const MTU_SEGS_TOOBIG: i64 = 2;
+/// `BPF_MTU_CHK_SEGS`: a GSO packet is checked by the size of its segments.
+const MTU_CHK_SEGS: u64 = 1;
+
+/// Whether the packet (or each segment of a GSO packet) fits the VXLAN device's MTU, the
+/// uplink's less the encapsulation: what the device itself would carry. `network create`
+/// keeps networks' MTUs within every node's room, but a node with a smaller uplink can join
+/// later: its containers' packets larger than its uplink allows go to the device, which
+/// answers the sender with ICMP "fragmentation needed"; built here they would be dropped at
+/// the uplink without a word.
+#[inline(always)]
+fn fits_device_mtu(ctx: &TcContext, config: &Config) -> bool {
+    let mut mtu_len = 0u32;
+    // SAFETY: the context's skb pointer and a stack slot for the MTU the helper reports.
+    let rc = unsafe {
+        bpf_check_mtu(
+            ctx.skb.skb.cast(),
+            config.vxlan_ifindex,
+            &mut mtu_len,
+            0,
+            MTU_CHK_SEGS,
+        )
+    };
+    // A negative answer (no such device) decides nothing: sending fails later, and says so.
+    rc != MTU_FRAG_NEEDED && rc != MTU_SEGS_TOOBIG
 }
 
 /// Whether the packet `ip`, UDP to our VXLAN port from a node (the caller checked both), can

@@ -308,3 +308,57 @@ fn with_the_device_asked_for_the_programs_do_no_vxlan_either_way() {
     assert_eq!(fx.run_uplink(&vx).0, TC_ACT_REDIRECT);
     fx.assert_only_drops(None, 0);
 }
+
+#[test]
+fn a_packet_too_big_for_the_vxlan_device_is_left_to_the_device() {
+    if !have_root() {
+        return;
+    }
+    // A veth stands in for the VXLAN device: the program compares packets with its MTU, the
+    // uplink's less the encapsulation. (It lives in a private netns, gone with the thread.)
+    in_private_netns(|| {
+        ip_cmd(&[
+            "link", "add", "vx-mtu", "mtu", "1450", "type", "veth", "peer", "name", "vx-mtu-p",
+        ]);
+        let mut fx = Fixture::with_services();
+        fx.dp
+            .set_config(netagent_datapath::DatapathConfig {
+                vxlan_ifindex: ifindex("vx-mtu"),
+                ..config()
+            })
+            .expect("config");
+        let prog = fx.dp.from_container_test().expect("program");
+        // IPv4 length 1450 (20 IP + 20 TCP + 1410): fits the network, built by the program.
+        let fits = tcp_frame(
+            CONTAINER_IP,
+            40000,
+            REMOTE_PEER_IP,
+            80,
+            TcpFlags::Ack,
+            &[7; 1410],
+        );
+        let (verdict, out) = run(prog, &fits);
+        let (inner, _) = decapsulate(verdict, &out).expect("encapsulated by the program");
+        assert_readdressed(&inner, &fits, REMOTE_PEER_MAC);
+        // One byte more: the device gets it (with its tunnel key) and answers the sender
+        // with ICMP "fragmentation needed"; the program would have sent it to its death.
+        let big = tcp_frame(
+            CONTAINER_IP,
+            40000,
+            REMOTE_PEER_IP,
+            80,
+            TcpFlags::Ack,
+            &[7; 1411],
+        );
+        let (verdict, out) = run(prog, &big);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert!(decapsulate(verdict, &out).is_none(), "encapsulated");
+        assert_readdressed(&out, &big, REMOTE_PEER_MAC);
+        let obs = fx.observation();
+        assert_eq!(
+            (obs.tunnel_key_status, obs.tunnel_id, obs.tunnel_remote),
+            (0, VNI_A, REMOTE_NODE.octets())
+        );
+        fx.assert_only_drops(None, 0);
+    });
+}
