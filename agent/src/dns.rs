@@ -108,7 +108,7 @@ impl Dns {
         loop {
             let view = view_rx.borrow_and_update().clone();
             if !published.as_ref().is_some_and(|p| p.same_routing(&view)) {
-                self.resolver.publish(&dns_view(&view));
+                self.resolver.publish(dns_view(&view));
                 published = Some(view);
             }
             if view_rx.changed().await.is_err() {

@@ -1,7 +1,7 @@
 //! The shared [`Resolver`] and the per-container [`ScopedHandler`] hickory serves.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -55,6 +55,8 @@ impl Default for ResolverConfig {
 #[derive(Debug)]
 pub struct Resolver {
     view: ArcSwap<CompiledView>,
+    /// The view `view` was compiled from: the next publish compiles only what differs.
+    source: Mutex<DnsView>,
     upstreams: ArcSwap<Vec<SocketAddr>>,
     upstream_timeout: Duration,
     stats: QueryStats,
@@ -65,6 +67,7 @@ impl Resolver {
     pub fn new(config: ResolverConfig) -> Arc<Self> {
         Arc::new(Self {
             view: ArcSwap::from_pointee(CompiledView::default()),
+            source: Mutex::new(DnsView::default()),
             upstreams: ArcSwap::from_pointee(config.upstreams),
             upstream_timeout: config.upstream_timeout,
             stats: QueryStats::default(),
@@ -76,16 +79,20 @@ impl Resolver {
         self.stats.snapshot()
     }
 
-    /// Replaces the view. Compiles it on the calling task (linear in the number of names);
-    /// the next query on any listener sees it, queries in progress finish on the old one.
-    pub fn publish(&self, view: &DnsView) {
-        let compiled = CompiledView::compile(view);
+    /// Replaces the view. Compiles, on the calling task, the networks whose names differ
+    /// from the last view's (and compares the others); the next query on any listener sees
+    /// it, queries in progress finish on the old one.
+    pub fn publish(&self, view: DnsView) {
+        // Held while compiling: two publishers would otherwise diff against the same source.
+        let mut source = self.source.lock().unwrap_or_else(PoisonError::into_inner);
+        let compiled = CompiledView::compile_from(&view, &source, &self.view.load());
         debug!(
             networks = compiled.networks.len(),
             names = compiled.all_names.len(),
             "dns view published"
         );
         self.view.store(Arc::new(compiled));
+        *source = view;
     }
 
     /// Replaces the upstream list (e.g. after the node's resolv.conf changed).
@@ -486,7 +493,7 @@ mod tests {
                 ports: vec![],
             },
         );
-        r.publish(&v);
+        r.publish(v.clone());
         r.handler(["front"])
     }
 

@@ -36,7 +36,7 @@
 //!     "web",
 //!     Service { endpoint: Endpoint::Vip("10.1.0.2".parse()?), tasks: vec![], ports: vec![] },
 //! );
-//! resolver.publish(&view);
+//! resolver.publish(view);
 //!
 //! // Per container (sockets bound inside its namespace):
 //! let udp = tokio::net::UdpSocket::bind("127.0.0.11:53").await?;

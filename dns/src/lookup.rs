@@ -51,7 +51,9 @@ pub(crate) fn resolve(
     let key = labels.join(".");
 
     // 1. The name as is, on every network the asker shares with it.
-    let in_scope = scope.iter().filter_map(|n| view.networks.get(n));
+    let in_scope = scope
+        .iter()
+        .filter_map(|n| view.networks.get(n).map(|net| &**net));
     if let Some(local) = answer_from(in_scope, &key, None, owner, qtype) {
         return local;
     }
@@ -63,9 +65,13 @@ pub(crate) fn resolve(
     {
         let prefix = &key[..key.len() - net_label.len() - 1];
         if scope.iter().any(|s| &**s == net_label) {
-            if let Some(local) =
-                answer_from(std::iter::once(net), prefix, Some(net_label), owner, qtype)
-            {
+            if let Some(local) = answer_from(
+                std::iter::once(&**net),
+                prefix,
+                Some(net_label),
+                owner,
+                qtype,
+            ) {
                 return local;
             }
             // Not a name on that network: fall through and forward, so that a network that
@@ -76,7 +82,7 @@ pub(crate) fn resolve(
     }
 
     // 3. Known somewhere, but not where the asker is: no leak, no forward.
-    if view.all_names.contains(key.as_str()) {
+    if view.all_names.contains_key(key.as_str()) {
         return Local::NxDomain;
     }
     Local::Forward
@@ -213,7 +219,7 @@ fn resolve_ptr(
         }
     }
     if targets.is_empty() {
-        return if view.all_addrs.contains(&ip) {
+        return if view.all_addrs.contains_key(&ip) {
             Local::NxDomain
         } else {
             Local::Forward

@@ -5,7 +5,7 @@
 //! network holding every answerable name, a reverse map for PTR), so that a query costs a few
 //! hash lookups and no allocation beyond the answer itself.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -144,46 +144,113 @@ pub(crate) struct CompiledNetwork {
 }
 
 /// A [`DnsView`] compiled for lookup; immutable once built and shared behind an `Arc`.
+///
+/// Networks are compiled one by one and shared between successive views: a change compiles
+/// only the networks whose names changed ([`CompiledView::compile_from`]), and the indexes of
+/// every name and address count the networks holding each (persistent maps, so the next view
+/// starts from this one's at no cost and adjusts only what the changed networks bring).
 #[derive(Debug, Default)]
 pub(crate) struct CompiledView {
-    pub(crate) networks: HashMap<Box<str>, CompiledNetwork>,
+    pub(crate) networks: HashMap<Box<str>, Arc<CompiledNetwork>>,
     /// Every name on any network, so that a name on a network outside the asker's scope gets
     /// NXDOMAIN instead of being forwarded (which would leak it and waste the upstream's time).
-    pub(crate) all_names: HashSet<Box<str>>,
-    /// Every address on any network, for the same reason for PTR.
-    pub(crate) all_addrs: HashSet<Ipv4Addr>,
+    /// Name -> how many networks have it.
+    pub(crate) all_names: imbl::HashMap<Box<str>, u32>,
+    /// Every address on any network, for the same reason for PTR; address -> networks.
+    pub(crate) all_addrs: imbl::HashMap<Ipv4Addr, u32>,
+}
+
+/// A view's networks by normalised name, each with the spellings that normalise to it, in
+/// the view's order (normally exactly one).
+type Grouped<'a> = HashMap<String, Vec<(&'a str, &'a NetworkNames)>>;
+
+fn grouped(view: &DnsView) -> Grouped<'_> {
+    let mut out: Grouped<'_> = HashMap::new();
+    for (name, names) in &view.networks {
+        let key = normalize(name);
+        if !key.is_empty() {
+            out.entry(key).or_default().push((name.as_str(), names));
+        }
+    }
+    out
 }
 
 impl CompiledView {
+    #[cfg(test)]
     pub(crate) fn compile(view: &DnsView) -> Self {
-        let mut out = Self::default();
-        for (net_name, names) in &view.networks {
-            let net_key = normalize(net_name);
-            if net_key.is_empty() {
+        Self::compile_from(view, &DnsView::default(), &Self::default())
+    }
+
+    /// `view` compiled, taking from `prev` (compiled from `prev_view`) every network whose
+    /// names are unchanged: the cost is compiling the changed networks and comparing the rest.
+    pub(crate) fn compile_from(view: &DnsView, prev_view: &DnsView, prev: &Self) -> Self {
+        let old = grouped(prev_view);
+        let new = grouped(view);
+        let mut out = Self {
+            networks: HashMap::with_capacity(new.len()),
+            all_names: prev.all_names.clone(),
+            all_addrs: prev.all_addrs.clone(),
+        };
+        for (key, spellings) in &new {
+            let kept = prev.networks.get(key.as_str());
+            if let Some(net) = kept
+                && old.get(key) == Some(spellings)
+            {
+                out.networks.insert(key.as_str().into(), net.clone());
                 continue;
             }
-            let compiled = compile_network(names);
-            out.all_names.extend(compiled.names.keys().cloned());
-            out.all_addrs.extend(compiled.reverse.keys().copied());
-            // Two spellings of one network (e.g. "Front" and "front") merge, first one wins
-            // per name: a view normally has one spelling, this only keeps the result defined.
-            match out.networks.entry(net_key.into_boxed_str()) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(compiled);
-                }
-                std::collections::hash_map::Entry::Occupied(mut o) => {
-                    let existing = o.get_mut();
-                    for (k, v) in compiled.names {
-                        existing.names.entry(k).or_insert(v);
-                    }
-                    for (ip, ns) in compiled.reverse {
-                        existing.reverse.entry(ip).or_default().extend(ns);
-                    }
-                }
+            if let Some(net) = kept {
+                out.count(net, false);
+            }
+            let compiled = compile_spellings(spellings);
+            out.count(&compiled, true);
+            out.networks.insert(key.as_str().into(), Arc::new(compiled));
+        }
+        for (key, net) in &prev.networks {
+            if !new.contains_key(&**key) {
+                out.count(net, false);
             }
         }
         out
     }
+
+    /// Adds (or removes) one network's names and addresses to (from) the indexes.
+    fn count(&mut self, net: &CompiledNetwork, add: bool) {
+        for name in net.names.keys() {
+            adjust(&mut self.all_names, name, add);
+        }
+        for ip in net.reverse.keys() {
+            adjust(&mut self.all_addrs, ip, add);
+        }
+    }
+}
+
+fn adjust<K: Clone + std::hash::Hash + Eq>(index: &mut imbl::HashMap<K, u32>, key: &K, add: bool) {
+    if add {
+        *index.entry(key.clone()).or_insert(0) += 1;
+    } else if let Some(n) = index.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            index.remove(key);
+        }
+    }
+}
+
+/// One network from its spellings. Two spellings of one network (e.g. "Front" and "front")
+/// merge, the first one wins per name: a view normally has one spelling, this only keeps the
+/// result defined.
+fn compile_spellings(spellings: &[(&str, &NetworkNames)]) -> CompiledNetwork {
+    let mut parts = spellings.iter().map(|(_, names)| compile_network(names));
+    let mut net = parts.next().unwrap_or_default();
+    for other in parts {
+        for (k, v) in other.names {
+            net.names.entry(k).or_insert(v);
+        }
+        for (ip, ns) in other.reverse {
+            net.reverse.entry(ip).or_default().extend(ns);
+        }
+    }
+    net
 }
 
 fn compile_network(names: &NetworkNames) -> CompiledNetwork {
@@ -338,8 +405,8 @@ mod tests {
         let rev = net.reverse.get(&ip("10.0.0.5")).expect("reverse");
         assert_eq!(&*rev[0], "c1", "container name first");
         assert_eq!(&*rev[1], "tasks.web");
-        assert!(c.all_names.contains("db"));
-        assert!(c.all_addrs.contains(&ip("10.0.0.2")));
+        assert!(c.all_names.contains_key("db"));
+        assert!(c.all_addrs.contains_key(&ip("10.0.0.2")));
     }
 
     #[test]
@@ -360,5 +427,124 @@ mod tests {
             Some(Entry::Addrs { addrs, .. }) => assert_eq!(&addrs[..], &[ip("10.0.0.2")]),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    fn svc(vip: &str, tasks: &[&str]) -> Service {
+        Service {
+            endpoint: Endpoint::Vip(ip(vip)),
+            tasks: tasks.iter().map(|t| ip(t)).collect(),
+            ports: vec![],
+        }
+    }
+
+    /// Two networks sharing the name "db" and the address 10.0.0.9.
+    fn two_networks() -> DnsView {
+        let mut v = DnsView::new();
+        v.network_mut("a")
+            .insert_service("web", svc("10.0.0.2", &["10.0.0.5"]))
+            .insert_container("db", ip("10.0.0.9"));
+        v.network_mut("b")
+            .insert_container("db", ip("10.0.0.9"))
+            .insert_container("cache", ip("10.1.0.3"));
+        v
+    }
+
+    type Counts = (Vec<(String, u32)>, Vec<(Ipv4Addr, u32)>);
+
+    /// The indexes as counts, sorted, to compare an incremental result with a fresh one.
+    fn indexes(c: &CompiledView) -> Counts {
+        let mut names: Vec<_> = c
+            .all_names
+            .iter()
+            .map(|(k, n)| (k.to_string(), *n))
+            .collect();
+        let mut addrs: Vec<_> = c.all_addrs.iter().map(|(k, n)| (*k, *n)).collect();
+        names.sort();
+        addrs.sort();
+        (names, addrs)
+    }
+
+    fn network_names(c: &CompiledView, net: &str) -> Vec<String> {
+        let mut names: Vec<_> = c.networks[net]
+            .names
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_change_compiles_only_the_networks_it_touches() {
+        let v1 = two_networks();
+        let c1 = CompiledView::compile(&v1);
+        let mut v2 = v1.clone();
+        v2.network_mut("a")
+            .insert_container("web-1", ip("10.0.0.5"));
+        let c2 = CompiledView::compile_from(&v2, &v1, &c1);
+        assert!(
+            Arc::ptr_eq(&c1.networks["b"], &c2.networks["b"]),
+            "b recompiled"
+        );
+        assert!(!Arc::ptr_eq(&c1.networks["a"], &c2.networks["a"]));
+        assert!(c2.networks["a"].names.contains_key("web-1"));
+        // The same answer as compiling from nothing.
+        let fresh = CompiledView::compile(&v2);
+        assert_eq!(indexes(&c2), indexes(&fresh));
+        assert_eq!(network_names(&c2, "a"), network_names(&fresh, "a"));
+        // The previous view is untouched (still served to queries in progress).
+        assert!(!c1.all_names.contains_key("web-1"));
+    }
+
+    #[test]
+    fn the_indexes_count_networks_so_a_shared_name_outlives_one_of_them() {
+        let v1 = two_networks();
+        let c1 = CompiledView::compile(&v1);
+        assert_eq!(c1.all_names.get("db"), Some(&2));
+        assert_eq!(c1.all_addrs.get(&ip("10.0.0.9")), Some(&2));
+        // Network b goes: "db" and 10.0.0.9 are still on a, "cache" is nowhere.
+        let mut v2 = v1.clone();
+        v2.networks.remove("b");
+        let c2 = CompiledView::compile_from(&v2, &v1, &c1);
+        assert_eq!(c2.all_names.get("db"), Some(&1));
+        assert!(!c2.all_names.contains_key("cache"));
+        assert!(!c2.all_addrs.contains_key(&ip("10.1.0.3")));
+        assert!(!c2.networks.contains_key("b"));
+        // The container db leaves a too: gone from every index.
+        let mut v3 = v2.clone();
+        v3.network_mut("a").containers.remove("db");
+        let c3 = CompiledView::compile_from(&v3, &v2, &c2);
+        assert!(!c3.all_names.contains_key("db"));
+        assert!(!c3.all_addrs.contains_key(&ip("10.0.0.9")));
+        assert_eq!(indexes(&c3), indexes(&CompiledView::compile(&v3)));
+    }
+
+    #[test]
+    fn two_spellings_of_a_network_are_recompiled_together() {
+        let mut v1 = DnsView::new();
+        v1.networks
+            .entry("Front".into())
+            .or_default()
+            .insert_container("x", ip("10.0.0.3"));
+        v1.networks
+            .entry("front".into())
+            .or_default()
+            .insert_container("y", ip("10.0.0.4"));
+        let c1 = CompiledView::compile(&v1);
+        assert_eq!(network_names(&c1, "front"), ["x", "y"]);
+        // One spelling changes: the merged network is rebuilt from both.
+        let mut v2 = v1.clone();
+        v2.networks
+            .get_mut("front")
+            .expect("front")
+            .insert_container("z", ip("10.0.0.5"));
+        let c2 = CompiledView::compile_from(&v2, &v1, &c1);
+        assert_eq!(network_names(&c2, "front"), ["x", "y", "z"]);
+        // One spelling goes: what it alone had goes with it.
+        let mut v3 = v2.clone();
+        v3.networks.remove("Front");
+        let c3 = CompiledView::compile_from(&v3, &v2, &c2);
+        assert_eq!(network_names(&c3, "front"), ["y", "z"]);
+        assert_eq!(indexes(&c3), indexes(&CompiledView::compile(&v3)));
     }
 }

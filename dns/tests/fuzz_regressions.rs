@@ -19,7 +19,7 @@ fn handler() -> ScopedHandler {
             ports: vec![],
         },
     );
-    r.publish(&v);
+    r.publish(v.clone());
     r.handler(["front"])
 }
 

@@ -114,7 +114,7 @@ fn resolver(upstreams: Vec<SocketAddr>, per_upstream: Duration) -> Arc<Resolver>
         upstreams,
         upstream_timeout: per_upstream,
     });
-    r.publish(&test_view());
+    r.publish(test_view());
     r
 }
 
@@ -547,7 +547,7 @@ async fn view_update_visible_on_next_query() {
     );
     v.network_mut("front")
         .insert_container("new", ip("10.1.0.99"));
-    r.publish(&v);
+    r.publish(v.clone());
 
     let (m, _) = udp(srv.udp, "tasks.web.", RecordType::A, None).await;
     assert_eq!(m.answers.len(), 4);
@@ -555,7 +555,7 @@ async fn view_update_visible_on_next_query() {
     assert_eq!(a_records(&m), vec![ip("10.1.0.99")]);
 
     // Removal too: an empty view makes the name unknown (no upstream -> SERVFAIL).
-    r.publish(&DnsView::new());
+    r.publish(DnsView::new());
     let (m, _) = udp(srv.udp, "new.", RecordType::A, None).await;
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     srv.stop().await;
