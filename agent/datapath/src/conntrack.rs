@@ -142,33 +142,58 @@ impl Datapath {
         self.remove_conntrack_where(|k, e, _| ips.iter().any(|ip| involves(k, e, *ip)))
     }
 
-    /// One garbage-collection pass over CONNTRACK at `now_ns` (see [`monotonic_coarse_ns`]).
+    /// One garbage-collection pass over CONNTRACK at `now_ns` (see [`monotonic_coarse_ns`]):
+    /// [`Datapath::conntrack_gc_walk`], then [`Datapath::conntrack_gc_delete`].
     pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<CtGcStats, DatapathError> {
+        let (live, doomed) = self.conntrack_gc_walk(now_ns)?;
+        let new = self
+            .lb_map::<CtKey, CtEntry>(map_names::CT_NEW)?
+            .keys()
+            .count();
+        let expired = self.conntrack_gc_delete(&doomed, now_ns)?;
+        Ok(CtGcStats { live, new, expired })
+    }
+
+    /// The walk of a pass: how many entries CONNTRACK holds, and the keys of those idle past
+    /// their timeout at `now_ns`.
+    pub fn conntrack_gc_walk(&self, now_ns: u64) -> Result<(usize, Vec<CtKey>), DatapathError> {
         let config = self.config()?;
         let live = list(
             map_names::CONNTRACK,
             &self.lb_map::<CtKey, CtEntry>(map_names::CONNTRACK)?,
         )?;
-        let new = self
-            .lb_map::<CtKey, CtEntry>(map_names::CT_NEW)?
-            .keys()
-            .count();
-        let doomed: Vec<CtKey> = live
+        let doomed = live
             .iter()
             .filter(|(k, e)| live_entry_expired(k, e, &config, now_ns))
             .map(|(k, _)| *k)
             .collect();
+        Ok((live.len(), doomed))
+    }
+
+    /// The deletions of a pass: each of `keys` whose entry is still expired at `now_ns` when
+    /// it is looked at again, just before it goes. The walk takes a while on a full table, and
+    /// meanwhile the datapath may have refreshed an entry, or replaced it with a new
+    /// connection on the same tuple (a client port reused after the old connection's close
+    /// timeout): deleting that one cut the new connection, whose next packet then found no
+    /// entry (`no_conntrack`), and its replies neither (`unknown_endpoint`). Returns how many
+    /// went.
+    pub fn conntrack_gc_delete(
+        &mut self,
+        keys: &[CtKey],
+        now_ns: u64,
+    ) -> Result<usize, DatapathError> {
+        let config = self.config()?;
         let mut map = self.lb_map_mut::<CtKey, CtEntry>(map_names::CONNTRACK)?;
         let mut expired = 0;
-        for key in doomed {
-            if removed(map_names::CONNTRACK, map.remove(&key))? {
+        for key in keys {
+            match map.get(key, 0) {
+                Ok(current) if live_entry_expired(key, &current, &config, now_ns) => {}
+                _ => continue,
+            }
+            if removed(map_names::CONNTRACK, map.remove(key))? {
                 expired += 1;
             }
         }
-        Ok(CtGcStats {
-            live: live.len(),
-            new,
-            expired,
-        })
+        Ok(expired)
     }
 }

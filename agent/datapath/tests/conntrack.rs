@@ -196,6 +196,40 @@ fn closing_connections_time_out_fast_and_gc_removes_idle_ones() {
 }
 
 #[test]
+fn gc_spares_an_entry_that_a_new_connection_took_after_the_walk() {
+    if !have_root() {
+        return;
+    }
+    let mut fx = Fixture::with_services();
+    fx.dp
+        .set_lb_config(LbConfig {
+            close_timeout: Duration::from_secs(1),
+            ..fx.dp.lb_config().expect("lb config")
+        })
+        .expect("short timeouts");
+    let old = backend_of(&fx, &to_vip(41000, TcpFlags::Syn));
+    backend_of(&fx, &to_vip(41000, TcpFlags::Ack));
+    backend_of(&fx, &to_vip(41000, TcpFlags::Fin));
+    std::thread::sleep(Duration::from_millis(1500));
+    // The walk finds the closed connection's pair idle...
+    let now = monotonic_coarse_ns();
+    let (live, doomed) = fx.dp.conntrack_gc_walk(now).expect("walk");
+    assert_eq!((live, doomed.len()), (2, 2));
+    // ...and before its deletions the client reuses the port for a new connection.
+    let syn = tcp_frame_seq(CONTAINER_IP, 41000, VIP, 80, TcpFlags::Syn, 5000, b"");
+    let new = backend_of(&fx, &syn);
+    assert_ne!(new, old, "round robin");
+    assert_eq!(backend_of(&fx, &to_vip(41000, TcpFlags::Ack)), new);
+    assert_eq!(table_sizes(&fx), (2, 0), "the new pair is established");
+    // The deletions look again: the forward key is the new connection's now, the old
+    // reverse entry is already gone with it.
+    assert_eq!(fx.dp.conntrack_gc_delete(&doomed, now).expect("delete"), 0);
+    assert_eq!(table_sizes(&fx), (2, 0));
+    assert_eq!(backend_of(&fx, &to_vip(41000, TcpFlags::Psh)), new);
+    fx.assert_only_drops(None, 0);
+}
+
+#[test]
 fn purging_a_backend_removes_its_connections_only() {
     if !have_root() {
         return;
