@@ -636,6 +636,19 @@ async fn spawn_failures_are_reported() {
     let mut req = spawn_req(&ns, &log, &["true"]);
     req.resolv_conf = Some(dir.path().join("missing"));
     assert!(sandbox::spawn(&req).is_err());
+    // A step that fails in the child, before exec, is named.
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, b"").expect("write");
+    let mut req = spawn_req(&ns, &log, &["true"]);
+    req.netns = plain;
+    let err = sandbox::spawn(&req).expect_err("not a namespace");
+    assert!(
+        err.to_string().contains("entering the network namespace"),
+        "{err}"
+    );
+    let err = sandbox::spawn(&spawn_req(&ns, &log, &["no-such-program-anywhere"]))
+        .expect_err("not in PATH");
+    assert!(err.to_string().contains("No such file"), "{err}");
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ mod netns;
 mod process;
 mod reaper;
 mod setup;
+mod spawn;
 
 use std::path::PathBuf;
 

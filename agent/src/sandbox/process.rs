@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -212,10 +212,11 @@ pub fn spawn(req: &SpawnRequest) -> Result<ProcessHandle> {
         source,
     };
 
-    // Opened before the fork: the child may only make raw system calls. O_CLOEXEC (std's
-    // default) closes them at exec, so the process does not inherit them.
+    // Opened and prepared before the child exists: it may only make raw system calls
+    // (`spawn.rs`). O_CLOEXEC (std's default) keeps them out of the process.
     let ns = File::open(&req.netns).map_err(SandboxError::io("opening namespace", &req.netns))?;
     let (log, log_err) = open_log(&req.log)?;
+    let devnull = File::open("/dev/null").map_err(SandboxError::io("opening", "/dev/null"))?;
     let setup = super::setup::ChildSetup::prepare(
         req.resolv_conf.as_deref(),
         req.hosts_file.as_deref(),
@@ -223,51 +224,37 @@ pub fn spawn(req: &SpawnRequest) -> Result<ProcessHandle> {
         &req.secrets,
         req.hostname.as_deref(),
     )?;
-    let ns_fd = ns.as_raw_fd();
-
-    let mut cmd = Command::new(&program);
-    cmd.args(&req.argv[1..])
-        .env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log_err));
-
-    // SAFETY: the closure runs in the forked child before exec and only makes raw system
-    // calls (setsid, setns, and the namespace setup) on values prepared before the fork; it
-    // allocates nothing and takes no locks.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Own session: the agent's terminal or process group signals do not reach it.
-            if libc::setsid() < 0 {
-                return Err(super::setup::child_fail(b"netagent: setsid failed\n"));
-            }
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(super::setup::child_fail(
-                    b"netagent: entering the network namespace failed\n",
-                ));
-            }
-            setup.apply()?;
-            Ok(())
-        });
-    }
-
-    let mut child = cmd.spawn().map_err(spawn_err)?;
-    drop(ns);
-    let pid = child.id();
+    let mut env = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
+    env.extend(req.env.iter().cloned());
+    let prepared = super::spawn::Prepared::new(
+        &req.argv,
+        &env,
+        [OwnedFd::from(devnull), log, log_err],
+        OwnedFd::from(ns),
+        setup,
+    )
+    .map_err(spawn_err)?;
+    let pid = super::spawn::spawn(&prepared).map_err(|(source, step)| {
+        spawn_err(std::io::Error::new(
+            source.kind(),
+            format!("{step}: {source}"),
+        ))
+    })?;
+    drop(prepared);
     // Read before the reaper exists: until someone waits, an exited child stays a zombie, so
     // its stat is still there to read.
     let Some(start_time) = process_start_time(pid) else {
-        let _ = child.kill();
-        let _ = child.wait();
+        // SAFETY: our own child, not yet reaped: kill and reap it.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
+        }
         return Err(spawn_err(std::io::Error::other(format!(
             "cannot read /proc/{pid}/stat of the new process"
         ))));
     };
     let handle = ProcessHandle { pid, start_time };
-    start_reaper(handle, child);
+    start_reaper(handle);
     tracing::info!(pid, start_time, program = %program, netns = %req.netns.display(), "started sandbox process");
     Ok(handle)
 }
@@ -275,10 +262,10 @@ pub fn spawn(req: &SpawnRequest) -> Result<ProcessHandle> {
 /// Publishes the child's exit status once it is reaped ([`super::reaper`]: no thread per child).
 ///
 /// Dropping `Child` itself neither kills nor waits, so the process survives the agent.
-fn start_reaper(handle: ProcessHandle, child: Child) {
+fn start_reaper(handle: ProcessHandle) {
     let (tx, rx) = watch::channel(None);
     register_child(handle, rx);
-    super::reaper::reap(child, "reap", move |exit| {
+    super::reaper::reap_pid(handle.pid, "reap", move |exit| {
         tracing::info!(pid = handle.pid, ?exit, "sandbox process exited");
         tx.send_replace(Some(exit));
     });

@@ -19,7 +19,15 @@ const P_PIDFD: libc::idtype_t = 3;
 
 /// Calls `on_exit` with `child`'s exit status once it has exited and been reaped.
 pub fn reap(child: Child, name: &str, on_exit: impl FnOnce(ProcessExit) + Send + 'static) {
+    // Dropping std's handle neither waits nor kills; the pid is reaped below.
     let pid = child.id();
+    drop(child);
+    reap_pid(pid, name, on_exit);
+}
+
+/// [`reap`] for a child started without std's `Command` (`pid` must be this process's
+/// child, not yet reaped).
+pub fn reap_pid(pid: u32, name: &str, on_exit: impl FnOnce(ProcessExit) + Send + 'static) {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         let watched = pidfd_open(pid).and_then(|fd| {
             let _in_runtime = rt.enter();
@@ -31,39 +39,37 @@ pub fn reap(child: Child, name: &str, on_exit: impl FnOnce(ProcessExit) + Send +
         match watched {
             Ok(fd) => {
                 rt.spawn(async move {
-                    let exit = wait_pidfd(&fd).await;
-                    // The pid is reaped: std's handle must not be used for it any more, and
-                    // dropping it neither waits nor kills.
-                    drop(child);
-                    on_exit(exit);
+                    on_exit(wait_pidfd(&fd).await);
                 });
                 return;
             }
             Err(e) => tracing::debug!(pid, error = %e, "no pidfd; reaping on a thread"),
         }
     }
-    reap_on_thread(child, name, on_exit);
+    reap_on_thread(pid, name, on_exit);
 }
 
-fn reap_on_thread(
-    mut child: Child,
-    name: &str,
-    on_exit: impl FnOnce(ProcessExit) + Send + 'static,
-) {
-    let pid = child.id();
+fn reap_on_thread(pid: u32, name: &str, on_exit: impl FnOnce(ProcessExit) + Send + 'static) {
     let spawned = std::thread::Builder::new()
         .name(format!("{name}-{pid}"))
         .stack_size(64 * 1024)
         .spawn(move || {
-            let exit = match child.wait() {
-                Ok(status) => match (status.code(), status.signal()) {
-                    (Some(code), _) => ProcessExit::Code(code),
-                    (None, Some(sig)) => ProcessExit::Signal(sig),
-                    (None, None) => ProcessExit::Unknown,
-                },
-                Err(e) => {
+            let exit = loop {
+                let mut status = 0;
+                // SAFETY: waits for our own child; `status` is a valid out pointer.
+                let rc = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+                if rc >= 0 {
+                    let status = std::process::ExitStatus::from_raw(status);
+                    break match (status.code(), status.signal()) {
+                        (Some(code), _) => ProcessExit::Code(code),
+                        (None, Some(sig)) => ProcessExit::Signal(sig),
+                        (None, None) => ProcessExit::Unknown,
+                    };
+                }
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
                     tracing::warn!(pid, error = %e, "waiting for a child failed");
-                    ProcessExit::Unknown
+                    break ProcessExit::Unknown;
                 }
             };
             on_exit(exit);
