@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 use crate::forward::{self, ForwardError, ForwardOptions};
 use crate::lookup::{self, Local};
 use crate::stats::{QueryResult, QueryStats, StatsSnapshot};
-use crate::view::{CompiledView, DnsView, normalize};
+use crate::view::{CompiledView, DnsView, NetworkNames, normalize};
 
 /// Default time budget for one upstream before failing over to the next.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -93,6 +93,27 @@ impl Resolver {
         );
         self.view.store(Arc::new(compiled));
         *source = view;
+    }
+
+    /// Replaces the names of the networks in `changed` (`None`: the network has no names any
+    /// more) and keeps every other network as it is: the cost is that of the changed networks
+    /// alone, whatever the size of the rest.
+    pub fn publish_networks(&self, changed: Vec<(String, Option<NetworkNames>)>) {
+        let mut source = self.source.lock().unwrap_or_else(PoisonError::into_inner);
+        let changed: Vec<(String, Option<NetworkNames>)> = changed
+            .into_iter()
+            .map(|(name, names)| (normalize(&name), names))
+            .filter(|(key, _)| !key.is_empty())
+            .collect();
+        let compiled = CompiledView::with_networks(&self.view.load(), &changed);
+        self.view.store(Arc::new(compiled));
+        for (key, names) in changed {
+            // Every spelling of the network goes; the new names stay under the normalised one.
+            source.networks.retain(|name, _| normalize(name) != key);
+            if let Some(names) = names {
+                source.networks.insert(key, names);
+            }
+        }
     }
 
     /// Replaces the upstream list (e.g. after the node's resolv.conf changed).
@@ -495,6 +516,32 @@ mod tests {
         );
         r.publish(v.clone());
         r.handler(["front"])
+    }
+
+    #[test]
+    fn published_networks_leave_the_resolver_as_a_whole_publish_would() {
+        let r = Resolver::new(ResolverConfig::default());
+        let mut v = DnsView::new();
+        v.network_mut("a")
+            .insert_container("x", Ipv4Addr::new(10, 0, 0, 3));
+        v.network_mut("Old")
+            .insert_container("y", Ipv4Addr::new(10, 9, 0, 3));
+        r.publish(v.clone());
+        let mut a = v.networks["a"].clone();
+        a.insert_container("z", Ipv4Addr::new(10, 0, 0, 4));
+        r.publish_networks(vec![("a".into(), Some(a.clone())), ("old".into(), None)]);
+        let after = r.view.load_full();
+        assert!(after.networks["a"].names.contains_key("z"));
+        assert!(!after.networks.contains_key("old"));
+        assert!(!after.all_names.contains_key("y"));
+        // The source followed: publishing the equivalent whole view compiles nothing again.
+        let mut whole = DnsView::new();
+        whole.networks.insert("a".into(), a);
+        r.publish(whole);
+        assert!(Arc::ptr_eq(
+            &after.networks["a"],
+            &r.view.load().networks["a"]
+        ));
     }
 
     fn query(name: &str, t: RecordType) -> Vec<u8> {

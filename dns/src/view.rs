@@ -214,6 +214,27 @@ impl CompiledView {
         out
     }
 
+    /// `prev` with the networks in `changed` (normalised names) compiled anew, or gone where
+    /// `None`; every other network is shared with `prev`.
+    pub(crate) fn with_networks(prev: &Self, changed: &[(String, Option<NetworkNames>)]) -> Self {
+        let mut out = Self {
+            networks: prev.networks.clone(),
+            all_names: prev.all_names.clone(),
+            all_addrs: prev.all_addrs.clone(),
+        };
+        for (key, names) in changed {
+            if let Some(old) = out.networks.remove(key.as_str()) {
+                out.count(&old, false);
+            }
+            if let Some(names) = names {
+                let compiled = compile_network(names);
+                out.count(&compiled, true);
+                out.networks.insert(key.as_str().into(), Arc::new(compiled));
+            }
+        }
+        out
+    }
+
     /// Adds (or removes) one network's names and addresses to (from) the indexes.
     fn count(&mut self, net: &CompiledNetwork, add: bool) {
         for name in net.names.keys() {
@@ -546,5 +567,25 @@ mod tests {
         let c3 = CompiledView::compile_from(&v3, &v2, &c2);
         assert_eq!(network_names(&c3, "front"), ["y", "z"]);
         assert_eq!(indexes(&c3), indexes(&CompiledView::compile(&v3)));
+    }
+
+    #[test]
+    fn replacing_networks_gives_what_compiling_the_whole_view_gives() {
+        let v1 = two_networks();
+        let c1 = CompiledView::compile(&v1);
+        let mut a = v1.networks["a"].clone();
+        a.insert_container("web-1", ip("10.0.0.5"));
+        let c2 =
+            CompiledView::with_networks(&c1, &[("a".into(), Some(a.clone())), ("b".into(), None)]);
+        let mut v2 = v1.clone();
+        v2.networks.insert("a".into(), a);
+        v2.networks.remove("b");
+        let fresh = CompiledView::compile(&v2);
+        assert_eq!(indexes(&c2), indexes(&fresh));
+        assert_eq!(network_names(&c2, "a"), network_names(&fresh, "a"));
+        assert!(!c2.networks.contains_key("b"));
+        // The view it started from is untouched.
+        assert!(c1.networks.contains_key("b"));
+        assert!(!c1.all_names.contains_key("web-1"));
     }
 }
