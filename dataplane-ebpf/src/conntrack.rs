@@ -65,9 +65,10 @@ pub(crate) struct Found {
 ///
 /// [`promote`] on another CPU inserts into CONNTRACK before it removes from CT_NEW, so a
 /// lookup that missed CONNTRACK just before the insert and then CT_NEW just after the removal
-/// finds the entry on a second look at CONNTRACK. Without it the packets racing a handshake's
-/// last ACK (the client's request on another CPU, the backend's answer) found no entry one
-/// time in about 10^5 under load: `NoConntrack`, `UnknownEndpoint`, a reset connection.
+/// finds the entry on a second look at CONNTRACK. Without it a packet racing a handshake's
+/// last ACK on another CPU (the client's request, the backend's answer) could find no entry
+/// (`NoConntrack`, `UnknownEndpoint`: a reset connection). Costs a third lookup only for
+/// packets of no tracked connection.
 #[inline(always)]
 pub(crate) fn lookup(key: &CtKey) -> Option<Found> {
     let (ptr, table) = match CONNTRACK.get_ptr_mut(key) {
