@@ -118,7 +118,13 @@ async fn pass(store: &dyn Store, fence: Revision, view: &ClusterView) {
         if t.desired == Desired::Running
             && let Some(n) = &t.node
         {
-            *load.entry(n.clone()).or_default() += 1;
+            // A key is copied once per node, not once per task.
+            match load.get_mut(n.as_str()) {
+                Some(count) => *count += 1,
+                None => {
+                    load.insert(n.clone(), 1);
+                }
+            }
         }
     }
     // Tasks by service in one walk: a filter per service made a pass O(services x tasks).

@@ -96,6 +96,18 @@ impl Runner {
         lock(&self.facts).get(id).cloned()
     }
 
+    /// Whether what is known of task `id` ([`Runner::fact`], else the view's status) is that
+    /// it ended.
+    fn known_terminal(&self, id: &str, view: &ClusterView) -> bool {
+        match lock(&self.facts).get(id) {
+            Some(s) => s.state.is_terminal(),
+            None => view
+                .task_status
+                .get(id)
+                .is_some_and(|s| s.state.is_terminal()),
+        }
+    }
+
     /// Records what is now known of a task.
     fn set_fact(
         &self,
@@ -155,6 +167,18 @@ impl Runner {
         let containers = self.containers_by_task(view);
         for task in view.tasks.values() {
             if task.node.as_deref() != Some(self.node.as_str()) {
+                continue;
+            }
+            // Most tasks, most passes: running and watched, nothing to do. Decided on
+            // references, as the operations below would decide it, without copying anything.
+            if task.desired == Desired::Running
+                && containers.get(task.id.as_str()).is_some_and(|c| {
+                    c.exit.is_none()
+                        && c.pid.is_some()
+                        && lock(&self.watchers).contains_key(&task.id)
+                        && !self.known_terminal(&task.id, view)
+                })
+            {
                 continue;
             }
             let container = containers.get(task.id.as_str()).map(|c| (*c).clone());
@@ -511,22 +535,26 @@ impl Runner {
 
     /// Writes the facts the view does not show yet.
     async fn report(&self, view: &ClusterView) {
-        let facts: Vec<(String, TaskStatus)> = lock(&self.facts)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        // Only what the view does not show yet is copied out of the lock (usually nothing).
+        let facts: Vec<(String, TaskStatus)> = {
+            let mut facts = lock(&self.facts);
+            if view.revision > 0 {
+                // Tasks that are gone; so is what we knew of them.
+                facts.retain(|id, _| view.tasks.contains_key(id));
+            }
+            facts
+                .iter()
+                .filter(|(id, _)| view.tasks.contains_key(*id))
+                .filter(|(id, fact)| {
+                    !view
+                        .task_status
+                        .get(*id)
+                        .is_some_and(|s| s.state == fact.state && s.error == fact.error)
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
         for (id, fact) in facts {
-            if !view.tasks.contains_key(&id) {
-                // The task is gone; so is what we knew of it.
-                if view.revision > 0 {
-                    lock(&self.facts).remove(&id);
-                }
-                continue;
-            }
-            let shown = view.task_status.get(&id);
-            if shown.is_some_and(|s| s.state == fact.state && s.error == fact.error) {
-                continue;
-            }
             let Ok(value) = serde_json::to_vec(&fact) else {
                 continue;
             };
