@@ -555,6 +555,41 @@ async fn stop_escalates_to_sigkill() {
 }
 
 #[tokio::test]
+async fn a_process_with_its_own_mounts_holds_no_copy_of_the_nodes_namespaces() {
+    let ns = NsGuard::create();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.11\n").expect("write resolv.conf");
+    let mut req = spawn_req(&ns, &dir.path().join("log"), &["sleep", "30"]);
+    req.resolv_conf = Some(resolv);
+    let p = sandbox::spawn(&req).expect("spawn");
+    let _pg = ProcGuard(p);
+    // A namespace the node mounts after the process started does not propagate into it, and
+    // the ones before (its own among them) are not there either.
+    let later = NsGuard::create();
+    let netns_mounts: Vec<String> = std::fs::read_to_string(format!("/proc/{}/mountinfo", p.pid))
+        .expect("mountinfo")
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(4)
+                .is_some_and(|m| m.starts_with(sandbox::NETNS_RUN_DIR))
+        })
+        .map(String::from)
+        .collect();
+    assert!(netns_mounts.is_empty(), "{netns_mounts:?}");
+    // The node still has both, and the process still runs in its namespace.
+    assert!(sandbox::is_netns(&later.path) && sandbox::is_netns(&ns.path));
+    let own = std::fs::read_link(format!("/proc/{}/ns/net", p.pid)).expect("ns link");
+    let meta = std::fs::metadata(&ns.path).expect("netns");
+    assert!(
+        own.to_string_lossy()
+            .contains(&std::os::unix::fs::MetadataExt::ino(&meta).to_string()),
+        "{own:?}"
+    );
+}
+
+#[tokio::test]
 async fn spawned_process_sees_its_resolv_conf_and_env_only() {
     let ns = NsGuard::create();
     let dir = tempfile::tempdir().expect("tempdir");

@@ -91,6 +91,7 @@ pub struct ChildSetup {
     etc_hosts: CString,
     secrets_dir: CString,
     tmpfs: CString,
+    netns_dir: CString,
 }
 
 /// Writes a fixed message to stderr (the log by then) from the forked child, so the log says
@@ -207,6 +208,7 @@ impl ChildSetup {
             etc_hosts: cstring("target", b"/etc/hosts")?,
             secrets_dir: cstring("secrets dir", SECRETS_DIR.as_bytes())?,
             tmpfs: cstring("fstype", b"tmpfs")?,
+            netns_dir: cstring("netns dir", super::netns::NETNS_RUN_DIR.as_bytes())?,
         })
     }
 
@@ -241,6 +243,17 @@ impl ChildSetup {
                 ) != 0
                 {
                     return Err(child_fail(b"netagent: making / a slave mount failed\n"));
+                }
+                // The node's /run/netns (one mount per container) goes from this namespace:
+                // the process has no use for other containers' namespaces, and each copy
+                // here would receive every namespace mounted on the node from now on (work
+                // for the kernel per container run, growing with the containers). EINVAL:
+                // not a mount point here, nothing to detach.
+                if libc::umount2(self.netns_dir.as_ptr(), libc::MNT_DETACH) != 0
+                    && *libc::__errno_location() != libc::EINVAL
+                    && *libc::__errno_location() != libc::ENOENT
+                {
+                    return Err(child_fail(b"netagent: detaching /run/netns failed\n"));
                 }
             }
             if let Some(src) = &self.resolv {
