@@ -61,7 +61,7 @@ pub struct Method {
     pub replicas: Vec<String>,
     pub baseline_backends: Vec<String>,
     pub notes: Vec<String>,
-    pub netagent_build: &'static str,
+    pub netagent_build: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -252,11 +252,8 @@ pub fn run(opts: &Options) -> Result<()> {
             }
             notes
         },
-        netagent_build: if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
+        // The agent's profile, not this binary's (xtask hands the bench a release agent).
+        netagent_build: machine::netagent_binary().1,
     };
     drop(base);
     drop(lab);
