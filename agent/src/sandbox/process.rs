@@ -6,9 +6,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -164,33 +162,39 @@ fn open_log(target: &LogTarget) -> Result<(OwnedFd, OwnedFd)> {
     Ok((out, err))
 }
 
-/// Starts the log shim on the read end of a new pipe and returns the write end.
+/// Starts the log shim on the read end of a new pipe and returns the write end. Like a
+/// container's process it is not forked from the agent (`spawn.rs`); it keeps the agent's
+/// environment and namespaces, in a session of its own.
 fn spawn_shim(argv: &[std::ffi::OsString]) -> Result<OwnedFd> {
     let program = argv
         .first()
         .ok_or_else(|| SandboxError::Invalid("empty log shim command".into()))?;
-    let (read, write) = std::io::pipe().map_err(SandboxError::io("creating log pipe", program))?;
-    let mut cmd = Command::new(program);
-    cmd.args(&argv[1..])
-        .stdin(Stdio::from(OwnedFd::from(read)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: setsid is async-signal-safe and touches nothing of the parent's.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().map_err(|source| SandboxError::Spawn {
+    let spawn_err = |source| SandboxError::Spawn {
         program: program.to_string_lossy().into_owned(),
         netns: PathBuf::from("(the agent's)"),
         source,
+    };
+    let (read, write) = std::io::pipe().map_err(SandboxError::io("creating log pipe", program))?;
+    let null = |how: &mut OpenOptions| how.open("/dev/null").map(OwnedFd::from);
+    let out =
+        null(OpenOptions::new().write(true)).map_err(SandboxError::io("opening", "/dev/null"))?;
+    let err = out
+        .try_clone()
+        .map_err(SandboxError::io("opening", "/dev/null"))?;
+    let env: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    let prepared =
+        super::spawn::Prepared::new(argv, &env, [OwnedFd::from(read), out, err], None, None)
+            .map_err(spawn_err)?;
+    let pid = super::spawn::spawn(&prepared).map_err(|(source, step)| {
+        spawn_err(std::io::Error::new(
+            source.kind(),
+            format!("{step}: {source}"),
+        ))
     })?;
     // Reaped while this agent runs; after a restart init inherits it.
-    super::reaper::reap(child, "reap-shim", |_| {});
+    super::reaper::reap_pid(pid, "reap-shim", |_| {});
     Ok(OwnedFd::from(write))
 }
 
@@ -230,8 +234,8 @@ pub fn spawn(req: &SpawnRequest) -> Result<ProcessHandle> {
         &req.argv,
         &env,
         [OwnedFd::from(devnull), log, log_err],
-        OwnedFd::from(ns),
-        setup,
+        Some(OwnedFd::from(ns)),
+        Some(setup),
     )
     .map_err(spawn_err)?;
     let pid = super::spawn::spawn(&prepared).map_err(|(source, step)| {

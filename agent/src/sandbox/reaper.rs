@@ -8,7 +8,6 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
-use std::process::Child;
 
 use tokio::io::unix::AsyncFd;
 
@@ -17,16 +16,8 @@ use super::process::ProcessExit;
 /// `idtype_t` for a pidfd (Linux 5.4), not in the libc crate.
 const P_PIDFD: libc::idtype_t = 3;
 
-/// Calls `on_exit` with `child`'s exit status once it has exited and been reaped.
-pub fn reap(child: Child, name: &str, on_exit: impl FnOnce(ProcessExit) + Send + 'static) {
-    // Dropping std's handle neither waits nor kills; the pid is reaped below.
-    let pid = child.id();
-    drop(child);
-    reap_pid(pid, name, on_exit);
-}
-
-/// [`reap`] for a child started without std's `Command` (`pid` must be this process's
-/// child, not yet reaped).
+/// Calls `on_exit` with the exit status of the child `pid` (this process's child, not yet
+/// reaped) once it has exited and been reaped.
 pub fn reap_pid(pid: u32, name: &str, on_exit: impl FnOnce(ProcessExit) + Send + 'static) {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         let watched = pidfd_open(pid).and_then(|fd| {
@@ -150,7 +141,7 @@ mod tests {
 
     async fn exit_of(mut cmd: Command) -> ProcessExit {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        reap(cmd.spawn().unwrap(), "test", move |e| {
+        reap_pid(cmd.spawn().unwrap().id(), "test", move |e| {
             let _ = tx.send(e);
         });
         tokio::time::timeout(Duration::from_secs(10), rx)
@@ -174,7 +165,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut c = Command::new("sh");
         c.args(["-c", "exit 5"]);
-        reap(c.spawn().unwrap(), "test", move |e| {
+        reap_pid(c.spawn().unwrap().id(), "test", move |e| {
             let _ = tx.send(e);
         });
         assert_eq!(

@@ -34,22 +34,27 @@ pub(super) struct Prepared {
     stdin: OwnedFd,
     stdout: OwnedFd,
     stderr: OwnedFd,
-    netns: OwnedFd,
-    setup: ChildSetup,
+    /// The network namespace to enter, and the mount and file setup; `None` for helpers of
+    /// the agent's own (the log shim), which stay where the agent is.
+    netns: Option<OwnedFd>,
+    setup: Option<ChildSetup>,
     root: CString,
 }
 
 impl Prepared {
     /// `argv[0]` is looked up in the `PATH` of `env` (which must have one), as `execvp` would.
-    pub(super) fn new(
-        argv: &[String],
+    pub(super) fn new<A: AsRef<std::ffi::OsStr>>(
+        argv: &[A],
         env: &[(String, String)],
         stdio: [OwnedFd; 3],
-        netns: OwnedFd,
-        setup: ChildSetup,
+        netns: Option<OwnedFd>,
+        setup: Option<ChildSetup>,
     ) -> std::io::Result<Self> {
         let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
-        let name = argv.first().ok_or_else(|| invalid("empty command"))?;
+        let name = argv
+            .first()
+            .and_then(|a| a.as_ref().to_str())
+            .ok_or_else(|| invalid("empty command, or not UTF-8"))?;
         let path = env
             .iter()
             .rev()
@@ -59,7 +64,7 @@ impl Prepared {
         let cstr = |s: &[u8]| CString::new(s).map_err(|_| invalid("a NUL byte in the command"));
         let argv = argv
             .iter()
-            .map(|a| cstr(a.as_bytes()))
+            .map(|a| cstr(a.as_ref().as_bytes()))
             .collect::<std::io::Result<Vec<_>>>()?;
         // Later entries override earlier ones with the same key, like `Command::env`.
         let mut vars: Vec<&(String, String)> = Vec::new();
@@ -163,10 +168,14 @@ extern "C" fn child_main(arg: *mut c_void) -> libc::c_int {
         if libc::setsid() < 0 {
             fail(a.outcome, "setsid");
         }
-        if libc::setns(p.netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+        if let Some(netns) = &p.netns
+            && libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+        {
             fail(a.outcome, "entering the network namespace");
         }
-        if p.setup.apply().is_err() {
+        if let Some(setup) = &p.setup
+            && setup.apply().is_err()
+        {
             fail(a.outcome, "setting up the container's files");
         }
         if libc::chdir(p.root.as_ptr()) != 0 {
