@@ -105,6 +105,18 @@ impl ClusterView {
             && self.services.ptr_eq(&other.services)
     }
 
+    /// Whether `other` holds the very same inputs of the orchestrator's pass (services, their
+    /// tasks and statuses, nodes, live nodes, the fencing revisions), by structure like
+    /// [`ClusterView::same_routing`]: a container or endpoint change leaves them shared.
+    pub fn same_orchestration(&self, other: &ClusterView) -> bool {
+        self.services.ptr_eq(&other.services)
+            && self.tasks.ptr_eq(&other.tasks)
+            && self.task_status.ptr_eq(&other.task_status)
+            && self.nodes.ptr_eq(&other.nodes)
+            && self.alive.ptr_eq(&other.alive)
+            && self.revisions.ptr_eq(&other.revisions)
+    }
+
     /// A container with its endpoints, as this view knows them.
     pub fn container_record(&self, name: &str) -> Option<crate::containers::ContainerRecord> {
         let container = self.containers.get(name)?.clone();
@@ -324,6 +336,31 @@ mod tests {
     use super::*;
     use crate::model::NetworkCreate;
     use crate::networks;
+
+    #[test]
+    fn consumers_tell_their_inputs_changed_by_structure() {
+        let v1 = ClusterView::default();
+        let mut v2 = v1.clone();
+        assert!(v1.same_routing(&v2) && v1.same_orchestration(&v2));
+        // A container's endpoint: routing input only (the orchestrator's pass can wait).
+        let ep: Endpoint = serde_json::from_value(serde_json::json!({
+            "id": "c1", "container": "c1", "network": "front", "ip": "10.1.0.3",
+            "mac": "", "node": "n1", "ifname": "eth0", "host_ifname": "",
+        }))
+        .expect("endpoint");
+        v2.endpoints.insert("front/c1".into(), ep);
+        assert!(!v1.same_routing(&v2));
+        assert!(v1.same_orchestration(&v2));
+        // A fencing revision: the orchestrator's input only.
+        let mut v3 = v1.clone();
+        v3.revisions.insert("/netagent/services/web".into(), 7);
+        assert!(v1.same_routing(&v3));
+        assert!(!v1.same_orchestration(&v3));
+        // A node coming alive: both.
+        let mut v4 = v1.clone();
+        v4.alive.insert("n1".into());
+        assert!(!v1.same_routing(&v4) && !v1.same_orchestration(&v4));
+    }
 
     #[tokio::test]
     async fn view_follows_creates_and_removes() {

@@ -80,6 +80,10 @@ async fn lead(
     {
         return;
     }
+    // The view of the last pass: a change that leaves its inputs shared (a container or an
+    // endpoint came or went) waits for the tick, which time-based decisions need anyway.
+    let mut last: Option<Arc<ClusterView>> = None;
+    let mut last_pass = tokio::time::Instant::now();
     loop {
         if *lost.borrow() {
             return;
@@ -89,10 +93,15 @@ async fn lead(
             tracing::warn!(leader = ?view.leader, "the view shows another leader; stepping down");
             return;
         }
-        pass(&**store, term.revision, &view).await;
+        let due = last_pass.elapsed() >= TICK;
+        if due || !last.as_ref().is_some_and(|l| l.same_orchestration(&view)) {
+            pass(&**store, term.revision, &view).await;
+            last = Some(view);
+            last_pass = tokio::time::Instant::now();
+        }
         tokio::select! {
             _ = view_rx.changed() => tokio::time::sleep(DEBOUNCE).await,
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep_until(last_pass + TICK) => {}
             _ = lost.changed() => return,
         }
     }
