@@ -218,14 +218,15 @@ pub(super) fn spawn(p: &Prepared) -> Result<u32, (std::io::Error, &'static str)>
     };
     let stack = Stack::new().map_err(|e| (e, "allocating the child's stack"))?;
     // No signal handler of the agent may run on the child's stack before it resets them.
-    // SAFETY: sigset_t is plain data; sigfillset initialises it.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid sigset pointers.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    unsafe {
+    // SAFETY: sigset_t is plain data (all zero is valid), filled in by sigfillset and
+    // pthread_sigmask through valid pointers.
+    let old = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-    }
+        old
+    };
     let guard = MaskGuard(old);
     // SAFETY: the stack is mapped, writable and 16-byte aligned at its top; `args` outlives
     // the child's use of it, since CLONE_VFORK returns only after exec or exit.
