@@ -143,11 +143,8 @@ fn udp_flows_are_promoted_by_their_first_reply() {
     fx.assert_only_drops(None, 0);
 }
 
-#[test]
-fn closing_connections_time_out_fast_and_gc_removes_idle_ones() {
-    if !have_root() {
-        return;
-    }
+/// The services fixture with 1 s close and UDP timeouts.
+fn with_short_timeouts() -> Fixture {
     let mut fx = Fixture::with_services();
     fx.dp
         .set_lb_config(LbConfig {
@@ -156,6 +153,15 @@ fn closing_connections_time_out_fast_and_gc_removes_idle_ones() {
             ..fx.dp.lb_config().expect("lb config")
         })
         .expect("short timeouts");
+    fx
+}
+
+#[test]
+fn closing_connections_time_out_fast_and_gc_removes_idle_ones() {
+    if !have_root() {
+        return;
+    }
+    let mut fx = with_short_timeouts();
     // Two established connections; one closes.
     for sport in [41000u16, 41001] {
         backend_of(&fx, &to_vip(sport, TcpFlags::Syn));
@@ -200,13 +206,7 @@ fn gc_spares_an_entry_that_a_new_connection_took_after_the_walk() {
     if !have_root() {
         return;
     }
-    let mut fx = Fixture::with_services();
-    fx.dp
-        .set_lb_config(LbConfig {
-            close_timeout: Duration::from_secs(1),
-            ..fx.dp.lb_config().expect("lb config")
-        })
-        .expect("short timeouts");
+    let mut fx = with_short_timeouts();
     let old = backend_of(&fx, &to_vip(41000, TcpFlags::Syn));
     backend_of(&fx, &to_vip(41000, TcpFlags::Ack));
     backend_of(&fx, &to_vip(41000, TcpFlags::Fin));

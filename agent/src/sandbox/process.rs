@@ -187,12 +187,7 @@ fn spawn_shim(argv: &[std::ffi::OsString]) -> Result<OwnedFd> {
     let prepared =
         super::spawn::Prepared::new(argv, &env, [OwnedFd::from(read), out, err], None, None)
             .map_err(spawn_err)?;
-    let pid = super::spawn::spawn(&prepared).map_err(|(source, step)| {
-        spawn_err(std::io::Error::new(
-            source.kind(),
-            format!("{step}: {source}"),
-        ))
-    })?;
+    let pid = super::spawn::spawn(&prepared).map_err(spawn_err)?;
     // Reaped while this agent runs; after a restart init inherits it.
     super::reaper::reap_pid(pid, "reap-shim", |_| {});
     Ok(OwnedFd::from(write))
@@ -238,12 +233,7 @@ pub fn spawn(req: &SpawnRequest) -> Result<ProcessHandle> {
         Some(setup),
     )
     .map_err(spawn_err)?;
-    let pid = super::spawn::spawn(&prepared).map_err(|(source, step)| {
-        spawn_err(std::io::Error::new(
-            source.kind(),
-            format!("{step}: {source}"),
-        ))
-    })?;
+    let pid = super::spawn::spawn(&prepared).map_err(spawn_err)?;
     drop(prepared);
     // Read before the reaper exists: until someone waits, an exited child stays a zombie, so
     // its stat is still there to read.

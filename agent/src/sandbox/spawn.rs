@@ -197,8 +197,12 @@ impl Drop for MaskGuard {
 }
 
 /// Starts the prepared process; returns its pid once it runs the program. On failure the
-/// child is reaped and the error names the step.
-pub(super) fn spawn(p: &Prepared) -> Result<u32, (std::io::Error, &'static str)> {
+/// child is reaped and the error names the step ("exec: No such file or directory").
+pub(super) fn spawn(p: &Prepared) -> std::io::Result<u32> {
+    start(p).map_err(|(e, step)| std::io::Error::new(e.kind(), format!("{step}: {e}")))
+}
+
+fn start(p: &Prepared) -> Result<u32, (std::io::Error, &'static str)> {
     let ptrs = |v: &[CString]| {
         v.iter()
             .map(|s| s.as_ptr())
