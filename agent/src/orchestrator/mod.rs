@@ -80,8 +80,11 @@ async fn lead(
     {
         return;
     }
-    // The view of the last pass: a change that leaves its inputs shared (a container or an
-    // endpoint came or went) waits for the tick, which time-based decisions need anyway.
+    // The view of the last pass that wrote everything it planned. Planning is a function of
+    // the inputs (`same_orchestration`) and of the clock, and only rolling updates read the
+    // clock (their delay and monitor windows): a view change that leaves the inputs shared (a
+    // container or an endpoint came or went) needs no pass, and the tick then plans only the
+    // services with an update in progress. A failed write makes the next pass a whole one.
     let mut last: Option<Arc<ClusterView>> = None;
     let mut last_pass = tokio::time::Instant::now();
     loop {
@@ -93,10 +96,15 @@ async fn lead(
             tracing::warn!(leader = ?view.leader, "the view shows another leader; stepping down");
             return;
         }
-        let due = last_pass.elapsed() >= TICK;
-        if due || !last.as_ref().is_some_and(|l| l.same_orchestration(&view)) {
-            pass(&**store, term.revision, &view).await;
-            last = Some(view);
+        let changed = !last.as_ref().is_some_and(|l| l.same_orchestration(&view));
+        if changed || last_pass.elapsed() >= TICK {
+            let scope = if changed {
+                Scope::Everything
+            } else {
+                Scope::ClockDriven
+            };
+            let written = pass(&**store, term.revision, &view, scope).await;
+            last = written.then_some(view);
             last_pass = tokio::time::Instant::now();
         }
         tokio::select! {
@@ -119,8 +127,27 @@ fn nodes_of(view: &ClusterView) -> Vec<NodeInfo> {
         .collect()
 }
 
-/// One pass over every service, and the garbage of removed ones.
-async fn pass(store: &dyn Store, fence: Revision, view: &ClusterView) {
+/// What a pass plans.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Every service, and the garbage of removed ones.
+    Everything,
+    /// The services whose plan can change with the clock alone: those with a rolling update
+    /// (or rollback) in progress.
+    ClockDriven,
+}
+
+fn clock_driven(svc: &Service) -> bool {
+    svc.update_status
+        .as_ref()
+        .is_some_and(|u| u.state.in_progress())
+}
+
+/// One pass over the services of `scope`; whether every write it planned succeeded.
+async fn pass(store: &dyn Store, fence: Revision, view: &ClusterView, scope: Scope) -> bool {
+    if scope == Scope::ClockDriven && !view.services.values().any(clock_driven) {
+        return true;
+    }
     let nodes = nodes_of(view);
     let mut load: BTreeMap<String, usize> = BTreeMap::new();
     for t in view.tasks.values() {
@@ -145,8 +172,12 @@ async fn pass(store: &dyn Store, fence: Revision, view: &ClusterView) {
             .push((t, view.task_status.get(&t.id)));
     }
     let now = now_ms();
+    let mut written = true;
     for svc in view.services.values() {
         let Some(spec) = &svc.spec else { continue };
+        if scope == Scope::ClockDriven && !clock_driven(svc) {
+            continue;
+        }
         let tasks = by_service
             .remove(&(svc.name.as_str(), svc.id.as_str()))
             .unwrap_or_default();
@@ -171,9 +202,13 @@ async fn pass(store: &dyn Store, fence: Revision, view: &ClusterView) {
         }
         if let Err(e) = write(store, fence, view, svc, plan, now).await {
             tracing::warn!(service = %svc.name, error = %e, "orchestrator write failed; will retry");
+            written = false;
         }
     }
-    collect_garbage(store, fence, view).await;
+    if scope == Scope::Everything {
+        written &= collect_garbage(store, fence, view).await;
+    }
+    written
 }
 
 /// Writes one service's plan in one transaction, fenced: it fails (and the next pass plans
@@ -255,7 +290,9 @@ async fn write(
 
 /// Tasks of services that are gone (or replaced by a new service of the same name), reports
 /// of tasks that are gone, orchestrator keys of removed services.
-async fn collect_garbage(store: &dyn Store, fence: Revision, view: &ClusterView) {
+/// Deletes the tasks and keys of removed services; whether that succeeded (or there were
+/// none).
+async fn collect_garbage(store: &dyn Store, fence: Revision, view: &ClusterView) -> bool {
     let mut ops = Vec::new();
     for t in view.tasks.values() {
         let current = view
@@ -280,11 +317,13 @@ async fn collect_garbage(store: &dyn Store, fence: Revision, view: &ClusterView)
         }
     }
     if ops.is_empty() {
-        return;
+        return true;
     }
     ops.truncate(MAX_OPS);
     let compares = vec![Compare::mod_revision(keys::LEADER, fence)];
     if let Err(e) = store.txn(compares, ops).await {
         tracing::warn!(error = %e, "cannot remove tasks of removed services yet");
+        return false;
     }
+    true
 }
