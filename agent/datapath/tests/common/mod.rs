@@ -450,6 +450,21 @@ fn observe_encapsulation(
     (verdict, inner, obs)
 }
 
+/// Runs `from_container` on `frame` and checks that the program left the VXLAN to a device:
+/// redirected, not encapsulated by the program, with a tunnel key set for the device. Returns
+/// the frame as left and the observation (the key's fields).
+pub fn run_for_the_device(fx: &Fixture, frame: &[u8]) -> (Vec<u8>, TestObservation) {
+    let (verdict, out) = run(fx.dp.from_container_test().expect("program"), frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert!(
+        decapsulate(verdict, &out).is_none(),
+        "encapsulated by the program"
+    );
+    let obs = fx.observation();
+    assert_eq!(obs.tunnel_key_status, 0, "no tunnel key for the device");
+    (out, obs)
+}
+
 /// Runs the program once on `frame`; returns the verdict and the frame as the program left it.
 pub fn run(prog: &SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + 256];
