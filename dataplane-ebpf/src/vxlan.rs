@@ -29,6 +29,7 @@ use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_check_mtu_flags, bpf_check_mtu_ret,
     },
     helpers::{bpf_check_mtu, bpf_get_hash_recalc},
     programs::TcContext,
@@ -185,11 +186,14 @@ fn try_encapsulate(
     forward::to_uplink(config)
 }
 
-/// `BPF_MTU_CHK_RET_FRAG_NEEDED`, `BPF_MTU_CHK_RET_SEGS_TOOBIG`: `bpf_check_mtu`'s "too big".
-const MTU_FRAG_NEEDED: i64 = 1;
-const MTU_SEGS_TOOBIG: i64 = 2;
-/// `BPF_MTU_CHK_SEGS`: a GSO packet is checked by the size of its segments.
-const MTU_CHK_SEGS: u64 = 1;
+// `bpf_check_mtu`'s "too big" answers, and its flag to check a GSO packet by the size of its
+// segments (the bindings' integer types differ between architectures, see verdict.rs).
+#[allow(clippy::unnecessary_cast)]
+const MTU_FRAG_NEEDED: i64 = bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED as i64;
+#[allow(clippy::unnecessary_cast)]
+const MTU_SEGS_TOOBIG: i64 = bpf_check_mtu_ret::BPF_MTU_CHK_RET_SEGS_TOOBIG as i64;
+#[allow(clippy::unnecessary_cast)]
+const MTU_CHK_SEGS: u64 = bpf_check_mtu_flags::BPF_MTU_CHK_SEGS as u64;
 
 /// Whether the packet (or each segment of a GSO packet) fits the VXLAN device's MTU, the
 /// uplink's less the encapsulation: what the device itself would carry. `network create`
