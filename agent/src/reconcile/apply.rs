@@ -5,7 +5,6 @@
 //! keeps what the programs see consistent: nodes and networks before endpoints, backend sets
 //! before the VIPs and ports that point at them, and removals the other way round.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Display;
 use std::net::Ipv4Addr;
@@ -15,7 +14,9 @@ use netagent_datapath::{
     ServiceInfo,
 };
 
-use super::desired::{Desired, Subnet};
+use imbl::ordmap::DiffItem;
+
+use super::desired::{Desired, Subnet, Table};
 
 /// How many failures a pass keeps (the rest are only counted).
 const ERRORS_KEPT: usize = 20;
@@ -72,51 +73,97 @@ fn have<T>(changes: &mut Changes, what: &str, r: Result<T, DatapathError>) -> Op
     }
 }
 
-/// What the maps hold, map by map; `None`: the map could not be read, and nothing of it is
-/// touched this pass.
-#[derive(Default)]
-struct Held<'a> {
-    nodes: Option<Cow<'a, BTreeMap<Ipv4Addr, NodeInfo>>>,
-    networks: Option<Cow<'a, BTreeMap<Subnet, NetworkInfo>>>,
-    endpoints: Option<Cow<'a, BTreeMap<Ipv4Addr, EndpointInfo>>>,
-    backend_sets: Option<Cow<'a, BTreeMap<u32, Vec<Ipv4Addr>>>>,
-    services: Option<Cow<'a, BTreeMap<Ipv4Addr, ServiceInfo>>>,
-    published: Option<Cow<'a, BTreeMap<(u16, u8), PublishedInfo>>>,
+/// What to write to one map: entries to insert or replace, keys to remove.
+struct Delta<'a, K, V> {
+    upsert: Vec<(K, &'a V)>,
+    remove: Vec<K>,
 }
 
-fn owned<K: Ord + Clone, V: Clone>(
-    r: Option<impl IntoIterator<Item = (K, V)>>,
-) -> Option<Cow<'static, BTreeMap<K, V>>> {
-    r.map(|v| Cow::Owned(v.into_iter().collect()))
-}
-
-impl Held<'static> {
-    /// Every map, read from the kernel (two syscalls an entry).
-    fn read(dp: &Datapath, c: &mut Changes) -> Self {
-        Held {
-            nodes: owned(have(c, "nodes", dp.nodes())),
-            networks: owned(have(c, "networks", dp.networks())),
-            endpoints: owned(have(c, "endpoints", dp.endpoints())),
-            backend_sets: owned(have(c, "backend sets", dp.backend_sets())),
-            services: owned(have(c, "services", dp.services())),
-            published: owned(have(c, "published ports", dp.published()).map(|v| {
-                v.into_iter()
-                    .map(|(port, proto, info)| ((port, proto as u8), info))
-            })),
+impl<'a, K: Ord + Copy, V: PartialEq + Clone> Delta<'a, K, V> {
+    /// Against what the kernel holds: every wanted entry is looked up.
+    fn against(have: &BTreeMap<K, V>, want: &'a Table<K, V>) -> Self {
+        Delta {
+            upsert: want
+                .iter()
+                .filter(|(k, v)| have.get(k) != Some(v))
+                .map(|(k, v)| (*k, v))
+                .collect(),
+            remove: have
+                .keys()
+                .filter(|k| !want.contains_key(*k))
+                .copied()
+                .collect(),
         }
+    }
+
+    /// Against what an earlier pass wrote: a diff of two persistent maps that share all but
+    /// the change, O(changes).
+    fn since(written: &Table<K, V>, want: &'a Table<K, V>) -> Self {
+        let mut d = Delta {
+            upsert: Vec::new(),
+            remove: Vec::new(),
+        };
+        for item in written.diff(want) {
+            match item {
+                DiffItem::Add(k, v) | DiffItem::Update { new: (k, v), .. } => {
+                    d.upsert.push((*k, v))
+                }
+                DiffItem::Remove(k, _) => d.remove.push(*k),
+            }
+        }
+        d
     }
 }
 
-impl<'a> Held<'a> {
-    /// What a pass that wrote `d` without a failure left in the maps.
-    fn written(d: &'a Desired) -> Self {
-        Held {
-            nodes: Some(Cow::Borrowed(&d.nodes)),
-            networks: Some(Cow::Borrowed(&d.networks)),
-            endpoints: Some(Cow::Borrowed(&d.endpoints)),
-            backend_sets: Some(Cow::Borrowed(&d.backend_sets)),
-            services: Some(Cow::Borrowed(&d.services)),
-            published: Some(Cow::Borrowed(&d.published)),
+/// What to write, map by map; `None`: the map could not be read, and nothing of it is
+/// touched this pass.
+struct Deltas<'a> {
+    nodes: Option<Delta<'a, Ipv4Addr, NodeInfo>>,
+    networks: Option<Delta<'a, Subnet, NetworkInfo>>,
+    endpoints: Option<Delta<'a, Ipv4Addr, EndpointInfo>>,
+    backend_sets: Option<Delta<'a, u32, Vec<Ipv4Addr>>>,
+    services: Option<Delta<'a, Ipv4Addr, ServiceInfo>>,
+    published: Option<Delta<'a, (u16, u8), PublishedInfo>>,
+}
+
+fn against<'a, K: Ord + Copy, V: PartialEq + Clone>(
+    have: Option<impl IntoIterator<Item = (K, V)>>,
+    want: &'a Table<K, V>,
+) -> Option<Delta<'a, K, V>> {
+    have.map(|h| Delta::against(&h.into_iter().collect(), want))
+}
+
+impl<'a> Deltas<'a> {
+    /// Against every map, read from the kernel (two syscalls an entry).
+    fn read(dp: &Datapath, want: &'a Desired, c: &mut Changes) -> Self {
+        Deltas {
+            nodes: against(have(c, "nodes", dp.nodes()), &want.nodes),
+            networks: against(have(c, "networks", dp.networks()), &want.networks),
+            endpoints: against(have(c, "endpoints", dp.endpoints()), &want.endpoints),
+            backend_sets: against(
+                have(c, "backend sets", dp.backend_sets()),
+                &want.backend_sets,
+            ),
+            services: against(have(c, "services", dp.services()), &want.services),
+            published: against(
+                have(c, "published ports", dp.published()).map(|v| {
+                    v.into_iter()
+                        .map(|(port, proto, info)| ((port, proto as u8), info))
+                }),
+                &want.published,
+            ),
+        }
+    }
+
+    /// Against what a pass that wrote `written` without a failure left in the maps.
+    fn since(written: &Desired, want: &'a Desired) -> Self {
+        Deltas {
+            nodes: Some(Delta::since(&written.nodes, &want.nodes)),
+            networks: Some(Delta::since(&written.networks, &want.networks)),
+            endpoints: Some(Delta::since(&written.endpoints, &want.endpoints)),
+            backend_sets: Some(Delta::since(&written.backend_sets, &want.backend_sets)),
+            services: Some(Delta::since(&written.services, &want.services)),
+            published: Some(Delta::since(&written.published, &want.published)),
         }
     }
 }
@@ -124,50 +171,42 @@ impl<'a> Held<'a> {
 /// Writes the difference between `want` and the maps, as read from the kernel.
 pub fn apply(dp: &mut Datapath, want: &Desired) -> Changes {
     let mut c = Changes::default();
-    let held = Held::read(dp, &mut c);
-    write(dp, want, &held, c)
+    let deltas = Deltas::read(dp, want, &mut c);
+    write(dp, &deltas, c)
 }
 
 /// Writes the difference between `want` and `written`, what an earlier pass wrote without a
 /// failure: no map is read, so a pass costs syscalls for its changes only. Only for maps
 /// nothing else writes (the reconciler is their only writer); [`apply`] repairs the rest.
 pub fn apply_since(dp: &mut Datapath, want: &Desired, written: &Desired) -> Changes {
-    write(dp, want, &Held::written(written), Changes::default())
+    write(dp, &Deltas::since(written, want), Changes::default())
 }
 
-fn write(dp: &mut Datapath, want: &Desired, held: &Held, mut c: Changes) -> Changes {
-    if let Some(have_nodes) = &held.nodes {
-        for (addr, info) in &want.nodes {
-            if have_nodes.get(addr) != Some(info) {
-                c.upsert(format_args!("node {addr}"), dp.upsert_node(*addr, info));
-            }
+fn write(dp: &mut Datapath, d: &Deltas, mut c: Changes) -> Changes {
+    if let Some(nodes) = &d.nodes {
+        for (addr, info) in &nodes.upsert {
+            c.upsert(format_args!("node {addr}"), dp.upsert_node(*addr, info));
         }
     }
-    if let Some(have_nets) = &held.networks {
-        for (subnet, info) in &want.networks {
-            if have_nets.get(subnet) != Some(info) {
-                c.upsert(
-                    format_args!("network {}/{}", subnet.0, subnet.1),
-                    dp.upsert_network(*subnet, info),
-                );
-            }
+    if let Some(nets) = &d.networks {
+        for (subnet, info) in &nets.upsert {
+            c.upsert(
+                format_args!("network {}/{}", subnet.0, subnet.1),
+                dp.upsert_network(*subnet, info),
+            );
         }
     }
     let mut gone = HashSet::new();
-    if let Some(have_eps) = &held.endpoints {
-        for (ip, info) in &want.endpoints {
-            if have_eps.get(ip) != Some(info) {
-                c.upsert(format_args!("endpoint {ip}"), dp.upsert_endpoint(*ip, info));
-            }
+    if let Some(eps) = &d.endpoints {
+        for (ip, info) in &eps.upsert {
+            c.upsert(format_args!("endpoint {ip}"), dp.upsert_endpoint(*ip, info));
         }
-        for ip in have_eps.keys() {
-            if !want.endpoints.contains_key(ip) {
-                c.remove(format_args!("endpoint {ip}"), dp.remove_endpoint(*ip));
-                gone.insert(*ip);
-            }
+        for ip in &eps.remove {
+            c.remove(format_args!("endpoint {ip}"), dp.remove_endpoint(*ip));
+            gone.insert(*ip);
         }
     }
-    apply_services(dp, want, held, &mut c);
+    apply_services(dp, d, &mut c);
     // A removed endpoint's address will be handed out again: its connections must not reach
     // whoever gets it (TCP clients get a reset, UDP flows are balanced anew).
     if !gone.is_empty() {
@@ -177,21 +216,17 @@ fn write(dp: &mut Datapath, want: &Desired, held: &Held, mut c: Changes) -> Chan
         }
     }
     // Networks go last so no endpoint is ever left without its subnet.
-    if let Some(have_nets) = &held.networks {
-        for subnet in have_nets.keys() {
-            if !want.networks.contains_key(subnet) {
-                c.remove(
-                    format_args!("network {}/{}", subnet.0, subnet.1),
-                    dp.remove_network(*subnet),
-                );
-            }
+    if let Some(nets) = &d.networks {
+        for subnet in &nets.remove {
+            c.remove(
+                format_args!("network {}/{}", subnet.0, subnet.1),
+                dp.remove_network(*subnet),
+            );
         }
     }
-    if let Some(have_nodes) = &held.nodes {
-        for addr in have_nodes.keys() {
-            if !want.nodes.contains_key(addr) {
-                c.remove(format_args!("node {addr}"), dp.remove_node(*addr));
-            }
+    if let Some(nodes) = &d.nodes {
+        for addr in &nodes.remove {
+            c.remove(format_args!("node {addr}"), dp.remove_node(*addr));
         }
     }
     c
@@ -207,51 +242,39 @@ fn proto_of(n: u8) -> L4Proto {
 
 /// Sets first (a VIP or port never points at a set that does not exist), then VIPs and ports;
 /// removals the other way round.
-fn apply_services(dp: &mut Datapath, want: &Desired, held: &Held, c: &mut Changes) {
-    if let Some(have_sets) = &held.backend_sets {
-        for (id, ips) in &want.backend_sets {
-            if have_sets.get(id) != Some(ips) {
-                c.upsert(format_args!("backend set {id}"), dp.set_backends(*id, ips));
-            }
+fn apply_services(dp: &mut Datapath, d: &Deltas, c: &mut Changes) {
+    if let Some(sets) = &d.backend_sets {
+        for (id, ips) in &sets.upsert {
+            c.upsert(format_args!("backend set {id}"), dp.set_backends(*id, ips));
         }
     }
-    if let Some(have_svcs) = &held.services {
-        for (vip, info) in &want.services {
-            if have_svcs.get(vip) != Some(info) {
-                c.upsert(format_args!("service {vip}"), dp.upsert_service(*vip, info));
-            }
+    if let Some(svcs) = &d.services {
+        for (vip, info) in &svcs.upsert {
+            c.upsert(format_args!("service {vip}"), dp.upsert_service(*vip, info));
         }
     }
-    if let Some(have_pub) = &held.published {
-        for ((port, proto), info) in &want.published {
-            if have_pub.get(&(*port, *proto)) != Some(info) {
-                c.upsert(
-                    format_args!("published port {port}"),
-                    dp.upsert_published(*port, proto_of(*proto), info),
-                );
-            }
+    if let Some(ports) = &d.published {
+        for ((port, proto), info) in &ports.upsert {
+            c.upsert(
+                format_args!("published port {port}"),
+                dp.upsert_published(*port, proto_of(*proto), info),
+            );
         }
-        for (port, proto) in have_pub.keys() {
-            if !want.published.contains_key(&(*port, *proto)) {
-                c.remove(
-                    format_args!("published port {port}"),
-                    dp.remove_published(*port, proto_of(*proto)),
-                );
-            }
+        for (port, proto) in &ports.remove {
+            c.remove(
+                format_args!("published port {port}"),
+                dp.remove_published(*port, proto_of(*proto)),
+            );
         }
     }
-    if let Some(have_svcs) = &held.services {
-        for vip in have_svcs.keys() {
-            if !want.services.contains_key(vip) {
-                c.remove(format_args!("service {vip}"), dp.remove_service(*vip));
-            }
+    if let Some(svcs) = &d.services {
+        for vip in &svcs.remove {
+            c.remove(format_args!("service {vip}"), dp.remove_service(*vip));
         }
     }
-    if let Some(have_sets) = &held.backend_sets {
-        for id in have_sets.keys() {
-            if !want.backend_sets.contains_key(id) {
-                c.remove(format_args!("backend set {id}"), dp.remove_backends(*id));
-            }
+    if let Some(sets) = &d.backend_sets {
+        for id in &sets.remove {
+            c.remove(format_args!("backend set {id}"), dp.remove_backends(*id));
         }
     }
 }

@@ -1,7 +1,6 @@
 //! The datapath's desired content for this node, computed from a view snapshot and what this
 //! node has plugged. Pure: no kernel, no store.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use netagent_datapath::{
@@ -10,24 +9,29 @@ use netagent_datapath::{
 };
 
 use super::LocalState;
-use crate::model::{self, Availability, EndpointMode, Network, Protocol, Service};
+use crate::model::{self, Availability, Endpoint, EndpointMode, Network, Protocol, Service};
 use crate::view::ClusterView;
 
 pub type Subnet = (Ipv4Addr, u8);
 
+/// A map's desired content. Persistent (structurally shared): a pass clones the last desired
+/// state in O(1), changes what the view's change touched, and diffs against what it wrote in
+/// O(changes).
+pub type Table<K, V> = imbl::OrdMap<K, V>;
+
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Desired {
-    pub endpoints: BTreeMap<Ipv4Addr, EndpointInfo>,
-    pub networks: BTreeMap<Subnet, NetworkInfo>,
+    pub endpoints: Table<Ipv4Addr, EndpointInfo>,
+    pub networks: Table<Subnet, NetworkInfo>,
     /// VIP -> its backend set.
-    pub services: BTreeMap<Ipv4Addr, ServiceInfo>,
+    pub services: Table<Ipv4Addr, ServiceInfo>,
     /// Backend set id -> replicas taking new connections, in a stable order.
-    pub backend_sets: BTreeMap<u32, Vec<Ipv4Addr>>,
+    pub backend_sets: Table<u32, Vec<Ipv4Addr>>,
     /// (published port, protocol) -> backend set and target port.
-    pub published: BTreeMap<(u16, u8), PublishedInfo>,
+    pub published: Table<(u16, u8), PublishedInfo>,
     /// Advertise addresses of every node of the cluster: the only senders of overlay traffic
     /// the datapath accepts.
-    pub nodes: BTreeMap<Ipv4Addr, NodeInfo>,
+    pub nodes: Table<Ipv4Addr, NodeInfo>,
 }
 
 /// The datapath's backend set of a service on its `index`-th network: the replicas have a
@@ -36,60 +40,74 @@ pub fn set_id(svc: &Service, index: usize) -> u32 {
     (svc.num << 8) | (index as u32 & 0xff)
 }
 
-fn l4(p: Protocol) -> L4Proto {
+/// The protocol's number in the published ports' key.
+pub(super) fn proto_number(p: Protocol) -> u8 {
     match p {
-        Protocol::Tcp => L4Proto::Tcp,
-        Protocol::Udp => L4Proto::Udp,
+        Protocol::Tcp => L4Proto::Tcp as u8,
+        Protocol::Udp => L4Proto::Udp as u8,
     }
 }
 
-/// Backend sets, VIPs and published ports. A replica takes new connections only while it is
-/// ready and its node is alive and `active`: a drained or dead node's replicas, and exited or
-/// stopping ones, keep their established flows (conntrack) and get no new ones.
-fn desired_services(view: &ClusterView, local: &LocalState, node: &str, d: &mut Desired) {
-    let live = view.live_replicas();
-    for svc in view.services.values() {
-        if svc.endpoint_mode != EndpointMode::Vip {
+/// The entries one service contributes to the maps.
+#[derive(Debug, Default)]
+pub(super) struct ServiceEntries {
+    pub sets: Vec<(u32, Vec<Ipv4Addr>)>,
+    pub vips: Vec<(Ipv4Addr, ServiceInfo)>,
+    pub ports: Vec<((u16, u8), PublishedInfo)>,
+}
+
+/// A VIP service's backend sets, VIPs and published ports. `replicas(network)` gives its
+/// ready replicas on live nodes in container order; a replica whose own record gets no endpoint
+/// entry is none of its backends. A replica takes new connections only while it is ready and its node is alive and
+/// `active`: a drained or dead node's replicas, and exited or stopping ones, keep their
+/// established flows (conntrack) and get no new ones.
+pub(super) fn service_entries<'v>(
+    view: &'v ClusterView,
+    local: &LocalState,
+    node: &str,
+    svc: &Service,
+    replicas: impl Fn(&str) -> Vec<&'v Endpoint>,
+) -> ServiceEntries {
+    let mut out = ServiceEntries::default();
+    if svc.endpoint_mode != EndpointMode::Vip {
+        return out;
+    }
+    for (i, sn) in svc.networks.iter().enumerate() {
+        let (Some(vip), Some(net)) = (sn.vip, view.networks.get(&sn.network)) else {
             continue;
-        }
-        for (i, sn) in svc.networks.iter().enumerate() {
-            let (Some(vip), Some(net)) = (sn.vip, view.networks.get(&sn.network)) else {
-                continue;
-            };
-            let id = set_id(svc, i);
-            let replicas: Vec<Ipv4Addr> = live
-                .get(&(svc.name.as_str(), sn.network.as_str()))
-                .into_iter()
-                .flatten()
-                .filter(|e| {
-                    view.nodes
-                        .get(&e.node)
-                        .is_some_and(|n| n.availability == Availability::Active)
-                })
-                .filter(|e| d.endpoints.contains_key(&e.ip))
-                .filter(|e| !(e.node == node && local.unready.contains(&e.container)))
-                .map(|e| e.ip)
-                .collect();
-            d.backend_sets.insert(id, replicas);
-            d.services.insert(
-                vip,
-                ServiceInfo {
-                    id,
-                    vni: net.vni,
-                    flags: 0,
-                },
-            );
-        }
-        // The mesh balances over the replicas on the service's first network.
-        if svc.networks.first().is_some_and(|n| n.vip.is_some()) {
-            for p in &svc.ports {
-                d.published.insert(
-                    (p.published, l4(p.protocol) as u8),
-                    PublishedInfo::new(set_id(svc, 0), p.target),
-                );
-            }
+        };
+        let id = set_id(svc, i);
+        let ips: Vec<Ipv4Addr> = replicas(&sn.network)
+            .into_iter()
+            .filter(|e| {
+                view.nodes
+                    .get(&e.node)
+                    .is_some_and(|n| n.availability == Availability::Active)
+            })
+            .filter(|e| has_entry(view, node, local, e))
+            .filter(|e| !(e.node == node && local.unready.contains(&e.container)))
+            .map(|e| e.ip)
+            .collect();
+        out.sets.push((id, ips));
+        out.vips.push((
+            vip,
+            ServiceInfo {
+                id,
+                vni: net.vni,
+                flags: 0,
+            },
+        ));
+    }
+    // The mesh balances over the replicas on the service's first network.
+    if svc.networks.first().is_some_and(|n| n.vip.is_some()) {
+        for p in &svc.ports {
+            out.ports.push((
+                (p.published, proto_number(p.protocol)),
+                PublishedInfo::new(set_id(svc, 0), p.target),
+            ));
         }
     }
+    out
 }
 
 pub fn network_info(net: &Network) -> NetworkInfo {
@@ -127,12 +145,46 @@ pub fn remote_endpoint(vni: u32, node: Ipv4Addr, mac: [u8; 6]) -> EndpointInfo {
     }
 }
 
-/// The maps' desired content. `local` holds this node's plugged interfaces (host-side veth
-/// name -> ifindex): a local endpoint whose interface is not plugged (yet, or any more) gets
-/// no entry, so a pass that runs while a container is being built or torn down can never
-/// remove or resurrect its endpoint behind the runtime's back.
-pub fn desired(view: &ClusterView, node: &str, local: &LocalState) -> Desired {
-    let mut d = Desired::default();
+/// Whether [`endpoint_entry`] gives `ep` an entry.
+fn has_entry(view: &ClusterView, node: &str, local: &LocalState, ep: &Endpoint) -> bool {
+    view.networks.contains_key(&ep.network)
+        && if ep.node == node {
+            local.ifaces.contains_key(&ep.host_ifname)
+        } else {
+            view.nodes.contains_key(&ep.node)
+        }
+}
+
+/// One endpoint record's entry, or none: a local endpoint whose interface is not plugged
+/// (yet, or any more), or one of an unknown network or node.
+pub(super) fn endpoint_entry(
+    view: &ClusterView,
+    node: &str,
+    local: &LocalState,
+    ep: &Endpoint,
+) -> Option<EndpointInfo> {
+    let net = view.networks.get(&ep.network)?;
+    let mac = model::parse_mac(&ep.mac).unwrap_or(model::endpoint_mac(ep.ip));
+    let mut info = if ep.node == node {
+        local_endpoint(net.vni, *local.ifaces.get(&ep.host_ifname)?, mac)
+    } else {
+        remote_endpoint(net.vni, view.nodes.get(&ep.node)?.address, mac)
+    };
+    if net.encrypted {
+        info.flags |= ENDPOINT_F_ENCRYPTED;
+    }
+    if net.internal {
+        info.flags |= ENDPOINT_F_INTERNAL;
+    }
+    if ep.service.is_some() {
+        info.flags |= ENDPOINT_F_REPLICA;
+    }
+    Some(info)
+}
+
+/// The nodes' and networks' entries: any change to either makes the next desired state a
+/// whole one.
+fn nodes_and_networks(view: &ClusterView, d: &mut Desired) {
     for n in view.nodes.values() {
         let tunnel_ip = n.wireguard.as_ref().map(|w| w.tunnel_addr);
         d.nodes.insert(
@@ -159,43 +211,56 @@ pub fn desired(view: &ClusterView, node: &str, local: &LocalState) -> Desired {
             network_info(net),
         );
     }
+}
+
+/// The maps' whole desired content, and whether two records claimed one key (an address, a
+/// VIP, a port, a set): the later one in key order wins, which only a whole computation can
+/// reproduce, so [`super::Basis`] does not compute the next state from a change then.
+pub(super) fn build(view: &ClusterView, node: &str, local: &LocalState) -> (Desired, bool) {
+    let mut d = Desired::default();
+    let mut conflicted = false;
+    nodes_and_networks(view, &mut d);
     for ep in view.endpoints.values() {
-        let Some(net) = view.networks.get(&ep.network) else {
-            continue;
-        };
-        let mac = model::parse_mac(&ep.mac).unwrap_or(model::endpoint_mac(ep.ip));
-        let mut info = if ep.node == node {
-            match local.ifaces.get(&ep.host_ifname) {
-                Some(&ifindex) => local_endpoint(net.vni, ifindex, mac),
-                None => continue,
-            }
-        } else {
-            match view.nodes.get(&ep.node) {
-                Some(n) => remote_endpoint(net.vni, n.address, mac),
-                None => continue,
-            }
-        };
-        if net.encrypted {
-            info.flags |= ENDPOINT_F_ENCRYPTED;
+        if let Some(info) = endpoint_entry(view, node, local, ep) {
+            conflicted |= d.endpoints.insert(ep.ip, info).is_some();
         }
-        if net.internal {
-            info.flags |= ENDPOINT_F_INTERNAL;
-        }
-        if ep.service.is_some() {
-            info.flags |= ENDPOINT_F_REPLICA;
-        }
-        d.endpoints.insert(ep.ip, info);
     }
-    desired_services(view, local, node, &mut d);
-    d
+    let live = view.live_replicas();
+    for svc in view.services.values() {
+        let e = service_entries(view, local, node, svc, |net| {
+            live.get(&(svc.name.as_str(), net))
+                .cloned()
+                .unwrap_or_default()
+        });
+        for (id, ips) in e.sets {
+            conflicted |= d.backend_sets.insert(id, ips).is_some();
+        }
+        for (vip, info) in e.vips {
+            conflicted |= d.services.insert(vip, info).is_some();
+        }
+        for (port, info) in e.ports {
+            conflicted |= d.published.insert(port, info).is_some();
+        }
+    }
+    (d, conflicted)
+}
+
+/// The maps' desired content. `local` holds this node's plugged interfaces (host-side veth
+/// name -> ifindex): a local endpoint whose interface is not plugged (yet, or any more) gets
+/// no entry, so a pass that runs while a container is being built or torn down can never
+/// remove or resurrect its endpoint behind the runtime's back.
+pub fn desired(view: &ClusterView, node: &str, local: &LocalState) -> Desired {
+    build(view, node, local).0
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
-    use crate::model::{Availability, Endpoint, Node};
+    use crate::model::{Availability, Node};
 
-    fn view() -> ClusterView {
+    /// Networks a and b (encrypted), nodes n1 and n2, endpoints c1 (a, n1), c2 (a, n2), c3 (b,
+    /// n1), c4 (a, on an unknown node n9).
+    pub(in crate::reconcile) fn view() -> ClusterView {
         let mut v = ClusterView {
             revision: 7,
             ..Default::default()
@@ -296,7 +361,7 @@ mod tests {
         let c1: Ipv4Addr = "10.1.0.2".parse().unwrap();
         let c2: Ipv4Addr = "10.1.0.3".parse().unwrap();
         assert_eq!(d.backend_sets[&id], vec![c1, c2]);
-        let vip = d.services[&"10.1.0.9".parse().unwrap()];
+        let vip = d.services[&"10.1.0.9".parse::<Ipv4Addr>().unwrap()];
         assert_eq!((vip.id, vip.vni), (id, 4096));
         let p = d.published[&(8080, L4Proto::Tcp as u8)];
         assert_eq!((p.service_id, p.target()), (id, 80));
@@ -320,9 +385,9 @@ mod tests {
         // c1 local with its ifindex; c2 remote on n2; c3 local but no interface yet: absent;
         // c4 on an unknown node: absent.
         assert_eq!(d.endpoints.len(), 2);
-        let c1 = d.endpoints[&"10.1.0.2".parse().unwrap()];
+        let c1 = d.endpoints[&"10.1.0.2".parse::<Ipv4Addr>().unwrap()];
         assert_eq!((c1.ifindex, c1.node_ip, c1.vni), (11, 0, 4096));
-        let c2 = d.endpoints[&"10.1.0.3".parse().unwrap()];
+        let c2 = d.endpoints[&"10.1.0.3".parse::<Ipv4Addr>().unwrap()];
         assert_eq!(c2.ifindex, 0);
         assert_eq!(
             c2.node_ip,
@@ -341,7 +406,7 @@ mod tests {
         let net = d.networks[&("10.1.0.0".parse().unwrap(), 24)];
         assert_ne!(net.flags & netagent_datapath::NETWORK_F_INTERNAL, 0);
         for ip in ["10.1.0.2", "10.1.0.3"] {
-            let ep = d.endpoints[&ip.parse().unwrap()];
+            let ep = d.endpoints[&ip.parse::<Ipv4Addr>().unwrap()];
             assert_ne!(ep.flags & ENDPOINT_F_INTERNAL, 0, "{ip}");
         }
         let b = d.networks[&("10.2.0.0".parse().unwrap(), 24)];

@@ -1,9 +1,10 @@
 //! Level-triggered reconciliation of the datapath maps with the cluster view.
 //!
 //! From a view snapshot and what this node has plugged (`LocalState`) we compute the full
-//! desired content of the maps for this node (`desired`), read what the maps hold, and write
-//! only the difference (`apply`); between reads, every `RESYNC`, a pass diffs against what the
-//! last complete pass wrote instead (`apply_since`). Start-up runs the same code, so a restarted agent changes
+//! desired content of the maps for this node (`desired`; from the change since the last pass,
+//! `Basis`), read what the maps hold, and write only the difference (`apply`); between reads,
+//! every `RESYNC`, a pass diffs against what the last complete pass wrote instead
+//! (`apply_since`), and computes the desired content whole again when it reads. Start-up runs the same code, so a restarted agent changes
 //! nothing that is already right and the pinned maps keep forwarding throughout.
 //!
 //! The [`Reconciler`] is the only writer of the routing and load-balancing maps. The runtime
@@ -12,9 +13,9 @@
 //! list of interfaces older than the endpoint it is about to remove.
 
 mod apply;
+mod basis;
 mod desired;
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,8 +25,9 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 pub use apply::{Changes, apply, apply_since};
+pub use basis::Basis;
 pub use desired::{
-    Desired, Subnet, desired, local_endpoint, network_info, remote_endpoint, set_id,
+    Desired, Subnet, Table, desired, local_endpoint, network_info, remote_endpoint, set_id,
 };
 
 use crate::runtime::lock;
@@ -36,14 +38,15 @@ const RESYNC: Duration = Duration::from_secs(10);
 /// How long [`Reconciler::sync`] waits for the view to catch up with a store write.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What this node's runtime has plugged, as the reconciler sees it.
+/// What this node's runtime has plugged, as the reconciler sees it. Persistent maps: a pass
+/// takes a copy in O(1) and diffs it against the last one in O(changes).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct LocalState {
     /// Host-side veth name -> ifindex of every local endpoint's interface.
-    pub ifaces: HashMap<String, u32>,
+    pub ifaces: imbl::OrdMap<String, u32>,
     /// Local containers that must not take new connections (exited, being removed), also
     /// before the store has heard of it.
-    pub unready: HashSet<String>,
+    pub unready: imbl::OrdSet<String>,
 }
 
 impl LocalState {
@@ -53,7 +56,7 @@ impl LocalState {
                 .into_iter()
                 .map(|(n, i)| (n.to_string(), i))
                 .collect(),
-            unready: HashSet::new(),
+            unready: imbl::OrdSet::new(),
         }
     }
 }
@@ -94,6 +97,9 @@ pub struct Reconciler {
     /// instead of reading every map back (O(changes) syscalls, not O(entries)), until the
     /// maps were last read `RESYNC` ago.
     written: Mutex<Option<Written>>,
+    /// The last pass's desired state and what it came from: the next one is computed from
+    /// the change.
+    basis: Mutex<Option<Basis>>,
     /// Set once the runtime has re-registered this node's containers after a start: until
     /// then the local state is empty, and a pass would remove every local endpoint.
     adopted: watch::Sender<bool>,
@@ -113,6 +119,7 @@ impl Reconciler {
             pass_lock: tokio::sync::Mutex::new(()),
             status: Mutex::new(ReconcileStatus::default()),
             written: Mutex::new(None),
+            basis: Mutex::new(None),
             adopted: watch::channel(false).0,
         })
     }
@@ -193,10 +200,24 @@ impl Reconciler {
         let started = std::time::Instant::now();
         let view = self.view.borrow().clone();
         let local = lock(&self.local).clone();
-        let want = desired(&view, &self.node, &local);
         let earlier = lock(&self.written)
             .take()
             .filter(|w| w.read_at.elapsed() < RESYNC);
+        let want = {
+            let mut basis = lock(&self.basis);
+            let b = match basis.take() {
+                // A pass that reads the maps back also computes the desired state whole: a
+                // slip in the step-by-step computation lives one RESYNC at most.
+                Some(mut b) if earlier.is_some() => {
+                    b.advance(view.clone(), local);
+                    b
+                }
+                _ => Basis::new(&self.node, view.clone(), local),
+            };
+            let want = b.desired().clone();
+            *basis = Some(b);
+            want
+        };
         let changes = {
             let mut dp = lock(&self.datapath);
             match &earlier {
