@@ -179,7 +179,7 @@ fn main() {
             let t = Instant::now();
             for i in 0..PASSES {
                 let (v, l) = &states[(i % 2) as usize];
-                basis.advance(Arc::new(v.clone()), l.clone());
+                let _ = basis.advance(Arc::new(v.clone()), l.clone());
                 let now = basis.desired().clone();
                 sink += all(&last, &now, |a, b| {
                     [

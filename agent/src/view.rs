@@ -62,13 +62,18 @@ fn decode<T: serde::de::DeserializeOwned>(kv: &KeyValue, what: &str) -> Option<T
     }
 }
 
-fn put_decoded<T: serde::de::DeserializeOwned + Clone>(
+/// Puts a record; one equal to what the map holds leaves the map as it was, shared with
+/// earlier snapshots, so consumers that compare by structure see no change (a `container
+/// run` rewrites its networks' records unchanged, to fence a concurrent `network rm`).
+fn put_decoded<T: serde::de::DeserializeOwned + Clone + PartialEq>(
     map: &mut ViewMap<T>,
     name: &str,
     kv: &KeyValue,
     what: &str,
 ) {
-    if let Some(v) = decode(kv, what) {
+    if let Some(v) = decode(kv, what)
+        && map.get(name) != Some(&v)
+    {
         map.insert(name.to_string(), v);
     }
 }
@@ -154,7 +159,9 @@ impl ClusterView {
         } else if let Some(name) = k.strip_prefix(keys::NODES) {
             put_decoded(&mut self.nodes, name, kv, "node");
         } else if let Some(name) = k.strip_prefix(keys::ALIVE) {
-            self.alive.insert(name.to_string());
+            if !self.alive.contains(name) {
+                self.alive.insert(name.to_string());
+            }
         } else if let Some(name) = k.strip_prefix(keys::SERVICES) {
             put_decoded(&mut self.services, name, kv, "service");
         } else if let Some(id) = k.strip_prefix(keys::ENDPOINTS) {
@@ -360,6 +367,35 @@ mod tests {
         let mut v4 = v1.clone();
         v4.alive.insert("n1".into());
         assert!(!v1.same_routing(&v4) && !v1.same_orchestration(&v4));
+    }
+
+    #[test]
+    fn an_unchanged_record_leaves_the_view_shared() {
+        let kv = |key: &str, value: &[u8], rev| KeyValue {
+            key: key.into(),
+            value: value.to_vec(),
+            create_revision: 2,
+            mod_revision: rev,
+            lease: None,
+        };
+        let net = serde_json::json!({
+            "name": "front", "id": "x", "driver": "overlay", "vni": 4096,
+            "subnet": "10.1.0.0/24", "gateway": "10.1.0.1", "encrypted": false,
+            "attachable": false, "internal": false, "created": "",
+        })
+        .to_string();
+        let mut v = ClusterView::default();
+        v.put(&kv("/netagent/networks/front", net.as_bytes(), 2));
+        v.put(&kv("/netagent/alive/n1", b"", 3));
+        let before = v.clone();
+        v.put(&kv("/netagent/networks/front", net.as_bytes(), 4));
+        v.put(&kv("/netagent/alive/n1", b"", 5));
+        assert!(v.same_routing(&before));
+        let changed = net.replace("\"vni\":4096", "\"vni\":4097");
+        assert_ne!(changed, net);
+        v.put(&kv("/netagent/networks/front", changed.as_bytes(), 6));
+        assert!(!v.same_routing(&before));
+        assert_eq!(v.networks["front"].vni, 4097);
     }
 
     #[tokio::test]

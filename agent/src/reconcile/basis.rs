@@ -97,8 +97,13 @@ pub struct Basis {
     conflicted: bool,
 }
 
-/// A change that the step-by-step computation does not reproduce: compute the whole state.
-struct Whole;
+/// Why a state was computed whole: a change that the step-by-step computation does not
+/// reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Whole(pub &'static str);
+
+const CLAIMED: Whole = Whole("two records claim one address, VIP, port or set");
+const MISSING: Whole = Whole("an entry the last state should hold is missing");
 
 impl Basis {
     /// The whole desired state of `view` and `local`.
@@ -118,32 +123,34 @@ impl Basis {
         &self.desired
     }
 
-    /// Moves to `view` and `local`: from the change when it can, whole otherwise. Returns
-    /// whether it computed from the change.
-    pub fn advance(&mut self, view: Arc<ClusterView>, local: LocalState) -> bool {
+    /// Moves to `view` and `local`: from the change when it can, whole otherwise (and why).
+    pub fn advance(&mut self, view: Arc<ClusterView>, local: LocalState) -> Result<(), Whole> {
         let old = &self.view;
-        let wide = !(old.nodes.ptr_eq(&view.nodes)
+        let r = if self.conflicted {
+            Err(CLAIMED)
+        } else if !(old.nodes.ptr_eq(&view.nodes)
             && old.alive.ptr_eq(&view.alive)
-            && old.networks.ptr_eq(&view.networks));
-        // A step that fails leaves the state and indexes half-changed: the whole computation
-        // replaces both.
-        if !self.conflicted
-            && !wide
-            && step(
+            && old.networks.ptr_eq(&view.networks))
+        {
+            Err(Whole("a node, a node's liveness or a network changed"))
+        } else {
+            step(
                 &self.node,
                 (&self.view, &self.local),
                 (&view, &local),
                 &mut self.desired,
                 &mut self.ix,
             )
-            .is_ok()
-        {
+        };
+        if r.is_ok() {
             self.view = view;
             self.local = local;
-            return true;
+        } else {
+            // A step that failed left the state and indexes half-changed: the whole
+            // computation replaces both.
+            *self = Basis::new(&self.node, view, local);
         }
-        *self = Basis::new(&self.node, view, local);
-        false
+        r
     }
 }
 
@@ -214,7 +221,7 @@ fn step<'a>(
             .get(key)
             .filter(|ep| endpoint_entry(old_view, node, old_local, ep).is_some());
         if let Some(ep) = had {
-            next.endpoints.remove(&ep.ip).ok_or(Whole)?;
+            next.endpoints.remove(&ep.ip).ok_or(MISSING)?;
         }
     }
     for &key in &endpoints {
@@ -224,7 +231,7 @@ fn step<'a>(
         if let Some(info) = endpoint_entry(view, node, local, ep)
             && next.endpoints.insert(ep.ip, info).is_some()
         {
-            return Err(Whole);
+            return Err(CLAIMED);
         }
     }
 
@@ -262,7 +269,7 @@ fn claim<K: Ord + Clone, V: Clone>(
 ) -> Result<(), Whole> {
     match table.insert(key, value) {
         None => Ok(()),
-        Some(_) => Err(Whole),
+        Some(_) => Err(CLAIMED),
     }
 }
 
@@ -277,10 +284,10 @@ fn remove_service(d: &mut Desired, svc: &Service) -> Result<(), Whole> {
         // A set and VIP exist only for a network the view knows; networks did not change.
         if let Some(info) = d.services.get(&vip) {
             if info.id != id {
-                return Err(Whole);
+                return Err(CLAIMED);
             }
             d.services.remove(&vip);
-            d.backend_sets.remove(&id).ok_or(Whole)?;
+            d.backend_sets.remove(&id).ok_or(MISSING)?;
         }
     }
     if svc.networks.first().is_some_and(|n| n.vip.is_some()) {
@@ -290,7 +297,7 @@ fn remove_service(d: &mut Desired, svc: &Service) -> Result<(), Whole> {
                 Some(info) if info.service_id == set_id(svc, 0) => {
                     d.published.remove(&key);
                 }
-                _ => return Err(Whole),
+                _ => return Err(CLAIMED),
             }
         }
     }
@@ -474,7 +481,7 @@ mod tests {
                 for _ in 0..=rng.below(3) {
                     change(&mut rng, &mut v, &mut local);
                 }
-                stepped += usize::from(basis.advance(Arc::new(v.clone()), local.clone()));
+                stepped += usize::from(basis.advance(Arc::new(v.clone()), local.clone()).is_ok());
                 assert_eq!(
                     *basis.desired(),
                     desired(&v, "n1", &local),
@@ -505,12 +512,12 @@ mod tests {
         let ip = Ipv4Addr::new(10, 1, 0, 20);
         v.endpoints
             .insert("a/c9".into(), endpoint("c9", "a", ip, "n2", Some("web")));
-        assert!(basis.advance(Arc::new(v.clone()), local.clone()));
+        assert_eq!(basis.advance(Arc::new(v.clone()), local.clone()), Ok(()));
         assert!(basis.desired().endpoints.contains_key(&ip));
         assert_eq!(basis.desired().backend_sets[&(3 << 8)], vec![ip]);
         // A node's change is computed whole.
         v.nodes.get_mut("n2").unwrap().availability = Availability::Drain;
-        assert!(!basis.advance(Arc::new(v.clone()), local));
+        assert!(basis.advance(Arc::new(v.clone()), local).is_err());
         assert!(basis.desired().backend_sets[&(3 << 8)].is_empty());
     }
 }

@@ -25,7 +25,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 pub use apply::{Changes, apply, apply_since};
-pub use basis::Basis;
+pub use basis::{Basis, Whole};
 pub use desired::{
     Desired, Subnet, Table, desired, local_endpoint, network_info, remote_endpoint, set_id,
 };
@@ -73,6 +73,12 @@ pub struct ReconcileStatus {
     pub last_changes: Changes,
     /// Entries that failed in the last pass (empty when the datapath matches the view).
     pub errors: Vec<String>,
+    /// Passes whose desired state was computed from the change, and whole ones (start, every
+    /// read-back, and changes the step-by-step computation does not take), with the reason
+    /// of the last whole one.
+    pub from_change: u64,
+    pub whole: u64,
+    pub last_whole_reason: Option<String>,
     /// How long the last pass took, and all passes together (microseconds).
     pub last_duration_us: u64,
     pub total_duration_us: u64,
@@ -203,20 +209,27 @@ impl Reconciler {
         let earlier = lock(&self.written)
             .take()
             .filter(|w| w.read_at.elapsed() < RESYNC);
-        let want = {
+        let (want, stepped) = {
             let mut basis = lock(&self.basis);
-            let b = match basis.take() {
+            let (b, stepped) = match basis.take() {
                 // A pass that reads the maps back also computes the desired state whole: a
                 // slip in the step-by-step computation lives one RESYNC at most.
                 Some(mut b) if earlier.is_some() => {
-                    b.advance(view.clone(), local);
-                    b
+                    let r = b.advance(view.clone(), local);
+                    (b, r)
                 }
-                _ => Basis::new(&self.node, view.clone(), local),
+                Some(_) => (
+                    Basis::new(&self.node, view.clone(), local),
+                    Err(Whole("the maps are read back")),
+                ),
+                None => (
+                    Basis::new(&self.node, view.clone(), local),
+                    Err(Whole("first pass")),
+                ),
             };
             let want = b.desired().clone();
             *basis = Some(b);
-            want
+            (want, stepped)
         };
         let changes = {
             let mut dp = lock(&self.datapath);
@@ -235,6 +248,13 @@ impl Reconciler {
         let mut status = lock(&self.status);
         status.revision = view.revision;
         status.passes += 1;
+        match stepped {
+            Ok(()) => status.from_change += 1,
+            Err(Whole(why)) => {
+                status.whole += 1;
+                status.last_whole_reason = Some(why.to_string());
+            }
+        }
         status.last_pass = Some(crate::model::now_rfc3339());
         status.errors = changes.errors.clone();
         let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
