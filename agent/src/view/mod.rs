@@ -13,6 +13,10 @@ use tokio::sync::watch;
 
 use crate::model::{Container, Endpoint, Network, Node, Service, keys};
 
+mod persist;
+
+pub use persist::{PERSISTED_VIEW, persist};
+
 /// The view's maps are persistent (structurally shared) maps: publishing a new snapshot after an
 /// event clones the view in O(1) and the event's insert copies O(log n) nodes. A deep clone of
 /// every endpoint, task and container per event made a busy cluster's view fall seconds behind
@@ -206,66 +210,6 @@ impl ClusterView {
             WatchEvent::Delete { key, .. } => self.delete(key),
         }
         self.revision = ev.revision();
-    }
-}
-
-/// The file in the state dir holding the last view the agent saw, so an agent that restarts
-/// while the store is unreachable still knows its containers, answers DNS and keeps the
-/// datapath as it was.
-pub const PERSISTED_VIEW: &str = "view.json";
-
-/// Keeps writing the view to `path` after changes: at most every `PERSIST_EVERY`, atomically
-/// (write then rename), so a crash leaves the previous copy whole.
-const PERSIST_EVERY: Duration = Duration::from_millis(500);
-
-impl ClusterView {
-    /// The view saved by [`persist`], if there is a readable one.
-    pub fn load(path: &std::path::Path) -> Option<ClusterView> {
-        let bytes = std::fs::read(path).ok()?;
-        match serde_json::from_slice(&bytes) {
-            Ok(view) => Some(view),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable saved view");
-                None
-            }
-        }
-    }
-
-    pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
-        use std::io::Write as _;
-        // A name of its own per write: the last save at shutdown may overlap a periodic one.
-        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = path.with_extension(format!("json.tmp{n}"));
-        // Buffered: serde_json writes token by token, a syscall each on a bare File (most of
-        // a busy agent's CPU at 10^3 containers).
-        let mut f = std::io::BufWriter::with_capacity(1 << 16, std::fs::File::create(&tmp)?);
-        serde_json::to_writer(&mut f, self).map_err(std::io::Error::other)?;
-        f.flush()?;
-        f.get_ref().sync_all()?;
-        std::fs::rename(&tmp, path)
-    }
-}
-
-/// Runs forever: saves every new view (rate-limited) to `path`.
-pub async fn persist(mut rx: watch::Receiver<Arc<ClusterView>>, path: std::path::PathBuf) {
-    let mut saved = 0;
-    loop {
-        let view = rx.borrow_and_update().clone();
-        // Revision 0 is the empty view before the store (or the saved copy) answered.
-        if view.revision > 0 && view.revision != saved {
-            let path = path.clone();
-            let v = view.clone();
-            match tokio::task::spawn_blocking(move || v.save(&path)).await {
-                Ok(Ok(())) => saved = view.revision,
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the cluster view"),
-                Err(e) => tracing::warn!(error = %e, "saving the cluster view panicked"),
-            }
-        }
-        tokio::time::sleep(PERSIST_EVERY).await;
-        if rx.changed().await.is_err() {
-            return;
-        }
     }
 }
 
