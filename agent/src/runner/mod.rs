@@ -1,12 +1,15 @@
 //! This node's share of the orchestration: run the tasks the leader assigned here, stop the
 //! ones it wants stopped (and any whose task is gone), and report each task's state.
 //!
-//! Level-triggered like the reconciler: every pass compares the tasks in the view with the
-//! containers on this node and starts one operation per task that needs one. What the runner
+//! Level-triggered like the reconciler: a pass compares the tasks in the view with the
+//! containers on this node and starts one operation per task that needs one; after a view
+//! change only the tasks and containers the change touched (`scope`), at least every `TICK`
+//! all of them. What the runner
 //! knows of each task (`facts`) is written to the task's status key whenever the view shows
 //! something else, so reports lost to a store outage are made again.
 
 mod ready;
+mod scope;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -24,7 +27,8 @@ use crate::sandbox::{self, ProcessHandle};
 use crate::services::tasks::now_ms;
 use crate::view::ClusterView;
 
-/// Passes run on view changes and at least this often (restart delays end, reports retried).
+/// Passes run on view changes, and whole ones at least this often (restart delays end, reports
+/// retried).
 const TICK: Duration = Duration::from_secs(1);
 
 pub struct Runner {
@@ -77,18 +81,42 @@ impl Runner {
     pub async fn run(self: Arc<Self>) {
         self.runtime.reconciler.wait_adopted().await;
         let mut rx = self.view_rx.clone();
+        // The view the last pass saw, and when the last whole pass ran: a pass after a view
+        // change looks only at what the change touched, one woken by a fact or a TICK (a
+        // restart delay ending, an operation done) at everything.
+        let mut last: Option<Arc<ClusterView>> = None;
+        let mut whole_at = tokio::time::Instant::now();
+        let mut woken = true;
         loop {
             let view = rx.borrow_and_update().clone();
             if view.revision > 0 {
-                self.pass(&view);
+                match last
+                    .as_ref()
+                    .filter(|_| !woken && whole_at.elapsed() < TICK)
+                {
+                    Some(old) => {
+                        let touched = scope::touched(&self.node, old, &view);
+                        if !touched.is_empty() {
+                            self.pass(&view, Some(&touched));
+                        }
+                    }
+                    None => {
+                        self.pass(&view, None);
+                        self.prune_archive(&view);
+                        whole_at = tokio::time::Instant::now();
+                    }
+                }
                 self.report(&view).await;
-                self.prune_archive(&view);
+                last = Some(view);
             }
-            tokio::select! {
-                _ = rx.changed() => tokio::time::sleep(Duration::from_millis(20)).await,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(TICK) => {}
-            }
+            woken = tokio::select! {
+                _ = rx.changed() => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    false
+                }
+                _ = self.wake.notified() => true,
+                _ = tokio::time::sleep(TICK) => true,
+            };
         }
     }
 
@@ -161,127 +189,168 @@ impl Runner {
             .collect()
     }
 
-    /// One pass: an operation for every task of this node that needs one.
-    fn pass(self: &Arc<Self>, view: &ClusterView) {
+    /// One pass: an operation for every task of this node that needs one; with `scope`,
+    /// only for the tasks and containers a view change touched.
+    fn pass(self: &Arc<Self>, view: &ClusterView, scope: Option<&scope::Touched>) {
         let now = now_ms();
-        let containers = self.containers_by_task(view);
-        for task in view.tasks.values() {
-            if task.node.as_deref() != Some(self.node.as_str()) {
-                continue;
+        let me = self.node.as_str();
+        match scope {
+            None => {
+                let containers = self.containers_by_task(view);
+                for task in view.tasks.values() {
+                    if task.node.as_deref() == Some(me) {
+                        let c = containers.get(task.id.as_str()).copied();
+                        self.consider(view, task, c, now);
+                    }
+                }
+                // Containers of tasks that no longer exist (their service was removed, or
+                // the leader gave up on them while this node was away).
+                for c in view.containers.values() {
+                    self.consider_orphan(view, c);
+                }
             }
-            // Most tasks, most passes: running and watched, nothing to do. Decided on
-            // references, as the operations below would decide it, without copying anything.
-            if task.desired == Desired::Running
-                && containers.get(task.id.as_str()).is_some_and(|c| {
-                    c.exit.is_none()
-                        && c.pid.is_some()
-                        && lock(&self.watchers).contains_key(&task.id)
-                        && !self.known_terminal(&task.id, view)
-                })
-            {
-                continue;
+            Some(touched) => {
+                for id in &touched.tasks {
+                    let Some(task) = view.tasks.get(id).filter(|t| t.node.as_deref() == Some(me))
+                    else {
+                        continue;
+                    };
+                    let c = view
+                        .containers
+                        .get(&task.container_name())
+                        .filter(|c| c.node == me && c.task.as_ref() == Some(id));
+                    self.consider(view, task, c, now);
+                }
+                for name in &touched.containers {
+                    if let Some(c) = view.containers.get(name) {
+                        self.consider_orphan(view, c);
+                    }
+                }
             }
-            let container = containers.get(task.id.as_str()).map(|c| (*c).clone());
-            let known = self
-                .fact(&task.id)
-                .or_else(|| view.task_status.get(&task.id).cloned());
-            let Some(busy) = self.claim(&task.id) else {
-                continue;
-            };
-            let me = self.clone();
-            let task = task.clone();
-            match (task.desired, container) {
-                (Desired::Shutdown, Some(c)) => {
+        }
+    }
+
+    /// Starts the operation `task`, one of this node's, needs, if any; `container` is its
+    /// container on this node.
+    fn consider(
+        self: &Arc<Self>,
+        view: &ClusterView,
+        task: &Task,
+        container: Option<&Container>,
+        now: u64,
+    ) {
+        // Most tasks, most passes: running and watched, nothing to do. Decided on
+        // references, as the operations below would decide it, without copying anything.
+        if task.desired == Desired::Running
+            && container.is_some_and(|c| {
+                c.exit.is_none()
+                    && c.pid.is_some()
+                    && lock(&self.watchers).contains_key(&task.id)
+                    && !self.known_terminal(&task.id, view)
+            })
+        {
+            return;
+        }
+        let container = container.cloned();
+        let known = self
+            .fact(&task.id)
+            .or_else(|| view.task_status.get(&task.id).cloned());
+        let Some(busy) = self.claim(&task.id) else {
+            return;
+        };
+        let me = self.clone();
+        let task = task.clone();
+        match (task.desired, container) {
+            (Desired::Shutdown, Some(c)) => {
+                tokio::spawn(async move {
+                    let _busy = busy;
+                    me.stop(&task, &c.name, TaskState::Shutdown, None, None)
+                        .await;
+                });
+            }
+            (Desired::Shutdown, None) => {
+                if known.as_ref().is_none_or(|s| !s.state.is_terminal()) {
+                    self.set_fact(&task, TaskState::Shutdown, None, None, None);
+                }
+            }
+            (Desired::Running, Some(c)) => {
+                if known.as_ref().is_some_and(|s| s.state.is_terminal()) {
+                    // Reported ended; whatever is left goes.
                     tokio::spawn(async move {
                         let _busy = busy;
-                        me.stop(&task, &c.name, TaskState::Shutdown, None, None)
-                            .await;
+                        me.remove_container(&task, &c.name).await;
+                    });
+                } else if let Some(exit) = &c.exit {
+                    let (state, error) = match exit.code {
+                        Some(0) => (TaskState::Complete, None),
+                        Some(code) => (TaskState::Failed, Some(format!("exit code {code}"))),
+                        None => (TaskState::Failed, Some("exited (status unknown)".into())),
+                    };
+                    let code = exit.code;
+                    tokio::spawn(async move {
+                        let _busy = busy;
+                        me.stop(&task, &c.name, state, error, code).await;
+                    });
+                } else if c.pid.is_none() {
+                    tokio::spawn(async move {
+                        let _busy = busy;
+                        let why = Some("the start was interrupted".to_string());
+                        me.stop(&task, &c.name, TaskState::Failed, why, None).await;
+                    });
+                } else if !lock(&self.watchers).contains_key(&task.id) {
+                    drop(busy);
+                    self.watch(&task, &c, known);
+                }
+            }
+            (Desired::Running, None) => match known.as_ref().map(|s| s.state) {
+                Some(s) if s.is_terminal() => {}
+                Some(TaskState::Starting | TaskState::Running) => {
+                    self.set_fact(
+                        &task,
+                        TaskState::Failed,
+                        Some("the container is gone".into()),
+                        None,
+                        None,
+                    );
+                }
+                _ if task.start_after_ms.is_some_and(|t| t > now) => {
+                    if known.is_none() {
+                        self.set_fact(&task, TaskState::Assigned, None, None, None);
+                    }
+                }
+                _ => {
+                    tokio::spawn(async move {
+                        let _busy = busy;
+                        me.start(&task).await;
                     });
                 }
-                (Desired::Shutdown, None) => {
-                    if known.as_ref().is_none_or(|s| !s.state.is_terminal()) {
-                        self.set_fact(&task, TaskState::Shutdown, None, None, None);
-                    }
-                }
-                (Desired::Running, Some(c)) => {
-                    if known.as_ref().is_some_and(|s| s.state.is_terminal()) {
-                        // Reported ended; whatever is left goes.
-                        tokio::spawn(async move {
-                            let _busy = busy;
-                            me.remove_container(&task, &c.name).await;
-                        });
-                    } else if let Some(exit) = &c.exit {
-                        let (state, error) = match exit.code {
-                            Some(0) => (TaskState::Complete, None),
-                            Some(code) => (TaskState::Failed, Some(format!("exit code {code}"))),
-                            None => (TaskState::Failed, Some("exited (status unknown)".into())),
-                        };
-                        let code = exit.code;
-                        tokio::spawn(async move {
-                            let _busy = busy;
-                            me.stop(&task, &c.name, state, error, code).await;
-                        });
-                    } else if c.pid.is_none() {
-                        tokio::spawn(async move {
-                            let _busy = busy;
-                            let why = Some("the start was interrupted".to_string());
-                            me.stop(&task, &c.name, TaskState::Failed, why, None).await;
-                        });
-                    } else if !lock(&self.watchers).contains_key(&task.id) {
-                        drop(busy);
-                        self.watch(&task, &c, known);
-                    }
-                }
-                (Desired::Running, None) => match known.as_ref().map(|s| s.state) {
-                    Some(s) if s.is_terminal() => {}
-                    Some(TaskState::Starting | TaskState::Running) => {
-                        self.set_fact(
-                            &task,
-                            TaskState::Failed,
-                            Some("the container is gone".into()),
-                            None,
-                            None,
-                        );
-                    }
-                    _ if task.start_after_ms.is_some_and(|t| t > now) => {
-                        if known.is_none() {
-                            self.set_fact(&task, TaskState::Assigned, None, None, None);
-                        }
-                    }
-                    _ => {
-                        tokio::spawn(async move {
-                            let _busy = busy;
-                            me.start(&task).await;
-                        });
-                    }
-                },
-            }
+            },
         }
-        // Containers of tasks that no longer exist (their service was removed, or the leader
-        // gave up on them while this node was away).
-        for c in view.containers.values() {
-            let Some(id) = &c.task else { continue };
-            if c.node != self.node || view.tasks.contains_key(id) {
-                continue;
-            }
-            let Some(busy) = self.claim(id) else { continue };
-            let me = self.clone();
-            let (name, id) = (c.name.clone(), id.clone());
-            tokio::spawn(async move {
-                let _busy = busy;
-                tracing::info!(container = %name, task = %id, "removing the container of a task that is gone");
-                me.unwatch(&id);
-                let logs = me.archive.join(&id);
-                if let Err(e) = me
-                    .runtime
-                    .remove_task_container(&name, Duration::ZERO, &logs)
-                    .await
-                {
-                    tracing::warn!(container = %name, error = %e, "removing task container");
-                }
-                lock(&me.facts).remove(&id);
-            });
+    }
+
+    /// Removes `c` if it is a task container of this node whose task no longer exists.
+    fn consider_orphan(self: &Arc<Self>, view: &ClusterView, c: &Container) {
+        let Some(id) = &c.task else { return };
+        if c.node != self.node || view.tasks.contains_key(id) {
+            return;
         }
+        let Some(busy) = self.claim(id) else { return };
+        let me = self.clone();
+        let (name, id) = (c.name.clone(), id.clone());
+        tokio::spawn(async move {
+            let _busy = busy;
+            tracing::info!(container = %name, task = %id, "removing the container of a task that is gone");
+            me.unwatch(&id);
+            let logs = me.archive.join(&id);
+            if let Err(e) = me
+                .runtime
+                .remove_task_container(&name, Duration::ZERO, &logs)
+                .await
+            {
+                tracing::warn!(container = %name, error = %e, "removing task container");
+            }
+            lock(&me.facts).remove(&id);
+        });
     }
 
     /// Starts a task's container; it takes traffic once `watch` says it is ready.
