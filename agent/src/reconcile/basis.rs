@@ -490,7 +490,6 @@ mod tests {
             }
             // Conflicting addresses and node changes send some passes the whole way; most
             // must have gone from the change, or this test checks nothing of it.
-            eprintln!("seed {seed}: {stepped} of 300 from the change");
             assert!(
                 stepped > 100,
                 "seed {seed}: only {stepped} of 300 from the change"

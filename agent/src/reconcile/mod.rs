@@ -1,11 +1,12 @@
 //! Level-triggered reconciliation of the datapath maps with the cluster view.
 //!
-//! From a view snapshot and what this node has plugged (`LocalState`) we compute the full
-//! desired content of the maps for this node (`desired`; from the change since the last pass,
-//! `Basis`), read what the maps hold, and write only the difference (`apply`); between reads,
-//! every `RESYNC`, a pass diffs against what the last complete pass wrote instead
-//! (`apply_since`), and computes the desired content whole again when it reads. Start-up runs the same code, so a restarted agent changes
-//! nothing that is already right and the pinned maps keep forwarding throughout.
+//! From a view snapshot and what this node has plugged (`LocalState`) we keep the desired
+//! content of the maps for this node (`desired`), computed from the change since the last
+//! pass (`Basis`) or whole; we read what the maps hold and write only the difference
+//! (`apply`). Between reads, every `RESYNC`, a pass diffs against what the last complete
+//! pass wrote instead (`apply_since`); a pass that reads also computes the desired content
+//! whole. Start-up runs the same code, so a restarted agent changes nothing that is already
+//! right and the pinned maps keep forwarding throughout.
 //!
 //! The [`Reconciler`] is the only writer of the routing and load-balancing maps. The runtime
 //! does not write endpoints itself: it registers the interface it plugged and asks for a pass

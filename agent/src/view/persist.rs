@@ -300,11 +300,11 @@ impl Saver {
             Some((old, journal, bytes)) if bytes < compact_at => {
                 let mut out = BufWriter::with_capacity(1 << 16, &journal);
                 batch(&mut out, &old, &view)?;
-                let written = out.buffer().len() as u64;
                 out.flush()?;
                 drop(out);
                 journal.sync_data()?;
-                self.last = Some((view, journal, bytes + written));
+                let bytes = journal.metadata().map_or(bytes, |m| m.len());
+                self.last = Some((view, journal, bytes));
             }
             _ => {
                 view.save(&self.path)?;
