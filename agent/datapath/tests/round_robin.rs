@@ -146,14 +146,10 @@ fn concurrent_new_connections_on_two_cpus_split_exactly() {
     let counts: Vec<u64> = (0..3).map(|i| a.counts[i] + b.counts[i]).collect();
     assert_eq!(counts, vec![total / 3; 3], "exact split");
     assert_eq!(fx.dp.rr_cursor(SVC_ID).expect("cursor"), Some(total));
-    // Each thread alone also got a near-even share (it took every position it was handed).
-    for r in &results {
-        let (min, max) = (
-            r.counts.iter().min().unwrap(),
-            r.counts.iter().max().unwrap(),
-        );
-        assert!(max - min <= u64::from(PER_THREAD) / 10, "{:?}", r.counts);
-    }
+    // Not asserted: an even share per thread. Which positions of the cursor a thread gets
+    // depends on how the two interleave (taking two in a row, then one, a thread sees only
+    // two of the three backends), and a run here once split one thread 11361 / 7801 / 10838
+    // with the totals exact. The exact totals and the cursor are the property.
 
     // Conntrack agrees with what every connection was given.
     let ct = fx.ct();

@@ -4,6 +4,7 @@
 //! assigned to them (`crate::runner`).
 
 mod election;
+mod scope;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -83,8 +84,9 @@ async fn lead(
     // The view of the last pass that wrote everything it planned. Planning is a function of
     // the inputs (`same_orchestration`) and of the clock, and only rolling updates read the
     // clock (their delay and monitor windows): a view change that leaves the inputs shared (a
-    // container or an endpoint came or went) needs no pass, and the tick then plans only the
-    // services with an update in progress. A failed write makes the next pass a whole one.
+    // container or an endpoint came or went) needs no pass, one that changes them plans the
+    // services it touched (`scope`), and the tick plans only the services with an update in
+    // progress. A failed write makes the next pass a whole one.
     let mut last: Option<Arc<ClusterView>> = None;
     let mut last_pass = tokio::time::Instant::now();
     loop {
@@ -98,12 +100,14 @@ async fn lead(
         }
         let changed = !last.as_ref().is_some_and(|l| l.same_orchestration(&view));
         if changed || last_pass.elapsed() >= TICK {
-            let scope = if changed {
-                Scope::Everything
-            } else {
-                Scope::ClockDriven
+            let scope = match &last {
+                _ if !changed => Scope::ClockDriven,
+                Some(l) => {
+                    scope::touched_services(l, &view).map_or(Scope::Everything, Scope::Services)
+                }
+                None => Scope::Everything,
             };
-            let written = pass(&**store, term.revision, &view, scope).await;
+            let written = pass(&**store, term.revision, &view, &scope).await;
             last = written.then_some(view);
             last_pass = tokio::time::Instant::now();
         }
@@ -128,13 +132,25 @@ fn nodes_of(view: &ClusterView) -> Vec<NodeInfo> {
 }
 
 /// What a pass plans.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 enum Scope {
     /// Every service, and the garbage of removed ones.
     Everything,
     /// The services whose plan can change with the clock alone: those with a rolling update
     /// (or rollback) in progress.
     ClockDriven,
+    /// These services (a view change touched them), and the clock-driven ones.
+    Services(std::collections::BTreeSet<String>),
+}
+
+impl Scope {
+    fn plans(&self, svc: &Service) -> bool {
+        match self {
+            Scope::Everything => true,
+            Scope::ClockDriven => clock_driven(svc),
+            Scope::Services(names) => names.contains(&svc.name) || clock_driven(svc),
+        }
+    }
 }
 
 fn clock_driven(svc: &Service) -> bool {
@@ -143,9 +159,10 @@ fn clock_driven(svc: &Service) -> bool {
         .is_some_and(|u| u.state.in_progress())
 }
 
-/// One pass over the services of `scope`; whether every write it planned succeeded.
-async fn pass(store: &dyn Store, fence: Revision, view: &ClusterView, scope: Scope) -> bool {
-    if scope == Scope::ClockDriven && !view.services.values().any(clock_driven) {
+/// One pass over the services of `scope`; whether every write it planned succeeded (and, for
+/// a whole pass, all garbage went).
+async fn pass(store: &dyn Store, fence: Revision, view: &ClusterView, scope: &Scope) -> bool {
+    if *scope == Scope::ClockDriven && !view.services.values().any(clock_driven) {
         return true;
     }
     let nodes = nodes_of(view);
@@ -164,8 +181,14 @@ async fn pass(store: &dyn Store, fence: Revision, view: &ClusterView, scope: Sco
         }
     }
     // Tasks by service in one walk: a filter per service made a pass O(services x tasks).
+    // A service with a task no node could take is planned by every pass: whatever freed
+    // room (another service's task gone) may be no change of its own.
     let mut by_service: BTreeMap<(&str, &str), Vec<_>> = BTreeMap::new();
+    let mut pending: std::collections::BTreeSet<&str> = Default::default();
     for t in view.tasks.values() {
+        if t.node.is_none() && t.desired == Desired::Running {
+            pending.insert(t.service.as_str());
+        }
         by_service
             .entry((t.service.as_str(), t.service_id.as_str()))
             .or_default()
@@ -175,7 +198,7 @@ async fn pass(store: &dyn Store, fence: Revision, view: &ClusterView, scope: Sco
     let mut written = true;
     for svc in view.services.values() {
         let Some(spec) = &svc.spec else { continue };
-        if scope == Scope::ClockDriven && !clock_driven(svc) {
+        if !scope.plans(svc) && !pending.contains(svc.name.as_str()) {
             continue;
         }
         let tasks = by_service
@@ -205,7 +228,7 @@ async fn pass(store: &dyn Store, fence: Revision, view: &ClusterView, scope: Sco
             written = false;
         }
     }
-    if scope == Scope::Everything {
+    if *scope == Scope::Everything {
         written &= collect_garbage(store, fence, view).await;
     }
     written
@@ -319,11 +342,13 @@ async fn collect_garbage(store: &dyn Store, fence: Revision, view: &ClusterView)
     if ops.is_empty() {
         return true;
     }
+    // More than one transaction holds: the rest waits for the next pass, a whole one.
+    let all = ops.len() <= MAX_OPS;
     ops.truncate(MAX_OPS);
     let compares = vec![Compare::mod_revision(keys::LEADER, fence)];
     if let Err(e) = store.txn(compares, ops).await {
         tracing::warn!(error = %e, "cannot remove tasks of removed services yet");
         return false;
     }
-    true
+    all
 }

@@ -12,12 +12,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use imbl::ordmap::DiffItem;
-
 use super::LocalState;
 use super::desired::{Desired, build, endpoint_entry, service_entries, set_id};
 use crate::model::{Endpoint, Service};
-use crate::view::ClusterView;
+use crate::view::{ClusterView, changes};
 
 /// Endpoint record keys by one of their fields.
 #[derive(Debug, Default, Clone)]
@@ -166,15 +164,7 @@ fn step<'a>(
     // Endpoint keys whose entry may change, and services whose entries may.
     let mut endpoints: BTreeSet<&str> = BTreeSet::new();
     let mut services: BTreeSet<&str> = BTreeSet::new();
-    for item in old_view.endpoints.diff(&view.endpoints) {
-        let (key, old, new) = match item {
-            DiffItem::Add(k, new) => (k, None, Some(new)),
-            DiffItem::Update {
-                old: (k, old),
-                new: (_, new),
-            } => (k, Some(old), Some(new)),
-            DiffItem::Remove(k, old) => (k, Some(old), None),
-        };
+    for (key, old, new) in changes(&old_view.endpoints, &view.endpoints) {
         if let Some(o) = old {
             ix.remove(node, key, o);
             services.extend(o.service.as_deref());
@@ -188,7 +178,7 @@ fn step<'a>(
     // A local interface plugged or unplugged, or a local container's readiness: the
     // records under them (a record that changed too is in the diff above, so the new
     // indexes are enough), and their services' sets.
-    for name in changed_keys(&old_local.ifaces, &local.ifaces) {
+    for (name, _, _) in changes(&old_local.ifaces, &local.ifaces) {
         endpoints.extend(ix.ifname.keys(name).map(String::as_str));
     }
     for &key in &endpoints {
@@ -206,11 +196,7 @@ fn step<'a>(
             services.extend(ep.and_then(|e| e.service.as_deref()));
         }
     }
-    for item in old_view.services.diff(&view.services) {
-        let name = match item {
-            DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
-            DiffItem::Update { old: (k, _), .. } => k,
-        };
+    for (name, _, _) in changes(&old_view.services, &view.services) {
         services.insert(name);
     }
 
@@ -324,17 +310,6 @@ fn replicas_by_network<'v>(
         list.sort_by(|a, b| a.container.cmp(&b.container));
     }
     out
-}
-
-/// Keys added, removed or changed between two maps.
-fn changed_keys<'a, V: PartialEq + Clone>(
-    old: &'a imbl::OrdMap<String, V>,
-    new: &'a imbl::OrdMap<String, V>,
-) -> impl Iterator<Item = &'a String> + 'a {
-    old.diff(new).map(|item| match item {
-        DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
-        DiffItem::Update { old: (k, _), .. } => k,
-    })
 }
 
 #[cfg(test)]

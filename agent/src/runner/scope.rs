@@ -4,9 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use imbl::ordmap::DiffItem;
-
-use crate::view::{ClusterView, ViewMap};
+use crate::view::{ClusterView, changes};
 
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct Touched {
@@ -23,21 +21,6 @@ impl Touched {
     }
 }
 
-/// Both sides of every changed entry.
-fn sides<'a, V: Clone + PartialEq>(
-    old: &'a ViewMap<V>,
-    new: &'a ViewMap<V>,
-) -> impl Iterator<Item = (&'a String, Option<&'a V>, Option<&'a V>)> + 'a {
-    old.diff(new).map(|item| match item {
-        DiffItem::Add(k, v) => (k, None, Some(v)),
-        DiffItem::Update {
-            old: (k, o),
-            new: (_, n),
-        } => (k, Some(o), Some(n)),
-        DiffItem::Remove(k, v) => (k, Some(v), None),
-    })
-}
-
 pub(super) fn touched(node: &str, old: &ClusterView, new: &ClusterView) -> Touched {
     let mut t = Touched::default();
     let local = |id: &str| {
@@ -45,7 +28,7 @@ pub(super) fn touched(node: &str, old: &ClusterView, new: &ClusterView) -> Touch
             .get(id)
             .is_some_and(|task| task.node.as_deref() == Some(node))
     };
-    for (id, was, now) in sides(&old.tasks, &new.tasks) {
+    for (id, was, now) in changes(&old.tasks, &new.tasks) {
         if local(id) {
             t.tasks.insert(id.clone());
         }
@@ -55,12 +38,12 @@ pub(super) fn touched(node: &str, old: &ClusterView, new: &ClusterView) -> Touch
             t.containers.insert(task.container_name());
         }
     }
-    for (id, _, _) in sides(&old.task_status, &new.task_status) {
+    for (id, _, _) in changes(&old.task_status, &new.task_status) {
         if local(id) {
             t.tasks.insert(id.clone());
         }
     }
-    for (name, was, now) in sides(&old.containers, &new.containers) {
+    for (name, was, now) in changes(&old.containers, &new.containers) {
         for c in [was, now].into_iter().flatten() {
             if c.node != node {
                 continue;

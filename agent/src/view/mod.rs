@@ -23,6 +23,22 @@ pub use persist::{PERSISTED_VIEW, persist};
 /// the store. (The consumers still recompute from the whole view per change.)
 pub type ViewMap<V> = imbl::OrdMap<String, V>;
 
+/// Every entry that differs between two snapshots of a map: (key, before, after), `None` on
+/// the side it is missing from. O(changes) when the two share structure.
+pub fn changes<'a, V: Clone + PartialEq>(
+    old: &'a ViewMap<V>,
+    new: &'a ViewMap<V>,
+) -> impl Iterator<Item = (&'a String, Option<&'a V>, Option<&'a V>)> + 'a {
+    old.diff(new).map(|item| match item {
+        imbl::ordmap::DiffItem::Add(k, v) => (k, None, Some(v)),
+        imbl::ordmap::DiffItem::Update {
+            old: (k, o),
+            new: (_, n),
+        } => (k, Some(o), Some(n)),
+        imbl::ordmap::DiffItem::Remove(k, v) => (k, Some(v), None),
+    })
+}
+
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ClusterView {
     /// Store revision this view reflects.
