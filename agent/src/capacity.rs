@@ -132,22 +132,12 @@ mod tests {
         v.services.insert(
             "web".into(),
             Service {
-                name: "web".into(),
-                id: String::new(),
-                num: 1,
-                endpoint_mode: EndpointMode::Vip,
                 networks: vec![ServiceNetwork {
                     network: "a".into(),
                     vip: Some("10.0.0.1".parse().unwrap()),
                 }],
                 ports: vec![],
-                created: String::new(),
-                spec: None,
-                previous_spec: None,
-                version: 0,
-                update_status: None,
-                labels: Default::default(),
-                updated: None,
+                ..crate::fixtures::service("web", "", 1)
             },
         );
         for i in 0..BACKENDS_PER_SET_MAX {

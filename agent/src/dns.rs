@@ -339,22 +339,12 @@ mod tests {
         v.services.insert(
             "web".into(),
             Service {
-                name: "web".into(),
-                id: String::new(),
-                num: 1,
-                endpoint_mode: EndpointMode::Vip,
                 networks: vec![ServiceNetwork {
                     network: "front".into(),
                     vip: Some("10.1.0.2".parse().unwrap()),
                 }],
                 ports: vec![crate::model::PortConfig::parse("8080:80").unwrap()],
-                created: String::new(),
-                spec: None,
-                previous_spec: None,
-                version: 0,
-                update_status: None,
-                labels: Default::default(),
-                updated: None,
+                ..crate::fixtures::service("web", "", 1)
             },
         );
         v

@@ -65,22 +65,14 @@ pub(super) fn touched_services(old: &ClusterView, new: &ClusterView) -> Option<B
 
 #[cfg(test)]
 mod tests {
-    use netagent_orchestrator::{
-        Desired, Mode, ServiceSpec, Task, TaskState, TaskStatus, TaskTemplate, UpdateConfig,
-    };
+    use netagent_orchestrator::{Mode, ServiceSpec, TaskState, TaskTemplate, UpdateConfig};
 
     use super::*;
-    use crate::model::{EndpointMode, Service};
+    use crate::fixtures;
+    use crate::model::Service;
 
     fn service(name: &str, id: &str) -> Service {
         Service {
-            name: name.into(),
-            id: id.into(),
-            num: 1,
-            endpoint_mode: EndpointMode::Vip,
-            networks: vec![],
-            ports: vec![],
-            created: String::new(),
             spec: Some(ServiceSpec {
                 mode: Mode::Replicated,
                 replicas: 1,
@@ -88,41 +80,16 @@ mod tests {
                 update: UpdateConfig::default(),
                 rollback: UpdateConfig::default(),
             }),
-            previous_spec: None,
-            version: 0,
-            update_status: None,
-            labels: Default::default(),
-            updated: None,
+            ..fixtures::service(name, id, 1)
         }
     }
 
-    fn task(id: &str, service: &str, service_id: &str) -> Task {
-        Task {
-            id: id.into(),
-            service: service.into(),
-            service_id: service_id.into(),
-            slot: 1,
-            node: Some("n1".into()),
-            desired: Desired::Running,
-            shutdown_reason: None,
-            spec_version: 0,
-            template: TaskTemplate::default(),
-            created_ms: 1,
-            start_after_ms: None,
-            note: None,
-        }
+    fn task(id: &str, service: &str, service_id: &str) -> netagent_orchestrator::Task {
+        fixtures::task(id, service, service_id, "n1")
     }
 
-    fn status(state: TaskState) -> TaskStatus {
-        TaskStatus {
-            state,
-            since_ms: 1,
-            running_since_ms: None,
-            error: None,
-            exit_code: None,
-            container: None,
-            node: "n1".into(),
-        }
+    fn status(state: TaskState) -> netagent_orchestrator::TaskStatus {
+        fixtures::status(state, "n1")
     }
 
     fn names(n: &[&str]) -> Option<BTreeSet<String>> {

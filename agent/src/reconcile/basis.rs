@@ -334,10 +334,6 @@ mod tests {
 
     fn service(name: &str, num: u32, nets: &[(&str, &str)], ports: &[&str]) -> Service {
         Service {
-            name: name.into(),
-            id: name.into(),
-            num,
-            endpoint_mode: EndpointMode::Vip,
             networks: nets
                 .iter()
                 .map(|(n, vip)| ServiceNetwork {
@@ -349,13 +345,7 @@ mod tests {
                 .iter()
                 .map(|p| PortConfig::parse(p).unwrap())
                 .collect(),
-            created: String::new(),
-            spec: None,
-            previous_spec: None,
-            version: 0,
-            update_status: None,
-            labels: Default::default(),
-            updated: None,
+            ..crate::fixtures::service(name, name, num)
         }
     }
 

@@ -337,22 +337,12 @@ pub(super) mod tests {
         v.services.insert(
             "web".into(),
             Service {
-                name: "web".into(),
-                id: "x".into(),
-                num: 3,
-                endpoint_mode: EndpointMode::Vip,
                 networks: vec![crate::model::ServiceNetwork {
                     network: "a".into(),
                     vip: Some("10.1.0.9".parse().unwrap()),
                 }],
                 ports: vec![crate::model::PortConfig::parse("8080:80").unwrap()],
-                created: String::new(),
-                spec: None,
-                previous_spec: None,
-                version: 0,
-                update_status: None,
-                labels: Default::default(),
-                updated: None,
+                ..crate::fixtures::service("web", "x", 3)
             },
         );
         let ifx = LocalState::with_ifaces([("nac1", 11u32)]);

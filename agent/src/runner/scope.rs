@@ -61,26 +61,14 @@ pub(super) fn touched(node: &str, old: &ClusterView, new: &ClusterView) -> Touch
 
 #[cfg(test)]
 mod tests {
-    use netagent_orchestrator::{Desired, Task, TaskState, TaskStatus, TaskTemplate};
+    use netagent_orchestrator::{Task, TaskState};
 
     use super::*;
+    use crate::fixtures::status;
     use crate::model::{Container, ContainerKind};
 
     fn task(id: &str, node: &str) -> Task {
-        Task {
-            id: id.into(),
-            service: "web".into(),
-            service_id: "s".into(),
-            slot: 1,
-            node: Some(node.into()),
-            desired: Desired::Running,
-            shutdown_reason: None,
-            spec_version: 1,
-            template: TaskTemplate::default(),
-            created_ms: 1,
-            start_after_ms: None,
-            note: None,
-        }
+        crate::fixtures::task(id, "web", "s", node)
     }
 
     fn container(t: &Task, node: &str) -> Container {
@@ -100,18 +88,6 @@ mod tests {
             exit: None,
             task: Some(t.id.clone()),
             cni: None,
-        }
-    }
-
-    fn status(state: TaskState, node: &str) -> TaskStatus {
-        TaskStatus {
-            state,
-            since_ms: 1,
-            running_since_ms: None,
-            error: None,
-            exit_code: None,
-            container: None,
-            node: node.into(),
         }
     }
 
