@@ -198,7 +198,11 @@ impl ClusterView {
     }
 
     fn delete(&mut self, key: &str) {
-        self.revisions.remove(key);
+        // A persistent map copies its path even to remove a key it does not hold: most
+        // deletes (IPAM keys, endpoints) name no kept revision.
+        if self.revisions.contains_key(key) {
+            self.revisions.remove(key);
+        }
         if let Some(name) = key.strip_prefix(keys::NETWORKS) {
             self.networks.remove(name);
         } else if let Some(name) = key.strip_prefix(keys::NODES) {
@@ -347,10 +351,17 @@ mod tests {
         let mut v = ClusterView::default();
         v.put(&kv("/netagent/networks/front", net.as_bytes(), 2));
         v.put(&kv("/netagent/alive/n1", b"", 3));
+        v.put(&kv("/netagent/orchestrator/web", b"1", 3));
         let before = v.clone();
         v.put(&kv("/netagent/networks/front", net.as_bytes(), 4));
         v.put(&kv("/netagent/alive/n1", b"", 5));
         assert!(v.same_routing(&before));
+        // Deleting what the view does not hold (an IPAM key) leaves it shared too.
+        v.apply(&WatchEvent::Delete {
+            key: "/netagent/ipam/front/10.1.0.9".into(),
+            mod_revision: 7,
+        });
+        assert!(v.same_routing(&before) && v.same_orchestration(&before));
         let changed = net.replace("\"vni\":4096", "\"vni\":4097");
         assert_ne!(changed, net);
         v.put(&kv("/netagent/networks/front", changed.as_bytes(), 6));
