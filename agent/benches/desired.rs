@@ -10,9 +10,8 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netagent::model::{
-    Availability, Endpoint, EndpointMode, Network, Node, Service, ServiceNetwork,
-};
+use netagent::fixtures;
+use netagent::model::{Endpoint, Network, Service, ServiceNetwork};
 use netagent::reconcile::{Basis, Desired, LocalState, Table, desired};
 use netagent::view::ClusterView;
 
@@ -21,24 +20,8 @@ const ROUNDS: usize = 5;
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
 fn network(k: u32) -> Network {
-    Network {
-        name: format!("net{k}"),
-        id: format!("id{k}"),
-        driver: "overlay".into(),
-        vni: 4096 + k,
-        subnet: format!("10.{}.{}.0/24", 64 + k / 256, k % 256)
-            .parse()
-            .expect("subnet"),
-        gateway: format!("10.{}.{}.1", 64 + k / 256, k % 256)
-            .parse()
-            .expect("gateway"),
-        encrypted: false,
-        attachable: false,
-        internal: false,
-        mtu: None,
-        labels: Default::default(),
-        created: String::new(),
-    }
+    let subnet = format!("10.{}.{}.0/24", 64 + k / 256, k % 256);
+    fixtures::network(&format!("net{k}"), &subnet, 4096 + k)
 }
 
 fn endpoint(c: &str, net: u32, host: u32, node: &str, svc: &str) -> Endpoint {
@@ -77,16 +60,7 @@ fn cluster(endpoints: u32) -> (ClusterView, LocalState) {
     for (i, name) in NODES.iter().enumerate() {
         v.nodes.insert(
             (*name).into(),
-            Node {
-                name: (*name).into(),
-                address: Ipv4Addr::new(198, 18, 0, 11 + i as u8),
-                availability: Availability::Active,
-                created: String::new(),
-                uplink_mtu: None,
-                reserved_ports: vec![],
-                wireguard: None,
-                labels: Default::default(),
-            },
+            fixtures::node(name, Ipv4Addr::new(198, 18, 0, 11 + i as u8)),
         );
         v.alive.insert((*name).into());
     }
@@ -97,10 +71,6 @@ fn cluster(endpoints: u32) -> (ClusterView, LocalState) {
         v.services.insert(
             name.clone(),
             Service {
-                name: name.clone(),
-                id: name.clone(),
-                num: s + 1,
-                endpoint_mode: EndpointMode::Vip,
                 networks: vec![ServiceNetwork {
                     network: format!("net{net}"),
                     vip: Some(Ipv4Addr::new(
@@ -110,14 +80,7 @@ fn cluster(endpoints: u32) -> (ClusterView, LocalState) {
                         (s % 256) as u8,
                     )),
                 }],
-                ports: vec![],
-                created: String::new(),
-                spec: None,
-                previous_spec: None,
-                version: 0,
-                update_status: None,
-                labels: Default::default(),
-                updated: None,
+                ..fixtures::service(&name, &name, s + 1)
             },
         );
         for r in 0..10 {

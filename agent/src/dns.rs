@@ -240,7 +240,7 @@ impl Dns {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Availability, Endpoint, Node, Service, ServiceNetwork};
+    use crate::model::{Endpoint, Service, ServiceNetwork};
 
     fn endpoint(network: &str, container: &str, ip: &str, node: &str) -> Endpoint {
         Endpoint {
@@ -317,16 +317,7 @@ mod tests {
         for (n, alive) in [("n1", true), ("n2", false)] {
             v.nodes.insert(
                 n.into(),
-                Node {
-                    name: n.into(),
-                    address: "198.18.0.11".parse().unwrap(),
-                    availability: Availability::Active,
-                    created: String::new(),
-                    uplink_mtu: None,
-                    reserved_ports: vec![],
-                    wireguard: None,
-                    labels: Default::default(),
-                },
+                crate::fixtures::node(n, "198.18.0.11".parse().unwrap()),
             );
             if alive {
                 v.alive.insert(n.into());

@@ -10,8 +10,8 @@ pub mod capacity;
 pub mod containers;
 pub mod dns;
 pub mod error;
-#[cfg(test)]
-mod fixtures;
+#[doc(hidden)]
+pub mod fixtures;
 pub mod metrics;
 pub mod model;
 pub mod monitor;

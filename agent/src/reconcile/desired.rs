@@ -256,7 +256,7 @@ pub fn desired(view: &ClusterView, node: &str, local: &LocalState) -> Desired {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::model::{Availability, Node};
+    use crate::model::Availability;
 
     /// Networks a and b (encrypted), nodes n1 and n2, endpoints c1 (a, n1), c2 (a, n2), c3 (b,
     /// n1), c4 (a, on an unknown node n9).
@@ -269,35 +269,15 @@ pub(super) mod tests {
             v.networks.insert(
                 name.into(),
                 Network {
-                    name: name.into(),
                     id: "x".into(),
-                    driver: "overlay".into(),
-                    vni,
-                    subnet: subnet.parse().unwrap(),
-                    gateway: subnet.replace(".0/24", ".1").parse().unwrap(),
                     encrypted: name == "b",
-                    attachable: false,
-                    internal: false,
-                    mtu: None,
-                    labels: Default::default(),
-                    created: String::new(),
+                    ..crate::fixtures::network(name, subnet, vni)
                 },
             );
         }
         for (n, addr) in [("n1", "198.18.0.11"), ("n2", "198.18.0.12")] {
-            v.nodes.insert(
-                n.into(),
-                Node {
-                    name: n.into(),
-                    address: addr.parse().unwrap(),
-                    availability: Availability::Active,
-                    created: String::new(),
-                    uplink_mtu: None,
-                    reserved_ports: vec![],
-                    wireguard: None,
-                    labels: Default::default(),
-                },
-            );
+            v.nodes
+                .insert(n.into(), crate::fixtures::node(n, addr.parse().unwrap()));
         }
         for (c, net, ip, node) in [
             ("c1", "a", "10.1.0.2", "n1"),

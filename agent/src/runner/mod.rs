@@ -4,9 +4,9 @@
 //! Level-triggered like the reconciler: a pass compares the tasks in the view with the
 //! containers on this node and starts one operation per task that needs one; after a view
 //! change only the tasks and containers the change touched (`scope`), at least every `TICK`
-//! all of them. What the runner
-//! knows of each task (`facts`) is written to the task's status key whenever the view shows
-//! something else, so reports lost to a store outage are made again.
+//! all of them. What the runner knows of each task (`facts`) is written to the task's status
+//! key whenever the view shows something else, so reports lost to a store outage are made
+//! again.
 
 mod ready;
 mod scope;
@@ -83,7 +83,7 @@ impl Runner {
         let mut rx = self.view_rx.clone();
         // The view the last pass saw, and when the last whole pass ran: a pass after a view
         // change looks only at what the change touched, one woken by a fact or a TICK (a
-        // restart delay ending, an operation done) at everything.
+        // restart delay ending, an operation ended without a fact) at everything.
         let mut last: Option<Arc<ClusterView>> = None;
         let mut whole_at = tokio::time::Instant::now();
         let mut woken = true;
@@ -179,6 +179,13 @@ impl Runner {
             .then(|| Busy(self.clone(), id.to_string()))
     }
 
+    /// A task's container on this node: the runner names each `Task::container_name`.
+    fn container_of<'v>(&self, view: &'v ClusterView, task: &Task) -> Option<&'v Container> {
+        view.containers
+            .get(&task.container_name())
+            .filter(|c| c.node == self.node && c.task.as_ref() == Some(&task.id))
+    }
+
     /// This node's task containers by task id, from one walk of the view's containers (a
     /// search per task made a pass O(tasks x containers)).
     fn containers_by_task<'v>(&self, view: &'v ClusterView) -> HashMap<&'v str, &'v Container> {
@@ -196,11 +203,9 @@ impl Runner {
         let me = self.node.as_str();
         match scope {
             None => {
-                let containers = self.containers_by_task(view);
                 for task in view.tasks.values() {
                     if task.node.as_deref() == Some(me) {
-                        let c = containers.get(task.id.as_str()).copied();
-                        self.consider(view, task, c, now);
+                        self.consider(view, task, self.container_of(view, task), now);
                     }
                 }
                 // Containers of tasks that no longer exist (their service was removed, or
@@ -215,11 +220,7 @@ impl Runner {
                     else {
                         continue;
                     };
-                    let c = view
-                        .containers
-                        .get(&task.container_name())
-                        .filter(|c| c.node == me && c.task.as_ref() == Some(id));
-                    self.consider(view, task, c, now);
+                    self.consider(view, task, self.container_of(view, task), now);
                 }
                 for name in &touched.containers {
                     if let Some(c) = view.containers.get(name) {

@@ -72,6 +72,15 @@ fn keeps_revision(key: &str) -> bool {
     key.starts_with(keys::SERVICES) || key.starts_with(keys::ORCHESTRATOR) || key == keys::LEADER
 }
 
+/// Removes a record; removing one the map does not hold leaves it as it was, shared with
+/// earlier snapshots (a persistent map copies its path even to remove nothing, and most
+/// deletes name no kept revision: IPAM keys, endpoints).
+fn remove_held<V: Clone>(map: &mut ViewMap<V>, key: &str) {
+    if map.contains_key(key) {
+        map.remove(key);
+    }
+}
+
 fn decode<T: serde::de::DeserializeOwned>(kv: &KeyValue, what: &str) -> Option<T> {
     match serde_json::from_slice(&kv.value) {
         Ok(v) => Some(v),
@@ -198,27 +207,25 @@ impl ClusterView {
     }
 
     fn delete(&mut self, key: &str) {
-        // A persistent map copies its path even to remove a key it does not hold: most
-        // deletes (IPAM keys, endpoints) name no kept revision.
-        if self.revisions.contains_key(key) {
-            self.revisions.remove(key);
-        }
+        remove_held(&mut self.revisions, key);
         if let Some(name) = key.strip_prefix(keys::NETWORKS) {
-            self.networks.remove(name);
+            remove_held(&mut self.networks, name);
         } else if let Some(name) = key.strip_prefix(keys::NODES) {
-            self.nodes.remove(name);
+            remove_held(&mut self.nodes, name);
         } else if let Some(name) = key.strip_prefix(keys::ALIVE) {
-            self.alive.remove(name);
+            if self.alive.contains(name) {
+                self.alive.remove(name);
+            }
         } else if let Some(name) = key.strip_prefix(keys::SERVICES) {
-            self.services.remove(name);
+            remove_held(&mut self.services, name);
         } else if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
-            self.endpoints.remove(id);
+            remove_held(&mut self.endpoints, id);
         } else if let Some(name) = key.strip_prefix(keys::CONTAINERS) {
-            self.containers.remove(name);
+            remove_held(&mut self.containers, name);
         } else if let Some(id) = key.strip_prefix(keys::TASKS) {
-            self.tasks.remove(id);
+            remove_held(&mut self.tasks, id);
         } else if let Some(id) = key.strip_prefix(keys::TASK_STATUS) {
-            self.task_status.remove(id);
+            remove_held(&mut self.task_status, id);
         } else if key == keys::LEADER {
             self.leader = None;
         }
